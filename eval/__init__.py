@@ -1,0 +1,1 @@
+"""Offline evaluation: the official LaMP metrics and the scripts that apply them."""

@@ -1,0 +1,167 @@
+"""Score one task's predictions against its golds with the official LaMP metrics.
+
+Usage:
+    python eval/eval_task.py --golds_json G.json --preds_json P.json --task_name LaMP_2M \
+        --output_file R.json [--per_user user_top_100_history.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# Run as `python eval/eval_task.py`, sys.path[0] is eval/; the repo root holds utils and oppu.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval.metrics import score  # noqa: E402
+from oppu.tasks import Task, get_task  # noqa: E402
+from utils import UserError, read_json, run_cli, write_json  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--golds_json", required=True, help="LaMP outputs file with the golds")
+    parser.add_argument("--preds_json", required=True, help="LaMP outputs file with predictions")
+    parser.add_argument("--task_name", required=True, help="task name or LaMP id, e.g. LaMP_2M")
+    parser.add_argument("--output_file", required=True, help="where to write the result JSON")
+    parser.add_argument(
+        "--per_user", help="per-user data file; adds each user's metrics on their query ids"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    return parser.parse_args(argv)
+
+
+def file_task(data: Mapping[str, Any], source: str) -> Task | None:
+    """The task named by a LaMP outputs file's optional "task" field."""
+    if "task" not in data:
+        return None
+    name = data["task"]
+    if not isinstance(name, str):
+        raise UserError(f"{source}: field 'task' must be a string, got {type(name).__name__}")
+    try:
+        return get_task(name)
+    except UserError:
+        raise UserError(f"{source}: unknown task {name!r} in field 'task'") from None
+
+
+def check_record(record: Any, index: int, source: str) -> tuple[str, str]:
+    """The (id, output) of one record of a "golds" list."""
+    where = f"{source}: golds[{index}]"
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: must be an object, got {type(record).__name__}")
+    for field in ("id", "output"):
+        if field not in record:
+            raise UserError(f"{where}: field {field!r} is missing")
+        if not isinstance(record[field], str):
+            kind = type(record[field]).__name__
+            raise UserError(f"{where}: field {field!r} must be a string, got {kind}")
+    return record["id"], record["output"]
+
+
+def outputs_from_json(data: Any, source: str, task: Task) -> dict[str, str]:
+    """Validate parsed LaMP outputs (golds or predictions) of ``task`` and map id -> output."""
+    if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
+        raise UserError(f"{source}: expected an object with a 'golds' list")
+    named = file_task(data, source)
+    if named is not None and named != task:
+        raise UserError(f"{source}: file is for task {named.lamp_id}, not {task.lamp_id}")
+    outputs: dict[str, str] = {}
+    for index, record in enumerate(data["golds"]):
+        key, output = check_record(record, index, source)
+        if key in outputs:
+            raise UserError(f"{source}: golds[{index}]: duplicate id {key!r}")
+        outputs[key] = output
+    return outputs
+
+
+def load_outputs(path: str | Path, task: Task) -> dict[str, str]:
+    """Read and validate a LaMP outputs file of ``task``."""
+    return outputs_from_json(read_json(path), str(path), task)
+
+
+def check_ids(golds: Mapping[str, str], preds: Mapping[str, str], preds_source: str) -> None:
+    """Prediction ids must equal gold ids (the official rule)."""
+    missing = sorted(set(golds) - set(preds))
+    extra = sorted(set(preds) - set(golds))
+    if missing or extra:
+        raise UserError(
+            f"{preds_source}: prediction ids differ from gold ids: {len(missing)} missing "
+            f"{missing[:5]}, {len(extra)} extra {extra[:5]}"
+        )
+
+
+def check_rating_golds(task: Task, golds: Mapping[str, str], golds_source: str) -> None:
+    """LaMP-3 golds must be numbers: the farthest-rating rule needs them."""
+    if task.kind != "rating":
+        return
+    for key, gold in golds.items():
+        try:
+            float(gold)
+        except ValueError:
+            raise UserError(f"{golds_source}: id {key!r}: gold {gold!r} is not a number") from None
+
+
+def evaluate(
+    task: Task, golds: Mapping[str, str], preds: Mapping[str, str], golds_source: str, preds_source: str
+) -> dict[str, Any]:
+    """Check ids and golds, then score: {"task", "n", metric: value}."""
+    if not golds:
+        raise UserError(f"{golds_source}: no golds to score")
+    check_ids(golds, preds, preds_source)
+    check_rating_golds(task, golds, golds_source)
+    return {"task": task.lamp_id, "n": len(golds), **score(task, golds, preds)}
+
+
+def user_queries(data: Any, source: str) -> dict[str, list[str]]:
+    """Map each user id of a per-user data file to its query ids."""
+    if not isinstance(data, list):
+        raise UserError(f"{source}: expected a list of users")
+    users: dict[str, list[str]] = {}
+    for index, user in enumerate(data):
+        where = f"{source}: user [{index}]"
+        if not isinstance(user, dict) or not isinstance(user.get("user_id"), (str, int)):
+            raise UserError(f"{where}: field 'user_id' is missing or not a string")
+        if not isinstance(user.get("query"), list):
+            raise UserError(f"{where}: field 'query' is missing or not a list")
+        ids = [q.get("id") if isinstance(q, dict) else None for q in user["query"]]
+        if not all(isinstance(i, str) for i in ids):
+            raise UserError(f"{where}: every query needs a string field 'id'")
+        if str(user["user_id"]) in users:
+            raise UserError(f"{where}: duplicate user_id {user['user_id']!r}")
+        users[str(user["user_id"])] = ids
+    return users
+
+
+def per_user_scores(
+    task: Task, golds: Mapping[str, str], preds: Mapping[str, str], users_path: str | Path
+) -> dict[str, dict[str, float]]:
+    """Each user's metrics on their own query ids, with their count "n"."""
+    result: dict[str, dict[str, float]] = {}
+    for user_id, ids in user_queries(read_json(users_path), str(users_path)).items():
+        unknown = [i for i in ids if i not in golds]
+        if unknown:
+            raise UserError(f"{users_path}: user {user_id!r}: query ids without gold: {unknown[:5]}")
+        metrics = score(task, {i: golds[i] for i in ids}, {i: preds[i] for i in ids}) if ids else {}
+        result[user_id] = {**metrics, "n": len(ids)}
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    task = get_task(args.task_name)
+    golds = load_outputs(args.golds_json, task)
+    preds = load_outputs(args.preds_json, task)
+    result = evaluate(task, golds, preds, args.golds_json, args.preds_json)
+    if args.per_user:
+        result["per_user"] = per_user_scores(task, golds, preds, args.per_user)
+    write_json(args.output_file, result)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""OPPU: One PEFT Per User — reusable logic behind the stage scripts."""

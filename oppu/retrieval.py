@@ -1,0 +1,56 @@
+"""BM25 retrieval over one user's history, deterministic, with a no-future variant."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+_TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case word tokens; punctuation and underscores separate words and are dropped."""
+    return _TOKEN.findall(text.lower())
+
+
+class BM25:
+    """Okapi BM25 (k1=1.5, b=0.75) with the non-negative Lucene idf, so that a term found in
+    every document of a tiny history still counts a little instead of going negative."""
+
+    def __init__(self, documents: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
+        self.docs = [Counter(tokenize(d)) for d in documents]
+        self.lengths = [sum(d.values()) for d in self.docs]
+        self.avg_len = (sum(self.lengths) / len(self.docs)) if self.docs else 0.0
+        df = Counter(t for d in self.docs for t in d)
+        n = len(self.docs)
+        self.idf = {t: math.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+        self.k1, self.b = k1, b
+
+    def scores(self, query: str) -> list[float]:
+        terms = tokenize(query)
+        out = []
+        for doc, length in zip(self.docs, self.lengths):
+            norm = self.k1 * (1 - self.b + self.b * length / self.avg_len) if self.avg_len else self.k1
+            out.append(sum(self.idf[t] * doc[t] * (self.k1 + 1) / (doc[t] + norm) for t in terms if t in doc))
+        return out
+
+    def top_k(self, query: str, k: int) -> list[int]:
+        """Indices of the ``k`` best documents, best first; ties go to the later document
+        (the more recent history item), so the order never depends on hashing."""
+        scores = self.scores(query)
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))
+        return order[: max(k, 0)]
+
+
+def retrieve(query: str, documents: Sequence[str], k: int) -> list[int]:
+    """Top-``k`` document indices for ``query`` (fewer when there are fewer documents)."""
+    if k <= 0 or not documents:
+        return []
+    return BM25(documents).top_k(query, k)
+
+
+def retrieve_before(documents: Sequence[str], j: int, k: int) -> list[int]:
+    """For history item ``j``, the top-``k`` among items ``0..j-1`` only (no look into the future)."""
+    return retrieve(documents[j], documents[:j], k)

@@ -1,0 +1,58 @@
+"""The seven LaMP tasks: names, ids, label sets, history fields and decoding lengths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from utils import UserError
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # the paper's task_name, e.g. "news_categorize"
+    lamp_id: str  # e.g. "LaMP_2N"
+    kind: str  # "classification" | "rating" | "generation"
+    history_fields: tuple[str, ...]  # fields every history item carries besides "id"
+    labels: tuple[str, ...] = ()  # official label order (classification only)
+    max_new_tokens: int = 32  # default decoding budget
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind == "classification"
+
+
+NEWS_CATEGORIES = (
+    "food & drink", "sports", "education", "parents", "religion", "travel", "business",
+    "crime", "science & technology", "culture & arts", "entertainment", "politics", "women",
+    "style & beauty", "healthy living",
+)  # fmt: skip
+MOVIE_TAGS = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
+    "classic", "psychology", "fantasy", "romance", "thought-provoking", "social commentary",
+    "violence", "true story",
+)  # fmt: skip
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("citation", "LaMP_1", "classification", ("title", "abstract"), ("[1]", "[2]"), 8),
+        Task("news_categorize", "LaMP_2N", "classification", ("text", "title", "category"),
+             NEWS_CATEGORIES, 8),
+        Task("movie_tagging", "LaMP_2M", "classification", ("description", "tag"), MOVIE_TAGS, 8),
+        Task("product_rating", "LaMP_3", "rating", ("text", "score"), (), 4),
+        Task("news_headline", "LaMP_4", "generation", ("text", "title"), (), 32),
+        Task("scholarly_title", "LaMP_5", "generation", ("abstract", "title"), (), 32),
+        Task("tweet_paraphrase", "LaMP_7", "generation", ("text",), (), 48),
+    )
+}  # fmt: skip
+BY_LAMP_ID = {t.lamp_id: t for t in TASKS.values()}
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by its task_name or its LaMP id (``news_categorize`` or ``LaMP_2N``)."""
+    if name in TASKS:
+        return TASKS[name]
+    if name in BY_LAMP_ID:
+        return BY_LAMP_ID[name]
+    known = ", ".join(f"{t.name} ({t.lamp_id})" for t in TASKS.values())
+    raise UserError(f"unknown task name {name!r}; known tasks: {known}")

@@ -1,0 +1,189 @@
+"""Prompt templates for the seven LaMP tasks and the inverse: parsing a generation.
+
+Every prompt the project builds comes from here: the LaMP query inputs, the per-user history
+examples, retrieved history items, the profile prefix, and the truncation of long texts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from oppu.tasks import MOVIE_TAGS, NEWS_CATEGORIES, Task
+
+# The paper's limits: the input's article text keeps its first 768 words, each retrieved
+# history item its first 368.
+INPUT_WORDS = 768
+RETRIEVED_WORDS = 368
+ANSWER_CUE = "\nAnswer:"
+
+_CITATION = (
+    'For an author who has written the paper with the title "{title}", which reference is '
+    'related? Just answer with [1] or [2] without explanation. [1]: "{ref1}" [2]: "{ref2}"'
+)
+_QUERY_TEMPLATES = {
+    "news_categorize": (
+        "Which category does this article relate to among the following categories? Just "
+        "answer with the category name without further explanation. categories: ["
+        + ", ".join(NEWS_CATEGORIES) + "] article: {text}"
+    ),
+    "movie_tagging": (
+        "Which tag does this movie relate to among the following tags? Just answer with the "
+        "tag name without further explanation. tags: [" + ", ".join(MOVIE_TAGS)
+        + "] description: {text}"
+    ),
+    "product_rating": (
+        "What is the score of the following review on a scale of 1 to 5? just answer with "
+        "1, 2, 3, 4, or 5 without further explanation. review: {text}"
+    ),
+    "news_headline": "Generate a headline for the following article: {text}",
+    "scholarly_title": "Generate a title for the following abstract of a paper: {text}",
+    "tweet_paraphrase": (
+        "Paraphrase the following tweet without any explanation before or after it: {text}"
+    ),
+}  # fmt: skip
+# The marker that ends each template's instruction; the article text follows it.
+_MARKERS = {name: tpl[: tpl.index("{text}")] for name, tpl in _QUERY_TEMPLATES.items()}
+_CITATION_RE = re.compile(r'the title "(?P<title>.*)", which reference.*\[1\]: "(?P<ref1>.*)" \[2\]: "(?P<ref2>.*)"\s*$', re.S)  # fmt: skip
+
+
+def truncate_words(text: str, max_words: int) -> str:
+    """Keep the first ``max_words`` whitespace-separated words of ``text``."""
+    words = text.split()
+    return text.strip() if len(words) <= max_words else " ".join(words[:max_words])
+
+
+def render_query_input(task: Task, text: str = "", title: str = "", ref1: str = "", ref2: str = "") -> str:
+    """Render a query input in the LaMP form of ``task`` (citation uses title, ref1, ref2)."""
+    if task.name == "citation":
+        return _CITATION.format(title=title, ref1=ref1, ref2=ref2)
+    return _QUERY_TEMPLATES[task.name].format(text=text)
+
+
+def split_query_input(task: Task, query_input: str) -> tuple[str, str]:
+    """Split a LaMP query input into (instruction up to its marker, article text).
+
+    Inputs without the task's marker (custom data) are all article text.
+    """
+    if task.name == "citation":
+        return "", query_input
+    marker = _MARKERS[task.name]
+    at = query_input.find(marker)
+    if at < 0:
+        return "", query_input
+    cut = at + len(marker)
+    return query_input[:cut], query_input[cut:]
+
+
+def history_example(task: Task, item: Mapping[str, str]) -> tuple[str, str]:
+    """Turn one history item into a (query input, target) pair shaped like the task's queries.
+
+    Citation history items are the user's own papers, which carry no reference options, so
+    they teach the user's topics by asking for the abstract of each paper from its title.
+    """
+    if task.name == "citation":
+        return f'Write the abstract of the paper with the title "{item["title"]}"', item["abstract"]
+    text_field, target_field = {
+        "news_categorize": ("text", "category"),
+        "movie_tagging": ("description", "tag"),
+        "product_rating": ("text", "score"),
+        "news_headline": ("text", "title"),
+        "scholarly_title": ("abstract", "title"),
+        "tweet_paraphrase": ("text", "text"),
+    }[task.name]
+    return render_query_input(task, text=item[text_field]), str(item[target_field])
+
+
+def render_history_item(task: Task, item: Mapping[str, str]) -> str:
+    """Render a retrieved history item as one line of prompt context."""
+
+    def cut(field: str) -> str:
+        return truncate_words(str(item[field]), RETRIEVED_WORDS)
+
+    return {
+        "citation": lambda: f'"{cut("title")}"',
+        "news_categorize": lambda: f'the category for the article: "{cut("text")}" is "{item["category"]}"',
+        "movie_tagging": lambda: f'the tag for the movie: "{cut("description")}" is "{item["tag"]}"',
+        "product_rating": lambda: f'{item["score"]} is the score for "{cut("text")}"',
+        "news_headline": lambda: f'"{cut("title")}" is the title for "{cut("text")}"',
+        "scholarly_title": lambda: f'"{cut("title")}" is the title for "{cut("abstract")}"',
+        "tweet_paraphrase": lambda: f'"{cut("text")}"',
+    }[task.name]()  # fmt: skip
+
+
+def history_item_text(task: Task, item: Mapping[str, str]) -> str:
+    """The text of a history item that retrieval indexes (its inputs, never its label)."""
+    fields = {"citation": ("title", "abstract"), "news_categorize": ("title", "text")}
+    return " ".join(str(item.get(f, "")) for f in fields.get(task.name, task.history_fields[:1]))
+
+
+def retrieval_query(task: Task, query_input: str) -> str:
+    """The text a query searches the user's history with: its article, not the instruction."""
+    if task.name == "citation":
+        match = _CITATION_RE.search(query_input)
+        return " ".join(match.groups()) if match else query_input
+    return split_query_input(task, query_input)[1]
+
+
+def profile_prefix(profile: str) -> str:
+    """The line that puts a user's textual profile in front of a prompt."""
+    return f"User profile: {profile.strip()}\n"
+
+
+def build_prompt(
+    task: Task,
+    query_input: str,
+    retrieved: Sequence[Mapping[str, str]] = (),
+    profile: str | None = None,
+) -> str:
+    """The full model prompt: [profile] [retrieved history] query input, then the answer cue."""
+    head, text = split_query_input(task, query_input)
+    parts = []
+    if profile:
+        parts.append(profile_prefix(profile))
+    if retrieved:
+        lines = "\n".join(render_history_item(task, it) for it in retrieved)
+        parts.append(f"Past items of this user:\n{lines}\n")
+    parts.append(head + truncate_words(text, INPUT_WORDS) + ANSWER_CUE)
+    return "".join(parts)
+
+
+def format_target(target: str) -> str:
+    """The text the model learns to produce after the answer cue (EOS is added by the tokenizer step)."""
+    return " " + str(target).strip()
+
+
+def _first_line(generation: str) -> str:
+    for line in generation.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _named_label(labels: Sequence[str], text: str) -> str | None:
+    """The label ``text`` names: an exact match, else the earliest (then longest) mention."""
+    norm = text.strip().strip(".\"'`").strip().lower()
+    if norm in labels:
+        return norm
+    best = None
+    for label in labels:
+        found = re.search(r"(?<![\w&-])" + re.escape(label) + r"(?![\w&-])", norm)
+        if found and (best is None or (found.start(), -len(label)) < best[0]):
+            best = ((found.start(), -len(label)), label)
+    return best[1] if best else None
+
+
+def parse_prediction(task: Task, generation: str) -> str:
+    """Turn a raw generation into a prediction: first non-empty line, stripped; for
+    classification the label it names (else the line as is, which scores as wrong); for
+    rating the first number it contains."""
+    line = _first_line(generation)
+    if task.name == "citation":
+        found = re.search(r"\[?([12])\]?", line)
+        return f"[{found.group(1)}]" if found else line
+    if task.is_classification:
+        return _named_label(task.labels, line) or line
+    if task.kind == "rating":
+        found = re.search(r"-?\d+(?:\.\d+)?", line)
+        return found.group(0) if found else line
+    return line
