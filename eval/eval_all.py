@@ -17,15 +17,17 @@ from typing import Any
 # Run as `python eval/eval_all.py`, sys.path[0] is eval/; the repo root holds utils and oppu.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.eval_task import evaluate, file_task, outputs_from_json  # noqa: E402
-from oppu.tasks import Task  # noqa: E402
-from utils import UserError, run_cli, write_json  # noqa: E402
+from eval.eval_task import evaluate, file_task, outputs_from_json
+from oppu.tasks import Task
+from utils import UserError, run_cli, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--golds_zip", required=True, help="zip of LaMP outputs files (golds)")
-    parser.add_argument("--preds_zip", required=True, help="zip of LaMP outputs files (predictions)")
+    parser.add_argument(
+        "--preds_zip", required=True, help="zip of LaMP outputs files (predictions)"
+    )
     parser.add_argument("--output_file", required=True, help="where to write the result JSON")
     parser.add_argument("--temp_dir", help="accepted for compatibility with LaMP; unused")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")

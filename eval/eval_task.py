@@ -1,4 +1,4 @@
-"""Score one task's predictions against its golds with the official LaMP metrics.
+r"""Score one task's predictions against its golds with the official LaMP metrics.
 
 Usage:
     python eval/eval_task.py --golds_json G.json --preds_json P.json --task_name LaMP_2M \
@@ -17,9 +17,9 @@ from typing import Any
 # Run as `python eval/eval_task.py`, sys.path[0] is eval/; the repo root holds utils and oppu.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.metrics import score  # noqa: E402
-from oppu.tasks import Task, get_task  # noqa: E402
-from utils import UserError, read_json, run_cli, write_json  # noqa: E402
+from eval.metrics import score
+from oppu.tasks import Task, get_task
+from utils import UserError, read_json, run_cli, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -106,7 +106,11 @@ def check_rating_golds(task: Task, golds: Mapping[str, str], golds_source: str) 
 
 
 def evaluate(
-    task: Task, golds: Mapping[str, str], preds: Mapping[str, str], golds_source: str, preds_source: str
+    task: Task,
+    golds: Mapping[str, str],
+    preds: Mapping[str, str],
+    golds_source: str,
+    preds_source: str,
 ) -> dict[str, Any]:
     """Check ids and golds, then score: {"task", "n", metric: value}."""
     if not golds:
@@ -144,7 +148,9 @@ def per_user_scores(
     for user_id, ids in user_queries(read_json(users_path), str(users_path)).items():
         unknown = [i for i in ids if i not in golds]
         if unknown:
-            raise UserError(f"{users_path}: user {user_id!r}: query ids without gold: {unknown[:5]}")
+            raise UserError(
+                f"{users_path}: user {user_id!r}: query ids without gold: {unknown[:5]}"
+            )
         metrics = score(task, {i: golds[i] for i in ids}, {i: preds[i] for i in ids}) if ids else {}
         result[user_id] = {**metrics, "n": len(ids)}
     return result

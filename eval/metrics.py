@@ -68,13 +68,16 @@ def rouge_per_example(golds: Sequence[str], preds: Sequence[str]) -> list[dict[s
 def generation_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
     """LaMP-4/5/7: mean per-example ROUGE F-measures (the official bootstrap's point estimate)."""
     per_example = rouge_per_example(golds, preds)
-    return {key: sum(s[key] for s in per_example) / len(per_example) for key in ("rouge-1", "rouge-L")}
+    return {
+        key: sum(s[key] for s in per_example) / len(per_example) for key in ("rouge-1", "rouge-L")
+    }
 
 
 def score_lists(task: Task, golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
     """The task's official metrics on aligned, non-empty lists of gold and predicted outputs."""
     if len(golds) != len(preds) or not golds:
-        raise ValueError(f"need equal, non-zero numbers of golds and predictions, got {len(golds)} and {len(preds)}")
+        counts = f"{len(golds)} golds and {len(preds)} predictions"
+        raise ValueError(f"need equal, non-zero numbers of golds and predictions, got {counts}")
     if task.kind == "classification":
         return classification_metrics(task.labels, golds, preds)
     if task.kind == "rating":

@@ -1,0 +1,152 @@
+"""Stage 2: merge the task adapter into the base model, then for every test user train a fresh
+personal LoRA on that user's history alone, save it, and answer the user's queries with it.
+
+Usage:
+    python OPPU.py --task_name news_categorize --k 0 --task_lora ckpt/news_categorize/k0-news_categorize-SmolLM2-135M-Instruct-task_LoRA_ckpt
+    accelerate launch --num_processes 2 OPPU.py --task_name news_categorize --task_lora PATH   # users split over processes
+
+A killed run resumes: rerun the same command and finished users are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from oppu import cli
+from oppu.adapters import USER_TARGETS, add_adapter, check_adapter_dir, lora_config, merge_adapter, remove_adapter
+from oppu.data import User, predictions_json
+from oppu.examples import history_pairs, query_prompts
+from oppu.generation import generate
+from oppu.modeling import check_spec, load_model
+from oppu.runs import (
+    CONFIG_FILE,
+    RunLock,
+    check_or_save_config,
+    commit_user_result,
+    oppu_dir,
+    predictions_path,
+    public_config,
+    read_user_result,
+    staging_dir,
+)  # fmt: skip
+from oppu.tasks import Task, get_task
+from oppu.training import tokenize_and_mask, train
+from prompts import parse_prediction
+from utils import (
+    UserError,
+    atomic_write_text,
+    ensure_writable_dir,
+    read_json,
+    run_cli,
+    set_seed,
+    stable_seed,
+    write_json,
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task_lora", required=True, help="the task adapter folder written by task_LoRA.py")
+    cli.add_common_args(parser, max_epoch=2)
+    return parser.parse_args(argv)
+
+
+def check_task_lora(path: Path, args: argparse.Namespace, task: Task) -> None:
+    """The task adapter must exist and have been trained for this task on this base model."""
+    check_adapter_dir(path)
+    if not (path / CONFIG_FILE).is_file():
+        return
+    trained = read_json(path / CONFIG_FILE)
+    for key, want in (("model_name", args.model_name), ("task_name", task.name)):
+        if trained.get(key) not in (None, want):
+            raise UserError(f"{path}: task adapter was trained with {key} {trained[key]!r}, not {want!r}")
+
+
+def train_user(model, tokenizer, task: Task, user: User, profile: str | None, args: argparse.Namespace,
+               run_dir: Path) -> tuple[object, dict]:  # fmt: skip
+    """One user: a fresh LoRA on the clean merged model, trained on this user's history only,
+    saved, and used to answer the user's queries. Returns the clean model and the result."""
+    start = time.time()
+    seed = stable_seed(args.seed, user["user_id"])
+    set_seed(seed)
+    peft_model = add_adapter(model, lora_config(args, USER_TARGETS))
+    pairs = history_pairs(task, user, args.k, profile)
+    encoded = [tokenize_and_mask(tokenizer, p, t, args.cut_off) for p, t in pairs]
+    fit = train(peft_model, tokenizer, encoded, replace(cli.train_config(args), seed=seed), desc=f"user {user['user_id']}")
+    raw = generate(peft_model, tokenizer, query_prompts(task, user, args.k, profile), cli.decode_config(args, task), show=False)
+    staging = staging_dir(run_dir, user["user_id"])
+    peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
+    result = {
+        "user_id": user["user_id"], "history_items": len(user["profile"]), "train_examples": len(encoded),
+        "train_tokens": fit.tokens, "truncated_examples": sum(e.truncated for e in encoded), "steps": fit.steps,
+        "final_loss": fit.final_loss, "seconds": round(time.time() - start, 2),
+        "predictions": {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)},
+        "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
+    }  # fmt: skip
+    commit_user_result(run_dir, user["user_id"], staging, result)
+    return remove_adapter(peft_model), result
+
+
+def merge_outputs(run_dir: Path, task: Task, users: list[User], pred_file: Path, model_name: str) -> dict[str, str]:
+    """Gather every user's result, in user order, into the predictions file and the manifest."""
+    results = [read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]]) for u in users]
+    missing = [u["user_id"] for u, r in zip(users, results) if r is None]
+    if missing:
+        raise RuntimeError(f"{run_dir}: {len(missing)} users have no result (first: {missing[:3]})")
+    preds = {qid: out for r in results for qid, out in r["predictions"].items()}
+    write_json(pred_file, predictions_json(task, preds, f"{model_name} + task adapter + OPPU"))
+    manifest = [{k: v for k, v in r.items() if k not in ("predictions", "raw_generations")} for r in results]
+    atomic_write_text(run_dir / "manifest.jsonl", "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest))
+    return preds
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    args = parse_args(argv)
+    cli.check_args(args)
+    task = get_task(args.task_name)
+    spec = cli.model_spec(args)
+    check_spec(spec)
+    check_task_lora(Path(args.task_lora), args, task)
+    users, profiles = cli.load_test_users(args, task)
+    run_dir = oppu_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
+    pred_file = predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "OPPU")
+    ensure_writable_dir(run_dir), ensure_writable_dir(pred_file.parent)
+    config = vars(args) | {"task_name": task.name, "stage": "OPPU"}
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    with RunLock(run_dir, rank):
+        check_or_save_config(run_dir, config, args.overwrite)
+        model, tokenizer = load_model(spec, accelerator.device)
+        model = merge_adapter(model, Path(args.task_lora))
+        mine = list(range(rank, len(users), world))
+        done = 0
+        bar = tqdm(mine, desc=f"OPPU users (process {rank})", position=rank)
+        for i in bar:
+            user = users[i]
+            qids = [q["id"] for q in user["query"]]
+            if not args.overwrite and read_user_result(run_dir, user["user_id"], qids) is not None:
+                continue
+            model, result = train_user(model, tokenizer, task, user, profiles[i], args, run_dir)
+            done += 1
+            bar.set_postfix(user=user["user_id"], loss=f"{result['final_loss']:.3f}")
+        print(f"process {rank}: trained {done} users, skipped {len(mine) - done} finished ones")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            preds = merge_outputs(run_dir, task, users, pred_file, args.model_name)
+            write_json(pred_file.with_suffix(".config.json"), public_config(config))
+            print(f"wrote {len(preds)} predictions to {pred_file}")
+    return {"run_dir": run_dir, "predictions": pred_file}
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,42 @@
+"""Model inputs of a user: query prompts (retrieval over the whole history) and history
+training pairs (retrieval for item j among items before j only)."""
+
+from __future__ import annotations
+
+from oppu.data import User
+from oppu.retrieval import retrieve, retrieve_before
+from oppu.tasks import Task
+from prompts import build_prompt, format_target, history_example, history_item_text, retrieval_query
+
+
+def _documents(task: Task, user: User) -> list[str]:
+    return [history_item_text(task, item) for item in user["profile"]]
+
+
+def query_prompts(task: Task, user: User, k: int = 0, profile: str | None = None) -> list[str]:
+    """One prompt per query of the user, with the top-``k`` history items and the profile."""
+    docs = _documents(task, user) if k > 0 else []
+    prompts = []
+    for query in user["query"]:
+        hits = retrieve(retrieval_query(task, query["input"]), docs, k)
+        prompts.append(build_prompt(task, query["input"], [user["profile"][i] for i in hits], profile))
+    return prompts
+
+
+def query_pairs(task: Task, user: User, k: int = 0, profile: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, target) for each query with a gold answer: the task adapter's training data."""
+    prompts = query_prompts(task, user, k, profile)
+    return [(p, format_target(q["gold"])) for p, q in zip(prompts, user["query"])]
+
+
+def history_pairs(task: Task, user: User, k: int = 0, profile: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, target) for each history item: the personal adapter's training data. Item j
+    retrieves only among the items before it, so it never sees its own future."""
+    docs = _documents(task, user) if k > 0 else []
+    pairs = []
+    for j, item in enumerate(user["profile"]):
+        query_input, target = history_example(task, item)
+        hits = retrieve_before(docs, j, k) if k > 0 else []
+        prompt = build_prompt(task, query_input, [user["profile"][i] for i in hits], profile)
+        pairs.append((prompt, format_target(target)))
+    return pairs

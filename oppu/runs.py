@@ -1,0 +1,147 @@
+"""Where outputs go and how a run folder is kept safe: names, saved configs, the lock, and
+per-user results written atomically so that a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from oppu.modeling import short_name
+from oppu.tasks import Task
+from utils import UserError, read_json, write_json
+
+CONFIG_FILE = "run_config.json"
+LOCK_FILE = ".lock"
+# Settings that may differ between a run and its resumption without changing any result.
+RESUME_NEUTRAL = {"overwrite", "debug", "max_users", "access_token", "decode_batch_size", "micro_batch_size"}
+
+
+def run_name(task: Task, k: int, model_name: str, add_profile: bool) -> str:
+    """``k<k>-<task>-<model short name>[-profile]``: the stem of every folder and file of a run."""
+    return f"k{k}-{task.name}-{short_name(model_name)}" + ("-profile" if add_profile else "")
+
+
+def task_lora_dir(ckpt_dir: str | Path, task: Task, k: int, model_name: str, add_profile: bool) -> Path:
+    return Path(ckpt_dir) / task.name / f"{run_name(task, k, model_name, add_profile)}-task_LoRA_ckpt"
+
+
+def oppu_dir(ckpt_dir: str | Path, task: Task, k: int, model_name: str, add_profile: bool) -> Path:
+    return Path(ckpt_dir) / task.name / f"{run_name(task, k, model_name, add_profile)}-OPPU"
+
+
+def predictions_path(output_dir: str | Path, task: Task, k: int, model_name: str, add_profile: bool,
+                     method: str) -> Path:  # fmt: skip
+    """``<output_dir>/<task>/<run name>-<method>.json`` for method base, task_LoRA or OPPU."""
+    return Path(output_dir) / task.name / f"{run_name(task, k, model_name, add_profile)}-{method}.json"
+
+
+def safe_dirname(user_id: str) -> str:
+    """A folder name for a user id that can never leave its parent folder: only letters,
+    digits, '.', '_' and '-', no leading dot, plus a hash so that distinct ids stay distinct."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", user_id).lstrip(".")[:60] or "user"
+    return f"{clean}-{hashlib.sha256(user_id.encode('utf-8')).hexdigest()[:10]}"
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as saved: secrets dropped, paths and values as given."""
+    return {k: v for k, v in config.items() if k not in {"access_token", "debug"}}
+
+
+def check_or_save_config(folder: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Save the run's config; if the folder already holds a different one, refuse to mix."""
+    path = folder / CONFIG_FILE
+    new = public_config(config)
+    if path.exists() and not overwrite:
+        old = read_json(path)
+        diff = sorted(k for k in set(old) | set(new) if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            raise UserError(f"{path}: this folder holds a run with another config ({shown}); use --overwrite or another --ckpt_dir")
+    write_json(path, new)
+
+
+class RunLock:
+    """An exclusive lock file in the run folder: a second run into the same folder stops
+    with a clear error. A lock left by a killed run (its process is gone) is taken over."""
+
+    def __init__(self, folder: Path, rank: int = 0) -> None:
+        # One lock per process rank: under accelerate every process guards its own share.
+        self.path = folder / (LOCK_FILE if rank == 0 else f"{LOCK_FILE}.{rank}")
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise UserError(f"{self.path}: another run is writing into this folder (pid {self._holder()}); wait for it or use another --ckpt_dir") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise UserError(f"{self.path}: could not take the run lock")
+
+    def _holder(self) -> int:
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _holder_alive(self) -> bool:
+        pid = self._holder()
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def user_result_dir(run_dir: Path, user_id: str) -> Path:
+    return run_dir / "users" / safe_dirname(user_id)
+
+
+def read_user_result(run_dir: Path, user_id: str, query_ids: list[str]) -> dict | None:
+    """A finished user's manifest line with its predictions, or None when the user must be
+    (re)computed: no folder, a missing file, or predictions that do not cover the queries."""
+    folder = user_result_dir(run_dir, user_id)
+    try:
+        result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+        if not (folder / "adapter" / "adapter_model.safetensors").is_file():
+            return None
+    except (OSError, ValueError):
+        return None
+    if result.get("user_id") != user_id or sorted(result.get("predictions", {})) != sorted(query_ids):
+        return None
+    return result
+
+
+def commit_user_result(run_dir: Path, user_id: str, staging: Path, result: dict) -> None:
+    """Move a user's finished folder (adapter already saved in ``staging/adapter``) into place
+    in one rename, so that a kill leaves either no result or a complete one."""
+    write_json(staging / "result.json", result)
+    final = user_result_dir(run_dir, user_id)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def staging_dir(run_dir: Path, user_id: str) -> Path:
+    folder = run_dir / "users" / f".staging-{safe_dirname(user_id)}-{os.getpid()}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder

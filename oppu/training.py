@@ -1,0 +1,164 @@
+"""Tokenize-and-mask, batching, and the training loop shared by both stages."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool  # the prompt (or, if it alone was too long, the target) was cut to fit
+
+
+@dataclass
+class TrainConfig:
+    """The paper's optimisation settings (REFERENCE.md §1); ``max_step`` -1 means no cap."""
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 0.3
+    batch_size: int = 16
+    micro_batch_size: int = 4  # memory knob only: gradients accumulate up to batch_size
+    max_epoch: int = 3
+    max_step: int = -1
+    seed: int = 42
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    examples: int = 0
+    tokens: int = 0
+    final_loss: float = float("nan")
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def chat_wrap(tokenizer, prompt: str) -> str:
+    """The prompt as the model expects it: inside the chat template when the tokenizer has one
+    (instruction-tuned models such as the embedded SmolLM2 end at once on raw text), else as is."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt, exactly as training and generation both see it."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(chat_wrap(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
+
+
+def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Encoded:
+    """Prompt tokens labelled -100, then the target and EOS, which carry the loss.
+
+    Longer than ``cut_off`` tokens: the prompt loses its oldest tokens first (the profile and
+    retrieved items come before the query); only a target longer than the whole budget is cut,
+    keeping at least one prompt token. Either way ``truncated`` is set so callers can report it.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if getattr(tokenizer, "chat_template", None):
+        target = target.lstrip()  # the assistant turn starts on a fresh line
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    overflow = len(prompt_ids) + len(target_ids) - cut_off
+    truncated = overflow > 0
+    if truncated:
+        keep_target = min(len(target_ids), cut_off - 1)
+        target_ids = target_ids[:keep_target]
+        prompt_ids = prompt_ids[-(cut_off - keep_target):]
+    return Encoded(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a training batch; padding is masked out of attention and loss."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batch_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
+    """Example indices of every optimiser step: a seeded shuffle per epoch, cut at max_step."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = []
+    for _ in range(cfg.max_epoch):
+        order = torch.randperm(n_examples, generator=gen).tolist()
+        steps += [order[i : i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
+    return steps if cfg.max_step < 0 else steps[: cfg.max_step]
+
+
+def _summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of token losses (so micro-batches add up to the same gradient as one big batch)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shift_labels = batch["labels"][:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accelerator=None,
+          desc: str = "train") -> TrainResult:  # fmt: skip
+    """Train the model's trainable parameters with AdamW, linear warmup and decay, and
+    gradient-norm clipping. Under an ``accelerate`` launch (``accelerator`` given) each step's
+    batch is split across processes and gradients are averaged, as the HF Trainer does."""
+    from transformers import get_linear_schedule_with_warmup
+
+    start = time.time()
+    plan = batch_plan(len(examples), cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * len(plan)), max(len(plan), 1))
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if accelerator:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    device = next(model.parameters()).device
+    model.train()
+    result = TrainResult(steps=len(plan))
+    bar = tqdm(plan, desc=desc, leave=False, disable=rank != 0)
+    for step in bar:
+        mine = [examples[i] for i in step[rank::world]]
+        n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in mine)
+        micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        total = 0.0
+        for m, chunk in enumerate(micro):
+            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+            sync = nullcontext() if not accelerator or m == len(micro) - 1 else accelerator.no_sync(model)
+            with sync:
+                loss = _summed_loss(model, batch) / max(n_tokens, 1)
+                accelerator.backward(loss) if accelerator else loss.backward()
+            total += loss.item()
+        if accelerator:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(total)
+        result.examples += len(mine)
+        result.tokens += sum(len(e.input_ids) for e in mine)
+        bar.set_postfix(loss=f"{total:.3f}")
+    if cfg.gradient_checkpointing:
+        (accelerator.unwrap_model(model) if accelerator else model).gradient_checkpointing_disable()
+    model.eval()
+    result.final_loss = result.losses[-1] if result.losses else float("nan")
+    result.seconds = time.time() - start
+    return result

@@ -1,0 +1,114 @@
+"""Stage 1: train the shared task adapter on the queries of all non-test users, then answer
+the test users' queries with it (the non-personalized fine-tuned baseline).
+
+Usage:
+    python task_LoRA.py --task_name news_categorize --k 0
+    python task_LoRA.py --task_name LaMP_2M --k 1 --add_profile --model_name meta-llama/Llama-2-7b-hf --access_token $HF_TOKEN
+    accelerate launch --num_processes 2 task_LoRA.py --task_name news_categorize   # data-parallel
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from oppu import cli
+from oppu.adapters import ADAPTER_WEIGHTS, TASK_TARGETS, add_adapter, lora_config, save_adapter
+from oppu.data import User, predictions_json
+from oppu.examples import query_pairs, query_prompts
+from oppu.generation import DecodeConfig, generate
+from oppu.modeling import check_spec, load_model
+from oppu.runs import CONFIG_FILE, RESUME_NEUTRAL, predictions_path, public_config, task_lora_dir
+from oppu.tasks import Task, get_task
+from oppu.training import Encoded, tokenize_and_mask, train
+from prompts import parse_prediction
+from utils import ensure_writable_dir, read_json, run_cli, set_seed, write_json
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_args(parser, max_epoch=3)
+    parser.add_argument("--predict_base", action="store_true",
+                        help="also answer the test queries with the base model (no adapter)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], cut_off: int) -> list[Encoded]:
+    encoded = [tokenize_and_mask(tokenizer, p, t, cut_off) for p, t in pairs]
+    cut = sum(e.truncated for e in encoded)
+    if cut:
+        print(f"{cut} of {len(encoded)} training examples were longer than --cut_off {cut_off} tokens and were truncated")
+    return encoded
+
+
+def predict_users(model, tokenizer, task: Task, users: list[User], profiles: list, k: int,
+                  decode: DecodeConfig) -> dict[str, str]:  # fmt: skip
+    """Answer every query of ``users``; returns {query id: parsed prediction} in user order."""
+    prompts, ids = [], []
+    for user, profile in zip(users, profiles):
+        prompts += query_prompts(task, user, k, profile)
+        ids += [q["id"] for q in user["query"]]
+    raw = generate(model, tokenizer, prompts, decode, desc="answer test queries")
+    return {qid: parse_prediction(task, text) for qid, text in zip(ids, raw)}
+
+
+def reusable_adapter(folder: Path, config: dict) -> bool:
+    """A finished adapter trained with the same settings can be reused instead of retrained."""
+    if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / CONFIG_FILE).is_file():
+        return False
+    old = read_json(folder / CONFIG_FILE)
+    return all(old.get(key) == value for key, value in public_config(config).items() if key not in RESUME_NEUTRAL)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    args = parse_args(argv)
+    cli.check_args(args)
+    task = get_task(args.task_name)
+    spec = cli.model_spec(args)
+    check_spec(spec)
+    others, other_profiles = cli.load_other_users(args, task)
+    tests, test_profiles = cli.load_test_users(args, task)
+    ensure_writable_dir(args.ckpt_dir), ensure_writable_dir(args.output_dir)
+    config = vars(args) | {"task_name": task.name, "stage": "task_LoRA"}
+    adapter_dir = task_lora_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
+    pred_file = predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "task_LoRA")
+    decode = cli.decode_config(args, task)
+
+    from accelerate import Accelerator
+    from peft import PeftModel
+
+    accelerator = Accelerator()
+    set_seed(args.seed)
+    model, tokenizer = load_model(spec, accelerator.device)
+    outputs = {"adapter": adapter_dir, "predictions": pred_file}
+    if args.predict_base and accelerator.is_main_process:
+        base_file = predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "base")
+        preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
+        write_json(base_file, predictions_json(task, preds, f"{args.model_name} (no adapter)"))
+        outputs["base_predictions"] = base_file
+
+    if reusable_adapter(adapter_dir, config) and not args.overwrite:
+        print(f"reusing the task adapter in {adapter_dir} (same config; --overwrite retrains)")
+        model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=True)
+    else:
+        model = add_adapter(model, lora_config(args, TASK_TARGETS))
+        pairs = [pair for u, p in zip(others, other_profiles) for pair in query_pairs(task, u, args.k, p)]
+        encoded = encode_pairs(tokenizer, pairs, args.cut_off)
+        result = train(model, tokenizer, encoded, cli.train_config(args), accelerator, desc="task adapter")
+        print(f"task adapter: {result.steps} steps on {len(encoded)} examples, final loss {result.final_loss:.4f}, {result.seconds:.0f}s")
+        model = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            save_adapter(model, adapter_dir)
+            write_json(adapter_dir / CONFIG_FILE, public_config(config) | {"final_loss": result.final_loss})
+    if accelerator.is_main_process:
+        preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
+        write_json(pred_file, predictions_json(task, preds, f"{args.model_name} + task adapter"))
+        write_json(pred_file.with_suffix(".config.json"), public_config(config))
+        print(f"wrote {len(preds)} predictions to {pred_file}")
+    accelerator.wait_for_everyone()
+    return outputs
+
+
+if __name__ == "__main__":
+    run_cli(main)
