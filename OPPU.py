@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from oppu import cli
 from oppu.adapters import USER_TARGETS, add_adapter, check_adapter_dir, lora_config, merge_adapter, remove_adapter
-from oppu.data import User, predictions_json
+from oppu.data import User, golds_of, predictions_json
 from oppu.examples import history_pairs, query_prompts
 from oppu.generation import generate
 from oppu.modeling import check_spec, load_model
@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         if accelerator.is_main_process:
             preds = merge_outputs(run_dir, task, users, pred_file, args.model_name)
             write_json(pred_file.with_suffix(".config.json"), public_config(config))
+            write_json(predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "golds"), golds_of(task, users))
             print(f"wrote {len(preds)} predictions to {pred_file}")
     return {"run_dir": run_dir, "predictions": pred_file}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from oppu import cli
 from oppu.adapters import ADAPTER_WEIGHTS, TASK_TARGETS, add_adapter, lora_config, save_adapter
-from oppu.data import User, predictions_json
+from oppu.data import User, golds_of, predictions_json
 from oppu.examples import query_pairs, query_prompts
 from oppu.generation import DecodeConfig, generate
 from oppu.modeling import check_spec, load_model
@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
         write_json(pred_file, predictions_json(task, preds, f"{args.model_name} + task adapter"))
         write_json(pred_file.with_suffix(".config.json"), public_config(config))
+        write_json(predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "golds"), golds_of(task, tests))
         print(f"wrote {len(preds)} predictions to {pred_file}")
     accelerator.wait_for_everyone()
     return outputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -43,10 +44,12 @@ def normalize_output(task: Task, value: Any) -> str | None:
 
     Ratings are rounded to 1-5; classification labels are lower-cased.
     """
+    if value is None:  # JSON null, or a CSV row with too few columns
+        return None
     if task.kind == "rating":
         try:
             return str(min(5, max(1, int(float(value) + 0.5))))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
     text = str(value).strip()
     if task.is_classification and task.name != "citation":  # citation records carry an abstract
@@ -87,6 +90,16 @@ def _citation_refs(rng: random.Random, own: list[str], pool: list[tuple[str, str
     return rng.choice(own), others[0], rng.random() < 0.5
 
 
+def _time_key(value: Any) -> tuple:
+    """Sort key of a record's time: numbers (numeric CSV strings too) by value, since "10" < "9" as
+    text; anything else (ISO dates) as text, after the numbers."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    return (1, 0.0, str(value)) if math.isnan(number) else (0, number, "")
+
+
 def _check_fields(records: list[dict], f: RecordFields, path: str | Path) -> None:
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
@@ -120,8 +133,9 @@ def records_to_users(
     pool = [(u, str(r[f.input])) for u in sorted(by_user) for r, _ in by_user[u]]
     users, counter = [], 0
     for user_id in sorted(by_user):
-        recs = sorted(by_user[user_id], key=lambda rl: str(rl[0][f.time]) if f.time else "")
-        history, queries = recs[:-queries_per_user], recs[-queries_per_user:]
+        recs = sorted(by_user[user_id], key=lambda rl: _time_key(rl[0][f.time]) if f.time else ())
+        cut = max(len(recs) - queries_per_user, 0)  # recs[-0:] would make every record a query
+        history, queries = recs[:cut], recs[cut:]
         if len(history) < min_history:
             skipped["records of users below --min_history"] += len(recs)
             continue

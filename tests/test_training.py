@@ -1,0 +1,244 @@
+"""Masking, batching, training, adapters and decoding, on the embedded tokenizer and tiny random Llamas."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import OPPU
+from oppu.adapters import (
+    ADAPTER_WEIGHTS,
+    TASK_TARGETS,
+    USER_TARGETS,
+    add_adapter,
+    lora_config,
+    merge_adapter,
+    remove_adapter,
+    save_adapter,
+)  # fmt: skip
+from oppu.examples import history_pairs
+from oppu.generation import DecodeConfig, generate
+from oppu.runs import user_result_dir
+from oppu.tasks import get_task
+from oppu.training import IGNORE_INDEX, Encoded, TrainConfig, batch_plan, collate, encode_prompt, tokenize_and_mask, train
+from prompts import render_query_input
+
+PROMPT = "Which category does this article relate to? article: The storm flooded the harbour town overnight.\nAnswer:"
+TARGETS = [" crime", " sports", " travel", " politics", " science & technology", " food & drink", " religion", " business"]
+TOPICS = ["a bank robbery", "the final match", "a cheap flight", "the new senate", "a quantum chip", "a vegan bakery",
+          "the old temple", "a merger deal"]  # fmt: skip
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """The target's tokens as the model must learn them: in the chat template's assistant turn,
+    which starts on a fresh line, the target's leading space is dropped."""
+    return tokenizer(target.lstrip() if tokenizer.chat_template else target, add_special_tokens=False)["input_ids"]
+
+
+def toy_examples(tokenizer, cut_off: int = 256) -> list[Encoded]:
+    pairs = [(f"What is this article about? article: {t}\nAnswer:", y) for t, y in zip(TOPICS, TARGETS)]
+    return [tokenize_and_mask(tokenizer, p, y, cut_off) for p, y in pairs]
+
+
+def quick_train(model, tokenizer, **overrides):
+    cfg = TrainConfig(**{"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_epoch": 2} | overrides)
+    return train(model, tokenizer, toy_examples(tokenizer), cfg)
+
+
+# --- tokenize and mask -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("templated", [True, False], ids=["chat-template", "raw-text"])
+def test_prompt_is_masked_then_target_then_eos(tokenizer, templated):
+    tok = tokenizer if templated else copy.deepcopy(tokenizer)
+    if not templated:
+        tok.chat_template = None
+    enc = tokenize_and_mask(tok, PROMPT, " crime", cut_off=2048)
+    prompt, target, eos = encode_prompt(tok, PROMPT), target_ids(tok, " crime"), tok.eos_token_id
+    assert enc.input_ids == prompt + target + [eos]
+    assert enc.labels == [IGNORE_INDEX] * len(prompt) + target + [eos]
+    assert enc.truncated is False
+    assert tok.decode(enc.labels[len(prompt) : -1]).strip() == "crime"
+    if templated:  # the prompt ends where the assistant's answer starts
+        assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_exact_fit_is_not_truncated_and_one_token_less_is(tokenizer):
+    full = len(encode_prompt(tokenizer, PROMPT)) + len(target_ids(tokenizer, " crime")) + 1
+    assert tokenize_and_mask(tokenizer, PROMPT, " crime", full).truncated is False
+    shorter = tokenize_and_mask(tokenizer, PROMPT, " crime", full - 1)
+    assert shorter.truncated is True and len(shorter.input_ids) == full - 1
+
+
+def test_long_prompt_loses_its_oldest_tokens_and_keeps_target_and_eos(tokenizer):
+    prompt, target, eos = encode_prompt(tokenizer, PROMPT), target_ids(tokenizer, " crime"), tokenizer.eos_token_id
+    cut_off = len(target) + 1 + 5
+    enc = tokenize_and_mask(tokenizer, PROMPT, " crime", cut_off)
+    assert enc.truncated is True
+    assert len(enc.input_ids) == len(enc.labels) == cut_off
+    assert enc.input_ids == prompt[-5:] + target + [eos]
+    assert enc.labels == [IGNORE_INDEX] * 5 + target + [eos]
+
+
+def test_target_longer_than_cut_off_is_cut_visibly_keeping_one_prompt_token(tokenizer):
+    long_target = " " + " ".join(["headline"] * 40)
+    prompt, target = encode_prompt(tokenizer, PROMPT), target_ids(tokenizer, long_target)
+    enc = tokenize_and_mask(tokenizer, PROMPT, long_target, cut_off=10)
+    assert enc.truncated is True
+    assert len(enc.input_ids) == 10
+    assert enc.input_ids == prompt[-1:] + target[:9]
+    assert enc.labels == [IGNORE_INDEX] + target[:9]
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def test_collate_pads_right_and_masks_padding_out_of_loss_and_attention(tokenizer):
+    pad = tokenizer.pad_token_id
+    batch = collate([Encoded([5, 6, 7, 8], [-100, -100, 7, 8], False), Encoded([9, 10], [-100, 10], False)], pad)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, pad, pad]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+@pytest.mark.parametrize("n, batch_size", [(10, 4), (8, 4), (3, 16)])
+def test_batch_plan_covers_every_example_once_per_epoch(n, batch_size):
+    plan = batch_plan(n, TrainConfig(batch_size=batch_size, max_epoch=3, seed=1))
+    per_epoch = math.ceil(n / batch_size)
+    assert len(plan) == 3 * per_epoch
+    assert all(len(step) <= batch_size for step in plan)
+    for epoch in range(3):
+        seen = [i for step in plan[epoch * per_epoch : (epoch + 1) * per_epoch] for i in step]
+        assert sorted(seen) == list(range(n))
+
+
+def test_batch_plan_is_seeded_and_capped_by_max_step():
+    cfg = TrainConfig(batch_size=4, max_epoch=3, seed=7)
+    plan = batch_plan(10, cfg)
+    assert batch_plan(10, cfg) == plan
+    assert batch_plan(10, TrainConfig(batch_size=4, max_epoch=3, seed=8)) != plan
+    assert batch_plan(10, TrainConfig(batch_size=4, max_epoch=3, seed=7, max_step=4)) == plan[:4]
+    assert len(batch_plan(10, TrainConfig(batch_size=4, max_epoch=3, max_step=100))) == 9
+
+
+# --- training and adapters ---------------------------------------------------------------------
+
+
+def test_fresh_user_lora_learns_the_toy_targets(tiny_model, tokenizer, make_args):
+    model = add_adapter(tiny_model(), lora_config(make_args(), USER_TARGETS))
+    fit = quick_train(model, tokenizer, learning_rate=3e-2, batch_size=8, max_epoch=12, warmup_ratio=0.0)
+    assert fit.steps == len(fit.losses) == 12 and fit.examples == 8 * 12
+    assert all(math.isfinite(x) for x in fit.losses)
+    assert fit.losses[-1] < 0.7 * fit.losses[0], fit.losses
+    assert not model.training  # train() hands the model back ready to decode
+
+
+def test_task_adapter_wraps_q_k_v_and_o_of_every_layer_and_only_lora_trains(tiny_model, make_args):
+    model = add_adapter(tiny_model(), lora_config(make_args(), TASK_TARGETS))
+    layers = model.base_model.model.model.layers
+    assert len(layers) == 2
+    for layer in layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            proj = getattr(layer.self_attn, name)
+            assert "default" in proj.lora_A and "default" in proj.lora_B, name
+            assert proj.lora_A["default"].weight.shape[0] == 8  # r
+        assert not hasattr(layer.mlp.up_proj, "lora_A")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 4 * 2  # layers x projections x (A, B)
+    assert all("lora_" in n for n in trainable)
+
+
+QUERIES = ["Short one.\nAnswer:", "A much longer prompt about the harbour, the storm and the town council.\nAnswer:",
+           "Medium prompt on sports.\nAnswer:"]  # fmt: skip
+DECODE = DecodeConfig(max_new_tokens=5, batch_size=3)
+
+
+def test_saved_adapter_reloads_and_merges_to_the_same_predictions(tiny_model, tokenizer, make_args, tmp_path):
+    from peft import PeftModel
+
+    base_out = generate(tiny_model(), tokenizer, QUERIES, DECODE, show=False)
+    model = add_adapter(tiny_model(), lora_config(make_args(), USER_TARGETS))
+    quick_train(model, tokenizer, learning_rate=3e-2)
+    trained_out = generate(model, tokenizer, QUERIES, DECODE, show=False)
+    assert trained_out != base_out  # the adapter changed the model, so the comparison means something
+
+    save_adapter(model, tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert ADAPTER_WEIGHTS in files and "adapter_config.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], files
+    assert not list(tmp_path.glob(".adapter.tmp*"))
+
+    reloaded = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "adapter"))
+    assert generate(reloaded, tokenizer, QUERIES, DECODE, show=False) == trained_out
+    merged = merge_adapter(tiny_model(), tmp_path / "adapter")
+    assert not any("lora" in n for n, _ in merged.named_modules())
+    assert generate(merged, tokenizer, QUERIES, DECODE, show=False) == trained_out
+
+
+def news_user(user_id: str, word: str) -> dict:
+    """A news_categorize user whose every history item and query mentions ``word``."""
+    task = get_task("news_categorize")
+    items = [{"id": f"{user_id}-h{j}", "title": f"{word} news {j}", "category": c,
+              "text": f"The {word} story number {j} about {word} habits."}
+             for j, c in enumerate(["sports", "travel", "crime"])]  # fmt: skip
+    query = {"id": f"{user_id}-q0", "input": render_query_input(task, text=f"Another {word} report."), "gold": "sports"}
+    return {"user_id": user_id, "profile": items, "query": [query]}
+
+
+def test_every_user_trains_a_fresh_lora_on_own_history_from_a_clean_base(
+    tiny_model, tokenizer, make_args, tmp_path, monkeypatch
+):
+    task = get_task("news_categorize")
+    args = make_args("--k", "1", "--max_epoch", "1", "--batch_size", "2", "--max_new_tokens", "3",
+                     "--cut_off", "256", "--learning_rate", "1e-2")  # fmt: skip
+    users = [news_user("u-zebra", "zebra"), news_user("u-quokka", "quokka")]
+    for user, other in ((users[0], "quokka"), (users[1], "zebra")):
+        prompts = [p for p, _ in history_pairs(task, user, k=1)]
+        assert len(prompts) == 3 and all(user["user_id"][2:] in p and other not in p for p in prompts)
+
+    seen: list[str] = []
+
+    def recording(tok, prompt, target, cut_off):
+        seen.append(prompt)
+        return tokenize_and_mask(tok, prompt, target, cut_off)
+
+    monkeypatch.setattr(OPPU, "tokenize_and_mask", recording)
+    base = tiny_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model, adapters = base, []
+    for user, other in ((users[0], "quokka"), (users[1], "zebra")):
+        seen.clear()
+        model, result = OPPU.train_user(model, tokenizer, task, user, None, args, tmp_path / "run")
+        assert len(seen) == result["train_examples"] == 3
+        assert not [p for p in seen if other in p]  # this user's history only
+        assert model is base
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert not [n for n, _ in model.named_modules() if "lora" in n]
+        assert not hasattr(model, "peft_config")
+        adapters.append(load_file(user_result_dir(tmp_path / "run", user["user_id"]) / "adapter" / ADAPTER_WEIGHTS))
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+# --- generation --------------------------------------------------------------------------------
+
+
+def test_greedy_decoding_is_deterministic_new_text_only_and_padding_invariant(tiny_model, tokenizer):
+    model = tiny_model()
+    prompts = [QUERIES[1], QUERIES[0], QUERIES[2] * 3]
+    lengths = {len(encode_prompt(tokenizer, p)) for p in prompts}
+    assert len(lengths) == 3  # a batch that needs real left padding
+    cfg = DecodeConfig(max_new_tokens=6, batch_size=3)
+    batched = generate(model, tokenizer, prompts, cfg, show=False)
+    assert generate(model, tokenizer, prompts, cfg, show=False) == batched
+    alone = [generate(model, tokenizer, [p], cfg, show=False)[0] for p in prompts]
+    assert batched == alone
+    for prompt, out in zip(prompts, batched):
+        assert prompt.split("\n")[0] not in out and "assistant" not in out and "helpful AI" not in out
