@@ -18,6 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.metrics import score
+from oppu.data import load_users
 from oppu.tasks import Task, get_task
 from utils import UserError, read_json, run_cli, write_json
 
@@ -120,32 +121,13 @@ def evaluate(
     return {"task": task.lamp_id, "n": len(golds), **score(task, golds, preds)}
 
 
-def user_queries(data: Any, source: str) -> dict[str, list[str]]:
-    """Map each user id of a per-user data file to its query ids."""
-    if not isinstance(data, list):
-        raise UserError(f"{source}: expected a list of users")
-    users: dict[str, list[str]] = {}
-    for index, user in enumerate(data):
-        where = f"{source}: user [{index}]"
-        if not isinstance(user, dict) or not isinstance(user.get("user_id"), (str, int)):
-            raise UserError(f"{where}: field 'user_id' is missing or not a string")
-        if not isinstance(user.get("query"), list):
-            raise UserError(f"{where}: field 'query' is missing or not a list")
-        ids = [q.get("id") if isinstance(q, dict) else None for q in user["query"]]
-        if not all(isinstance(i, str) for i in ids):
-            raise UserError(f"{where}: every query needs a string field 'id'")
-        if str(user["user_id"]) in users:
-            raise UserError(f"{where}: duplicate user_id {user['user_id']!r}")
-        users[str(user["user_id"])] = ids
-    return users
-
-
 def per_user_scores(
     task: Task, golds: Mapping[str, str], preds: Mapping[str, str], users_path: str | Path
 ) -> dict[str, dict[str, float]]:
     """Each user's metrics on their own query ids, with their count "n"."""
     result: dict[str, dict[str, float]] = {}
-    for user_id, ids in user_queries(read_json(users_path), str(users_path)).items():
+    users = load_users(task, users_path, need_gold=False, need_history=False)
+    for user_id, ids in ((u["user_id"], [q["id"] for q in u["query"]]) for u in users):
         unknown = [i for i in ids if i not in golds]
         if unknown:
             raise UserError(

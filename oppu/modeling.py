@@ -103,6 +103,10 @@ def resolve_dtype(dtype: str):
 def check_spec(spec: ModelSpec) -> None:
     """Checks that need no model: run them before any data is read or weights loaded."""
     resolve_dtype(spec.dtype)
+    if spec.name == EMBEDDED_MODEL:
+        embedded_gguf_path()
+    elif Path(spec.name).exists() or spec.name.startswith((".", "/", "~")) or spec.name.count("/") != 1:
+        resolve_model_path(spec.name)
     if spec.load_in_4bit:
         import torch
 

@@ -24,13 +24,15 @@ def tiny_model(tokenizer):
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            initializer_range=0.2,  # at the default 0.02 the tied logits span < 1 nat: nothing can be learnt
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
         with torch.random.fork_rng():  # deterministic weights without touching the caller's RNG
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).float()
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        # Set after construction, as load_model does: pad is EOS here, and a pad id in the config
+        # would zero EOS's embedding row at init, so the tied head could never predict EOS.
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model.eval()
 
     return make

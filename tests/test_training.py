@@ -17,20 +17,28 @@ from oppu.adapters import (
     add_adapter,
     lora_config,
     merge_adapter,
-    remove_adapter,
     save_adapter,
-)  # fmt: skip
+)
 from oppu.examples import history_pairs
 from oppu.generation import DecodeConfig, generate
 from oppu.runs import user_result_dir
 from oppu.tasks import get_task
-from oppu.training import IGNORE_INDEX, Encoded, TrainConfig, batch_plan, collate, encode_prompt, tokenize_and_mask, train
+from oppu.training import (
+    IGNORE_INDEX,
+    Encoded,
+    TrainConfig,
+    batch_plan,
+    collate,
+    encode_prompt,
+    tokenize_and_mask,
+    train,
+)
 from prompts import render_query_input
 
 PROMPT = "Which category does this article relate to? article: The storm flooded the harbour town overnight.\nAnswer:"
-TARGETS = [" crime", " sports", " travel", " politics", " science & technology", " food & drink", " religion", " business"]
-TOPICS = ["a bank robbery", "the final match", "a cheap flight", "the new senate", "a quantum chip", "a vegan bakery",
-          "the old temple", "a merger deal"]  # fmt: skip
+TOY = [("a bank robbery", " crime"), ("the final match", " sports"), ("a cheap flight", " travel"),
+       ("the new senate", " politics"), ("a quantum chip", " science & technology"), ("a vegan bakery", " food & drink"),
+       ("the old temple", " religion"), ("a merger deal", " business")]  # fmt: skip
 
 
 def target_ids(tokenizer, target: str) -> list[int]:
@@ -40,12 +48,18 @@ def target_ids(tokenizer, target: str) -> list[int]:
 
 
 def toy_examples(tokenizer, cut_off: int = 256) -> list[Encoded]:
-    pairs = [(f"What is this article about? article: {t}\nAnswer:", y) for t, y in zip(TOPICS, TARGETS)]
+    pairs = [(f"What is this article about? article: {topic}\nAnswer:", target) for topic, target in TOY]
     return [tokenize_and_mask(tokenizer, p, y, cut_off) for p, y in pairs]
 
 
+def with_lora(model, args, targets):
+    """``add_adapter`` with a seeded LoRA init (and dropout), so a test does not depend on the others' RNG use."""
+    torch.manual_seed(0)
+    return add_adapter(model, lora_config(args, targets))
+
+
 def quick_train(model, tokenizer, **overrides):
-    cfg = TrainConfig(**{"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_epoch": 2} | overrides)
+    cfg = TrainConfig(**{"learning_rate": 0.1, "batch_size": 8, "micro_batch_size": 8, "max_epoch": 2} | overrides)
     return train(model, tokenizer, toy_examples(tokenizer), cfg)
 
 
@@ -130,16 +144,30 @@ def test_batch_plan_is_seeded_and_capped_by_max_step():
 
 
 def test_fresh_user_lora_learns_the_toy_targets(tiny_model, tokenizer, make_args):
-    model = add_adapter(tiny_model(), lora_config(make_args(), USER_TARGETS))
-    fit = quick_train(model, tokenizer, learning_rate=3e-2, batch_size=8, max_epoch=12, warmup_ratio=0.0)
-    assert fit.steps == len(fit.losses) == 12 and fit.examples == 8 * 12
+    model = with_lora(tiny_model(), make_args(), USER_TARGETS)
+    fit = quick_train(model, tokenizer, max_epoch=6, warmup_ratio=0.0)
+    assert fit.steps == len(fit.losses) == 6 and fit.examples == 8 * 6
     assert all(math.isfinite(x) for x in fit.losses)
-    assert fit.losses[-1] < 0.7 * fit.losses[0], fit.losses
+    assert fit.losses[-1] < fit.losses[0] - 1.5, fit.losses  # nats per target token
     assert not model.training  # train() hands the model back ready to decode
 
 
+def test_micro_batches_only_save_memory(tiny_model, tokenizer, make_args):
+    """Splitting a step into uneven micro-batches gives the same losses and weights as one batch:
+    token losses are summed and divided by the whole step's target tokens."""
+    args = make_args("--lora_dropout", "0")
+    runs = []
+    for micro in (8, 3):
+        model = with_lora(tiny_model(), args, USER_TARGETS)
+        fit = quick_train(model, tokenizer, micro_batch_size=micro)
+        runs.append((fit.losses, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    assert all(torch.allclose(weights_a[n], weights_b[n], atol=1e-5) for n in weights_a)
+
+
 def test_task_adapter_wraps_q_k_v_and_o_of_every_layer_and_only_lora_trains(tiny_model, make_args):
-    model = add_adapter(tiny_model(), lora_config(make_args(), TASK_TARGETS))
+    model = with_lora(tiny_model(), make_args(), TASK_TARGETS)
     layers = model.base_model.model.model.layers
     assert len(layers) == 2
     for layer in layers:
@@ -162,8 +190,8 @@ def test_saved_adapter_reloads_and_merges_to_the_same_predictions(tiny_model, to
     from peft import PeftModel
 
     base_out = generate(tiny_model(), tokenizer, QUERIES, DECODE, show=False)
-    model = add_adapter(tiny_model(), lora_config(make_args(), USER_TARGETS))
-    quick_train(model, tokenizer, learning_rate=3e-2)
+    model = with_lora(tiny_model(), make_args(), USER_TARGETS)
+    quick_train(model, tokenizer)
     trained_out = generate(model, tokenizer, QUERIES, DECODE, show=False)
     assert trained_out != base_out  # the adapter changed the model, so the comparison means something
 

@@ -1,0 +1,119 @@
+"""Scale-out and crash safety, on a tiny random Llama saved as a local model folder:
+2 accelerate processes = 1 process; SIGKILL then rerun = uninterrupted; config and lock guards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import OPPU
+import prepare_data
+from oppu.modeling import ModelSpec, load_tokenizer
+from utils import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "product_rating"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with the embedded model's tokenizer, as a local model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(ModelSpec())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir) -> dict:
+    """Demo data of 3 test users and a task adapter trained on the tiny model."""
+    import task_LoRA
+
+    root = tmp_path_factory.mktemp("scale")
+    data = root / "data"
+    prepare_data.main(["demo", "--tasks", TASK, "--output_dir", str(data), "--num_test_users", "3",
+                       "--num_other_users", "2", "--history_len", "4", "--queries_per_user", "2"])  # fmt: skip
+    common = ["--task_name", TASK, "--data_dir", str(data), "--model_name", str(tiny_model_dir),
+              "--max_step", "2", "--batch_size", "2", "--max_new_tokens", "6"]  # fmt: skip
+    out = task_LoRA.main(common + ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output")])
+    return {"root": root, "common": common + ["--task_lora", str(out["adapter"])]}
+
+
+def oppu_cmd(setup: dict, name: str, launcher: list[str] | None = None) -> list[str]:
+    root = setup["root"] / name
+    script = launcher + ["OPPU.py"] if launcher else [sys.executable, "OPPU.py"]
+    return script + setup["common"] + ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output")]
+
+
+def predictions(setup: dict, name: str) -> list[dict]:
+    (path,) = (setup["root"] / name / "output" / TASK).glob("*-OPPU.json")
+    return json.loads(path.read_text())["golds"]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def single(setup) -> list[dict]:
+    """The reference: one uninterrupted single-process run."""
+    run(oppu_cmd(setup, "single"))
+    return predictions(setup, "single")
+
+
+def test_two_accelerate_processes_match_one(setup, single):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    run(oppu_cmd(setup, "double", launcher))
+    assert predictions(setup, "double") == single
+    manifest = (setup["root"] / "double" / "ckpt" / TASK).glob("*-OPPU/manifest.jsonl")
+    assert len(next(manifest).read_text().splitlines()) == 3
+
+
+def test_sigkill_then_rerun_matches_uninterrupted_run(setup, single):
+    cmd = oppu_cmd(setup, "killed")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    users = setup["root"] / "killed" / "ckpt" / TASK
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(users.glob("*-OPPU/users/*/result.json")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(users.glob("*-OPPU/users/*/result.json")))
+    assert 1 <= finished <= 3
+    rerun = run(cmd)
+    assert f"trained {3 - finished} users, skipped {finished} finished ones" in rerun.stdout
+    assert predictions(setup, "killed") == single
+
+
+def test_rerun_with_another_config_is_refused(setup, single):
+    argv = oppu_cmd(setup, "single")[2:] + ["--learning_rate", "5e-4"]
+    with pytest.raises(UserError, match="another config.*learning_rate"):
+        OPPU.main(argv)
+
+
+def test_second_run_into_a_locked_folder_is_refused(setup, single):
+    (run_dir,) = (setup["root"] / "single" / "ckpt" / TASK).glob("*-OPPU")
+    (run_dir / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    try:
+        with pytest.raises(UserError, match="another run is writing into this folder"):
+            OPPU.main(oppu_cmd(setup, "single")[2:])
+    finally:
+        (run_dir / ".lock").unlink()
