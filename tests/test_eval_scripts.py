@@ -131,7 +131,7 @@ def test_eval_task_rating_golds_must_be_numbers(tmp_path: Path):
 
 
 def test_eval_task_per_user_query_without_gold(tmp_path: Path):
-    users = write(tmp_path / "users.json", [{"user_id": "u", "query": [{"id": "404"}]}])
+    users = write(tmp_path / "users.json", [{"user_id": "u", "profile": [], "query": [{"id": "404", "input": ""}]}])
     golds, preds = outputs("LaMP_2M", GOLDS), outputs("LaMP_2M", PREDS)
     with pytest.raises(UserError, match=re.escape("users.json: user 'u': query ids without gold")):
         run_task(tmp_path, golds, preds, "--per_user", str(users))
