@@ -18,7 +18,8 @@ from utils import UserError, read_json, write_json
 CONFIG_FILE = "run_config.json"
 LOCK_FILE = ".lock"
 # Settings that may differ between a run and its resumption without changing any result.
-RESUME_NEUTRAL = {"overwrite", "debug", "max_users", "access_token", "decode_batch_size", "micro_batch_size"}
+RESUME_NEUTRAL = {"overwrite", "debug", "max_users", "access_token", "decode_batch_size", "micro_batch_size",
+                  "ckpt_dir", "output_dir", "predict_base"}
 
 
 def run_name(task: Task, k: int, model_name: str, add_profile: bool) -> str:

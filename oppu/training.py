@@ -105,10 +105,18 @@ def batch_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
 
 
 def _summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of token losses (so micro-batches add up to the same gradient as one big batch)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Sum of token losses (so micro-batches add up to the same gradient as one big batch).
+
+    Logits are computed only from the first target position on: the vocabulary projection of
+    every prompt token would be thrown away, and for a small model it is a fifth of the work.
+    """
+    labels = batch["labels"]
+    has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first = max(int(has_target[0]) if len(has_target) else labels.size(1) - 1, 1)
+    keep = labels.size(1) - first + 1  # logits at positions first-1 .. end predict tokens first .. end
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = batch["labels"][:, 1:].reshape(-1)
+    shift_labels = labels[:, first:].reshape(-1)
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 

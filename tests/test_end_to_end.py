@@ -16,11 +16,12 @@ TASK = "news_categorize"
 # Tiny but real: the embedded SmolLM2 on 2 test users and 4 other users.
 SIZES = ["--num_test_users", "2", "--num_other_users", "4", "--history_len", "4", "--queries_per_user", "2"]
 QUICK = ["--max_step", "2", "--batch_size", "2", "--micro_batch_size", "2", "--max_new_tokens", "4"]
+TOKEN = "hf_SECRET_token_never_written"
 
 
 def stage_args(root: Path, data: Path) -> list[str]:
     return ["--task_name", TASK, "--data_dir", str(data), "--ckpt_dir", str(root / "ckpt"),
-            "--output_dir", str(root / "output")] + QUICK  # fmt: skip
+            "--output_dir", str(root / "output"), "--access_token", TOKEN] + QUICK  # fmt: skip
 
 
 def read_preds(path: Path) -> dict[str, str]:
@@ -72,6 +73,12 @@ def test_oppu_manifest_and_user_adapters(pipeline):
         assert m["train_tokens"] > 0 and m["seconds"] > 0 and m["final_loss"] > 0
     adapters = sorted(run_dir.glob("users/*/adapter/adapter_model.safetensors"))
     assert len(adapters) == 2 and adapters[0].read_bytes() != adapters[1].read_bytes()
+
+
+def test_access_token_never_written(pipeline, capsys):
+    written = [p for p in pipeline["root"].rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert written == []
+    assert TOKEN not in capsys.readouterr().out
 
 
 def test_rerun_resumes_and_reproduces(pipeline, capsys):
