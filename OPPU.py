@@ -24,19 +24,19 @@ from oppu.adapters import USER_TARGETS, add_adapter, check_adapter_dir, lora_con
 from oppu.data import User, golds_of, predictions_json
 from oppu.examples import history_pairs, query_prompts
 from oppu.generation import generate
-from oppu.modeling import check_spec, load_model
+from oppu.modeling import load_model
 from oppu.runs import (
     CONFIG_FILE,
     RunLock,
     check_or_save_config,
+    clean_stale_staging,
     commit_user_result,
     oppu_dir,
-    predictions_path,
     public_config,
     read_user_result,
     staging_dir,
 )  # fmt: skip
-from oppu.tasks import Task, get_task
+from oppu.tasks import Task
 from oppu.training import tokenize_and_mask, train
 from prompts import parse_prediction
 from utils import (
@@ -79,8 +79,12 @@ def train_user(model, tokenizer, task: Task, user: User, profile: str | None, ar
     peft_model = add_adapter(model, lora_config(args, USER_TARGETS))
     pairs = history_pairs(task, user, args.k, profile)
     encoded = [tokenize_and_mask(tokenizer, p, t, args.cut_off) for p, t in pairs]
-    fit = train(peft_model, tokenizer, encoded, replace(cli.train_config(args), seed=seed), desc=f"user {user['user_id']}")
-    raw = generate(peft_model, tokenizer, query_prompts(task, user, args.k, profile), cli.decode_config(args, task), show=False)
+    fit = train(
+        peft_model, tokenizer, encoded, replace(cli.train_config(args), seed=seed), desc=f"user {user['user_id']}"
+    )
+    raw = generate(
+        peft_model, tokenizer, query_prompts(task, user, args.k, profile), cli.decode_config(args, task), show=False
+    )
     staging = staging_dir(run_dir, user["user_id"])
     peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
     result = {
@@ -109,14 +113,11 @@ def merge_outputs(run_dir: Path, task: Task, users: list[User], pred_file: Path,
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
-    cli.check_args(args)
-    task = get_task(args.task_name)
-    spec = cli.model_spec(args)
-    check_spec(spec)
+    task, spec = cli.validate(args)
     check_task_lora(Path(args.task_lora), args, task)
     users, profiles = cli.load_test_users(args, task)
     run_dir = oppu_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
-    pred_file = predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "OPPU")
+    pred_file = cli.prediction_file(args, task, "OPPU")
     ensure_writable_dir(run_dir), ensure_writable_dir(pred_file.parent)
     config = vars(args) | {"task_name": task.name, "stage": "OPPU"}
 
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     rank, world = accelerator.process_index, accelerator.num_processes
     with RunLock(run_dir, rank):
         check_or_save_config(run_dir, config, args.overwrite)
+        clean_stale_staging(run_dir)
         model, tokenizer = load_model(spec, accelerator.device)
         model = merge_adapter(model, Path(args.task_lora))
         mine = list(range(rank, len(users), world))
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         if accelerator.is_main_process:
             preds = merge_outputs(run_dir, task, users, pred_file, args.model_name)
             write_json(pred_file.with_suffix(".config.json"), public_config(config))
-            write_json(predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "golds"), golds_of(task, users))
+            write_json(cli.prediction_file(args, task, "golds"), golds_of(task, users))
             print(f"wrote {len(preds)} predictions to {pred_file}")
     return {"run_dir": run_dir, "predictions": pred_file}
 

@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     work = Path(args.work_dir)
     sizes = ["--num_test_users", str(args.num_test_users), "--num_other_users", str(args.num_other_users),
              "--history_len", str(args.history_len), "--queries_per_user", str(args.queries_per_user)]  # fmt: skip
-    prepare_data.main(["demo", "--output_dir", str(work / "data"), "--tasks", args.tasks, "--seed", str(args.seed)] + sizes)
+    prepare_data.main(
+        ["demo", "--output_dir", str(work / "data"), "--tasks", args.tasks, "--seed", str(args.seed)] + sizes
+    )
     results = {name: run_task(name, work, args) for name in args.tasks.split(",")}
     text = table(results)
     minutes = (time.time() - start) / 60

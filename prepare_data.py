@@ -88,7 +88,9 @@ def from_records(args: argparse.Namespace) -> list[Path]:
     task = get_task(args.task_name)
     fields = RecordFields(args.user_field, args.input_field, args.output_field, args.time_field, args.title_field)
     records = read_records(args.input)
-    users, skipped = records_to_users(task, records, fields, args.queries_per_user, args.min_history, args.input, args.seed)
+    users, skipped = records_to_users(
+        task, records, fields, args.queries_per_user, args.min_history, args.input, args.seed
+    )
     kept = sum(len(u["profile"]) + len(u["query"]) for u in users)
     details = ", ".join(f"{n} ({why})" for why, n in sorted(skipped.items())) or "none"
     print(f"{args.input}: {len(records)} records, {kept} kept for {len(users)} users; skipped: {details}")

@@ -18,9 +18,9 @@ from oppu.adapters import ADAPTER_WEIGHTS, TASK_TARGETS, add_adapter, lora_confi
 from oppu.data import User, golds_of, predictions_json
 from oppu.examples import query_pairs, query_prompts
 from oppu.generation import DecodeConfig, generate
-from oppu.modeling import check_spec, load_model
-from oppu.runs import CONFIG_FILE, RESUME_NEUTRAL, predictions_path, public_config, task_lora_dir
-from oppu.tasks import Task, get_task
+from oppu.modeling import load_model
+from oppu.runs import CONFIG_FILE, config_differences, public_config, task_lora_dir
+from oppu.tasks import Task
 from oppu.training import Encoded, tokenize_and_mask, train
 from prompts import parse_prediction
 from utils import ensure_writable_dir, read_json, run_cli, set_seed, write_json
@@ -38,7 +38,9 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], cut_off: int) -> list[
     encoded = [tokenize_and_mask(tokenizer, p, t, cut_off) for p, t in pairs]
     cut = sum(e.truncated for e in encoded)
     if cut:
-        print(f"{cut} of {len(encoded)} training examples were longer than --cut_off {cut_off} tokens and were truncated")
+        print(
+            f"{cut} of {len(encoded)} training examples were longer than --cut_off {cut_off} tokens and were truncated"
+        )
     return encoded
 
 
@@ -57,22 +59,19 @@ def reusable_adapter(folder: Path, config: dict) -> bool:
     """A finished adapter trained with the same settings can be reused instead of retrained."""
     if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / CONFIG_FILE).is_file():
         return False
-    old = read_json(folder / CONFIG_FILE)
-    return all(old.get(key) == value for key, value in public_config(config).items() if key not in RESUME_NEUTRAL)
+    old = {k: v for k, v in read_json(folder / CONFIG_FILE).items() if k != "final_loss"}
+    return not config_differences(old, public_config(config))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
-    cli.check_args(args)
-    task = get_task(args.task_name)
-    spec = cli.model_spec(args)
-    check_spec(spec)
+    task, spec = cli.validate(args)
     others, other_profiles = cli.load_other_users(args, task)
     tests, test_profiles = cli.load_test_users(args, task)
     ensure_writable_dir(args.ckpt_dir), ensure_writable_dir(args.output_dir)
     config = vars(args) | {"task_name": task.name, "stage": "task_LoRA"}
     adapter_dir = task_lora_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
-    pred_file = predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "task_LoRA")
+    pred_file = cli.prediction_file(args, task, "task_LoRA")
     decode = cli.decode_config(args, task)
 
     from accelerate import Accelerator
@@ -83,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     model, tokenizer = load_model(spec, accelerator.device)
     outputs = {"adapter": adapter_dir, "predictions": pred_file}
     if args.predict_base and accelerator.is_main_process:
-        base_file = predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "base")
+        base_file = cli.prediction_file(args, task, "base")
         preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
         write_json(base_file, predictions_json(task, preds, f"{args.model_name} (no adapter)"))
         outputs["base_predictions"] = base_file
@@ -96,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         pairs = [pair for u, p in zip(others, other_profiles) for pair in query_pairs(task, u, args.k, p)]
         encoded = encode_pairs(tokenizer, pairs, args.cut_off)
         result = train(model, tokenizer, encoded, cli.train_config(args), accelerator, desc="task adapter")
-        print(f"task adapter: {result.steps} steps on {len(encoded)} examples, final loss {result.final_loss:.4f}, {result.seconds:.0f}s")
+        accelerator.print(
+            f"task adapter: {result.steps} steps on {len(encoded)} examples, final loss {result.final_loss:.4f}, {result.seconds:.0f}s"
+        )
         model = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
             save_adapter(model, adapter_dir)
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
         write_json(pred_file, predictions_json(task, preds, f"{args.model_name} + task adapter"))
         write_json(pred_file.with_suffix(".config.json"), public_config(config))
-        write_json(predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, "golds"), golds_of(task, tests))
+        write_json(cli.prediction_file(args, task, "golds"), golds_of(task, tests))
         print(f"wrote {len(preds)} predictions to {pred_file}")
     accelerator.wait_for_everyone()
     return outputs

@@ -25,9 +25,7 @@ from utils import UserError, run_cli, write_json
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--golds_zip", required=True, help="zip of LaMP outputs files (golds)")
-    parser.add_argument(
-        "--preds_zip", required=True, help="zip of LaMP outputs files (predictions)"
-    )
+    parser.add_argument("--preds_zip", required=True, help="zip of LaMP outputs files (predictions)")
     parser.add_argument("--output_file", required=True, help="where to write the result JSON")
     parser.add_argument("--temp_dir", help="accepted for compatibility with LaMP; unused")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")

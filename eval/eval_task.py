@@ -29,9 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--preds_json", required=True, help="LaMP outputs file with predictions")
     parser.add_argument("--task_name", required=True, help="task name or LaMP id, e.g. LaMP_2M")
     parser.add_argument("--output_file", required=True, help="where to write the result JSON")
-    parser.add_argument(
-        "--per_user", help="per-user data file; adds each user's metrics on their query ids"
-    )
+    parser.add_argument("--per_user", help="per-user data file; adds each user's metrics on their query ids")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     return parser.parse_args(argv)
 
@@ -130,9 +128,7 @@ def per_user_scores(
     for user_id, ids in ((u["user_id"], [q["id"] for q in u["query"]]) for u in users):
         unknown = [i for i in ids if i not in golds]
         if unknown:
-            raise UserError(
-                f"{users_path}: user {user_id!r}: query ids without gold: {unknown[:5]}"
-            )
+            raise UserError(f"{users_path}: user {user_id!r}: query ids without gold: {unknown[:5]}")
         metrics = score(task, {i: golds[i] for i in ids}, {i: preds[i] for i in ids}) if ids else {}
         result[user_id] = {**metrics, "n": len(ids)}
     return result

@@ -19,18 +19,14 @@ def label_index(labels: Sequence[str], text: str) -> int:
     return labels.index(text) if text in labels else -1
 
 
-def classification_metrics(
-    labels: Sequence[str], golds: Sequence[str], preds: Sequence[str]
-) -> dict[str, float]:
+def classification_metrics(labels: Sequence[str], golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
     """LaMP-1/2N/2M: accuracy and macro F1 over every label index (never over -1)."""
     labels = list(labels)
     gold_idx = [label_index(labels, g) for g in golds]
     pred_idx = [label_index(labels, p) for p in preds]
     # zero_division=0 gives the same numbers as the official default ("warn": 0 plus a
     # warning) for labels absent from both golds and predictions; it only drops the warning.
-    f1 = f1_score(
-        gold_idx, pred_idx, labels=list(range(len(labels))), average="macro", zero_division=0
-    )
+    f1 = f1_score(gold_idx, pred_idx, labels=list(range(len(labels))), average="macro", zero_division=0)
     return {"accuracy": float(accuracy_score(gold_idx, pred_idx)), "f1": float(f1)}
 
 
@@ -68,9 +64,7 @@ def rouge_per_example(golds: Sequence[str], preds: Sequence[str]) -> list[dict[s
 def generation_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
     """LaMP-4/5/7: mean per-example ROUGE F-measures (the official bootstrap's point estimate)."""
     per_example = rouge_per_example(golds, preds)
-    return {
-        key: sum(s[key] for s in per_example) / len(per_example) for key in ("rouge-1", "rouge-L")
-    }
+    return {key: sum(s[key] for s in per_example) / len(per_example) for key in ("rouge-1", "rouge-L")}
 
 
 def score_lists(task: Task, golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:

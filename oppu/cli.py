@@ -15,8 +15,9 @@ from oppu.data import (
     load_users,
 )
 from oppu.generation import DecodeConfig
-from oppu.modeling import EMBEDDED_MODEL, ModelSpec
-from oppu.tasks import Task
+from oppu.modeling import EMBEDDED_MODEL, ModelSpec, check_spec
+from oppu.runs import predictions_path
+from oppu.tasks import Task, get_task
 from oppu.training import TrainConfig
 from utils import UserError
 
@@ -75,6 +76,20 @@ def check_args(args: argparse.Namespace) -> None:
     ) if bad]  # fmt: skip
     if problems:
         raise UserError("; ".join(problems))
+
+
+def validate(args: argparse.Namespace) -> tuple[Task, ModelSpec]:
+    """The checks every stage runs first, before reading data or loading a model."""
+    check_args(args)
+    task = get_task(args.task_name)
+    spec = model_spec(args)
+    check_spec(spec)
+    return task, spec
+
+
+def prediction_file(args: argparse.Namespace, task: Task, method: str) -> Path:
+    """Where this run's predictions (or golds) of ``method`` go."""
+    return predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, method)
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:

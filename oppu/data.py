@@ -81,7 +81,9 @@ def validate_users(
             if need_gold:
                 clean["gold"] = str(_field(query, "gold", qwhere, (str, int, float)))
             if clean["id"] in seen_queries:
-                raise UserError(f"{qwhere}: duplicate query id {clean['id']!r} (also in user {seen_queries[clean['id']]})")
+                raise UserError(
+                    f"{qwhere}: duplicate query id {clean['id']!r} (also in user {seen_queries[clean['id']]})"
+                )
             seen_queries[clean["id"]] = u
             queries.append(clean)
         clean_users.append({"user_id": user_id, "profile": items, "query": queries})
@@ -107,7 +109,9 @@ def load_profiles(path: str | Path, users: Sequence[User]) -> list[str]:
     for i, (entry, user) in enumerate(zip(entries, users)):
         text = _field(entry, "output", f"{path}: profile {i}")
         if "user_id" in entry and str(entry["user_id"]) != user["user_id"]:
-            raise UserError(f"{path}: profile {i}: user_id {entry['user_id']!r} does not match user {user['user_id']!r}")
+            raise UserError(
+                f"{path}: profile {i}: user_id {entry['user_id']!r} does not match user {user['user_id']!r}"
+            )
         profiles.append(text)
     return profiles
 
@@ -163,7 +167,9 @@ def load_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path) 
     for i, q in enumerate(questions):
         qid = str(q["id"])
         if qid not in golds:
-            raise UserError(f"{outputs_path}: no gold output for question id {qid!r} (question {i} of {questions_path})")
+            raise UserError(
+                f"{outputs_path}: no gold output for question id {qid!r} (question {i} of {questions_path})"
+            )
         profile = [validate_history_item(task, it, f"{questions_path}: question {i} profile item {j}")
                    for j, it in enumerate(q["profile"])]  # fmt: skip
         merged.append({"id": qid, "input": q["input"], "gold": golds[qid], "profile": profile})

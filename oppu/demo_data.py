@@ -245,9 +245,7 @@ def _fill(rng: random.Random, template: str, **given: str) -> str:
 
 def _title(text: str) -> str:
     words = text.split()
-    return " ".join(
-        w if i and w in _SMALL_WORDS else w[0].upper() + w[1:] for i, w in enumerate(words)
-    )
+    return " ".join(w if i and w in _SMALL_WORDS else w[0].upper() + w[1:] for i, w in enumerate(words))
 
 
 def _labelled(rng: random.Random, table: tuple, favourite: str, favoured: bool) -> tuple[str, str]:
@@ -342,18 +340,13 @@ def _favoured_flags(rng: random.Random, n: int) -> list[bool]:
     return rng.sample([True] * hits + [False] * (n - hits), n)
 
 
-def _make_user(
-    task: Task, index: int, preference: Any, history_len: int, queries: int, seed: int
-) -> dict:
+def _make_user(task: Task, index: int, preference: Any, history_len: int, queries: int, seed: int) -> dict:
     rng = random.Random(f"{seed}:{task.name}:{index}")
     maker = _GENERATORS[task.name][1]
     user_id = f"demo-{SHORT_NAMES[task.name]}-{index:03d}"
     flags = _favoured_flags(rng, history_len) + _favoured_flags(rng, queries)
     items = [maker(task, rng, preference, favoured) for favoured in flags]
-    profile = [
-        {"id": f"{user_id}-h{j:03d}", **fields}
-        for j, (fields, _, _) in enumerate(items[:history_len])
-    ]
+    profile = [{"id": f"{user_id}-h{j:03d}", **fields} for j, (fields, _, _) in enumerate(items[:history_len])]
     query = [
         {"id": f"{user_id}-q{j:03d}", "input": text, "gold": gold}
         for j, (_, text, gold) in enumerate(items[history_len:])
@@ -361,18 +354,13 @@ def _make_user(
     return {"user_id": user_id, "profile": profile, "query": query}
 
 
-def make_demo_users(
-    task: Task, num_users: int, history_len: int, queries_per_user: int, seed: int = 0
-) -> list[dict]:
+def make_demo_users(task: Task, num_users: int, history_len: int, queries_per_user: int, seed: int = 0) -> list[dict]:
     """Users in the per-user format, each with one fixed preference (a favourite label, a
     rating bias, a title or tweet style, a research area); preferences cycle over a seeded order
     so that no single one dominates the dataset."""
     preferences = _GENERATORS[task.name][0]
     order = random.Random(f"{seed}:{task.name}").sample(preferences, len(preferences))
-    return [
-        _make_user(task, i, order[i % len(order)], history_len, queries_per_user, seed)
-        for i in range(num_users)
-    ]
+    return [_make_user(task, i, order[i % len(order)], history_len, queries_per_user, seed) for i in range(num_users)]
 
 
 def demo_split(
@@ -385,10 +373,6 @@ def demo_split(
 ) -> tuple[list[dict], list[dict]]:
     """(test users, other users); other users keep half the history, as test users are the
     most active ones in the paper."""
-    users = make_demo_users(
-        task, num_test_users + num_other_users, history_len, queries_per_user, seed
-    )
-    others = [
-        {**u, "profile": u["profile"][: max(1, history_len // 2)]} for u in users[num_test_users:]
-    ]
+    users = make_demo_users(task, num_test_users + num_other_users, history_len, queries_per_user, seed)
+    others = [{**u, "profile": u["profile"][: max(1, history_len // 2)]} for u in users[num_test_users:]]
     return users[:num_test_users], others

@@ -110,8 +110,13 @@ def _check_fields(records: list[dict], f: RecordFields, path: str | Path) -> Non
 
 
 def records_to_users(
-    task: Task, records: list[dict], f: RecordFields, queries_per_user: int, min_history: int,
-    path: str | Path = "records", seed: int = 0,
+    task: Task,
+    records: list[dict],
+    f: RecordFields,
+    queries_per_user: int,
+    min_history: int,
+    path: str | Path = "records",
+    seed: int = 0,
 ) -> tuple[list[User], Counter]:
     """Group records by user, order each user's records by time (stable), and make the last
     ``queries_per_user`` of each user queries and the earlier ones history.

@@ -18,8 +18,17 @@ from utils import UserError, read_json, write_json
 CONFIG_FILE = "run_config.json"
 LOCK_FILE = ".lock"
 # Settings that may differ between a run and its resumption without changing any result.
-RESUME_NEUTRAL = {"overwrite", "debug", "max_users", "access_token", "decode_batch_size", "micro_batch_size",
-                  "ckpt_dir", "output_dir", "predict_base"}
+RESUME_NEUTRAL = {
+    "overwrite",
+    "debug",
+    "max_users",
+    "access_token",
+    "decode_batch_size",
+    "micro_batch_size",
+    "ckpt_dir",
+    "output_dir",
+    "predict_base",
+}
 
 
 def run_name(task: Task, k: int, model_name: str, add_profile: bool) -> str:
@@ -53,16 +62,24 @@ def public_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in {"access_token", "debug"}}
 
 
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Settings whose change would change results (outputs' locations and batch sizes for
+    memory do not)."""
+    return sorted(k for k in set(old) | set(new) if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
+
+
 def check_or_save_config(folder: Path, config: dict[str, Any], overwrite: bool) -> None:
     """Save the run's config; if the folder already holds a different one, refuse to mix."""
     path = folder / CONFIG_FILE
     new = public_config(config)
     if path.exists() and not overwrite:
         old = read_json(path)
-        diff = sorted(k for k in set(old) | set(new) if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
+        diff = config_differences(old, new)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
-            raise UserError(f"{path}: this folder holds a run with another config ({shown}); use --overwrite or another --ckpt_dir")
+            raise UserError(
+                f"{path}: this folder holds a run with another config ({shown}); use --overwrite or another --ckpt_dir"
+            )
     write_json(path, new)
 
 
@@ -81,7 +98,9 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 if self._holder_alive():
-                    raise UserError(f"{self.path}: another run is writing into this folder (pid {self._holder()}); wait for it or use another --ckpt_dir") from None
+                    raise UserError(
+                        f"{self.path}: another run is writing into this folder (pid {self._holder()}); wait for it or use another --ckpt_dir"
+                    ) from None
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -96,16 +115,7 @@ class RunLock:
             return 0
 
     def _holder_alive(self) -> bool:
-        pid = self._holder()
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return _pid_alive(self._holder())
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
@@ -138,6 +148,29 @@ def commit_user_result(run_dir: Path, user_id: str, staging: Path, result: dict)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(run_dir: Path) -> int:
+    """Remove half-written user folders left by killed runs (their process is gone)."""
+    removed = 0
+    for folder in (run_dir / "users").glob(".staging-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def staging_dir(run_dir: Path, user_id: str) -> Path:

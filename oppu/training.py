@@ -78,7 +78,7 @@ def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Enco
     if truncated:
         keep_target = min(len(target_ids), cut_off - 1)
         target_ids = target_ids[:keep_target]
-        prompt_ids = prompt_ids[-(cut_off - keep_target):]
+        prompt_ids = prompt_ids[-(cut_off - keep_target) :]
     return Encoded(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
 
 

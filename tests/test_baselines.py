@@ -15,7 +15,11 @@ TASK = get_task("news_categorize")
 
 def user(uid: str, labels: list[str], queries: list[str]) -> dict:
     profile = [{"id": f"{uid}h{i}", "text": "t", "title": "", "category": c} for i, c in enumerate(labels)]
-    return {"user_id": uid, "profile": profile, "query": [{"id": f"{uid}q{i}", "input": "x", "gold": g} for i, g in enumerate(queries)]}
+    return {
+        "user_id": uid,
+        "profile": profile,
+        "query": [{"id": f"{uid}q{i}", "input": "x", "gold": g} for i, g in enumerate(queries)],
+    }
 
 
 def test_user_majority_is_each_users_most_frequent_history_label():
@@ -35,7 +39,9 @@ def test_script_writes_lamp_predictions(tmp_path):
     folder.mkdir(parents=True)
     (folder / "user_top_100_history.json").write_text(json.dumps([user("a", ["sports", "sports"], ["sports"])]))
     (folder / "user_others.json").write_text(json.dumps([user("o", [], ["crime"] * 3)]))
-    out = trivial_baselines.main(["--task_name", "LaMP_2N", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
+    out = trivial_baselines.main(
+        ["--task_name", "LaMP_2N", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]
+    )
     majority = json.loads(out["majority"].read_text())
     assert majority["task"] == "LaMP_2N" and majority["golds"] == [{"id": "aq0", "output": "crime"}]
     assert json.loads(out["user_majority"].read_text())["golds"] == [{"id": "aq0", "output": "sports"}]

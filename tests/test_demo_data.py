@@ -60,9 +60,7 @@ def test_texts_are_short_natural_sentences_in_the_lamp_query_form(task):
     assert max(lengths) <= upper and (task.name == "tweet_paraphrase" or min(lengths) >= 15)
 
 
-@pytest.mark.parametrize(
-    "task", [t for t in ALL_TASKS if t.is_classification], ids=lambda t: t.name
-)
+@pytest.mark.parametrize("task", [t for t in ALL_TASKS if t.is_classification], ids=lambda t: t.name)
 def test_classification_golds_are_official_labels(task):
     users = users_of(task)
     golds = [q["gold"] for u in users for q in u["query"]]
@@ -77,9 +75,7 @@ def test_each_user_has_a_favourite_label_and_no_label_dominates(task):
     label_field = task.history_fields[-1]
     users = users_of(task)
     agree = [
-        majority([it[label_field] for it in u["profile"]])
-        == majority([q["gold"] for q in u["query"]])
-        for u in users
+        majority([it[label_field] for it in u["profile"]]) == majority([q["gold"] for q in u["query"]]) for u in users
     ]
     assert sum(agree) >= 0.8 * len(users)
     golds = [q["gold"] for u in users for q in u["query"]]

@@ -1,0 +1,100 @@
+"""Run folders: names, saved configs, the lock, and atomic per-user results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from oppu.runs import (
+    RunLock,
+    check_or_save_config,
+    clean_stale_staging,
+    commit_user_result,
+    oppu_dir,
+    predictions_path,
+    read_user_result,
+    staging_dir,
+    task_lora_dir,
+    user_result_dir,
+)
+from oppu.tasks import get_task
+from utils import UserError
+
+TASK = get_task("LaMP_2M")
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_folder_names_follow_the_paper():
+    assert task_lora_dir("ckpt", TASK, 1, "meta-llama/Llama-2-7b-hf", True).as_posix() == (
+        "ckpt/movie_tagging/k1-movie_tagging-Llama-2-7b-hf-profile-task_LoRA_ckpt"
+    )
+    assert (
+        oppu_dir("ckpt", TASK, 0, "/models/tiny/", False).as_posix() == "ckpt/movie_tagging/k0-movie_tagging-tiny-OPPU"
+    )
+    assert predictions_path("out", TASK, 0, "SmolLM2-135M-Instruct", False, "OPPU").as_posix() == (
+        "out/movie_tagging/k0-movie_tagging-SmolLM2-135M-Instruct-OPPU.json"
+    )
+
+
+def finished_user(run_dir, user_id="u1", qids=("q1", "q2")):
+    staging = staging_dir(run_dir, user_id)
+    (staging / "adapter").mkdir()
+    (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    result = {"user_id": user_id, "predictions": {q: "comedy" for q in qids}}
+    commit_user_result(run_dir, user_id, staging, result)
+    return result
+
+
+def test_complete_result_is_read_back_and_partial_ones_are_not(tmp_path):
+    result = finished_user(tmp_path)
+    assert read_user_result(tmp_path, "u1", ["q2", "q1"]) == result
+    assert read_user_result(tmp_path, "u1", ["q1"]) is None  # the queries changed
+    assert read_user_result(tmp_path, "u2", ["q1"]) is None  # never run
+    folder = user_result_dir(tmp_path, "u1")
+    (folder / "adapter" / "adapter_model.safetensors").unlink()
+    assert read_user_result(tmp_path, "u1", ["q1", "q2"]) is None  # adapter missing
+    finished_user(tmp_path)
+    (folder / "result.json").write_text('{"user_id": "u1", "predictions": {"q1"')  # cut short
+    assert read_user_result(tmp_path, "u1", ["q1", "q2"]) is None
+    assert not list((tmp_path / "users").glob(".staging-*"))
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+    stale = tmp_path / "users" / f".staging-u1-abc-{dead_pid()}"
+    live = tmp_path / "users" / f".staging-u2-abc-{os.getpid()}"
+    stale.mkdir(parents=True), live.mkdir(parents=True)
+    assert clean_stale_staging(tmp_path) == 1
+    assert not stale.exists() and live.exists()
+
+
+def test_config_is_saved_without_the_token_and_a_different_one_is_refused(tmp_path):
+    config = {"task_name": "movie_tagging", "learning_rate": 1e-4, "access_token": "hf_secret", "max_users": 3}
+    check_or_save_config(tmp_path, config, overwrite=False)
+    saved = json.loads((tmp_path / "run_config.json").read_text())
+    assert "access_token" not in saved and saved["learning_rate"] == 1e-4
+    check_or_save_config(tmp_path, config | {"max_users": 10, "ckpt_dir": "elsewhere"}, overwrite=False)
+    with pytest.raises(UserError, match=r"another config \(learning_rate: 0.0001 -> 0.001\)"):
+        check_or_save_config(tmp_path, config | {"learning_rate": 1e-3}, overwrite=False)
+    check_or_save_config(tmp_path, config | {"learning_rate": 1e-3}, overwrite=True)
+    assert json.loads((tmp_path / "run_config.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(UserError, match="another run is writing into this folder"):
+            RunLock(tmp_path).__enter__()
+        with RunLock(tmp_path, rank=1):  # other ranks of the same run hold their own lock
+            pass
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text(str(dead_pid()))
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
