@@ -122,11 +122,14 @@ def evaluate(
 def per_user_scores(
     task: Task, golds: Mapping[str, str], preds: Mapping[str, str], users_path: str | Path
 ) -> dict[str, dict[str, float]]:
-    """Each user's metrics on their own query ids, with their count "n"."""
+    """Each user's metrics on their own query ids, with their count "n". Users none of whose
+    queries were scored (a ``--max_users`` run) are left out; a user scored in part is an error."""
     result: dict[str, dict[str, float]] = {}
     users = load_users(task, users_path, need_gold=False, need_history=False)
     for user_id, ids in ((u["user_id"], [q["id"] for q in u["query"]]) for u in users):
         unknown = [i for i in ids if i not in golds]
+        if ids and len(unknown) == len(ids):
+            continue
         if unknown:
             raise UserError(f"{users_path}: user {user_id!r}: query ids without gold: {unknown[:5]}")
         metrics = score(task, {i: golds[i] for i in ids}, {i: preds[i] for i in ids}) if ids else {}

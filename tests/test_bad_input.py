@@ -141,6 +141,16 @@ def test_output_folder_that_cannot_be_written(env, stage, capsys):
     fails(stage[0], stage_args(env, *stage[1], "--output_dir", str(blocker / "sub")), capsys, env, "cannot be written")
 
 
+def test_4bit_without_cuda_and_unknown_dtype(env, stage, capsys):
+    fails(stage[0], stage_args(env, *stage[1], "--load_in_4bit"), capsys, env, "--load_in_4bit needs a CUDA GPU")
+    fails(stage[0], stage_args(env, *stage[1], "--dtype", "float8"), capsys, env, "--dtype 'float8'")
+
+
+def test_bad_numbers_are_reported_together(env, stage, capsys):
+    argv = stage_args(env, *stage[1], "--k", "-1", "--batch_size", "0")
+    fails(stage[0], argv, capsys, env, "--k must be >= 0", "--batch_size must be >= 1")
+
+
 def test_task_lora_missing(env, capsys, tmp_path):
     fails(OPPU.main, stage_args(env, "--task_lora", str(tmp_path / "nothing")), capsys, env, "no task adapter here")
 

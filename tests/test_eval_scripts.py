@@ -131,10 +131,19 @@ def test_eval_task_rating_golds_must_be_numbers(tmp_path: Path):
 
 
 def test_eval_task_per_user_query_without_gold(tmp_path: Path):
-    users = write(tmp_path / "users.json", [{"user_id": "u", "profile": [], "query": [{"id": "404", "input": ""}]}])
+    queries = [{"id": "1", "input": ""}, {"id": "404", "input": ""}]
+    users = write(tmp_path / "users.json", [{"user_id": "u", "profile": [], "query": queries}])
     golds, preds = outputs("LaMP_2M", GOLDS), outputs("LaMP_2M", PREDS)
-    with pytest.raises(UserError, match=re.escape("users.json: user 'u': query ids without gold")):
+    with pytest.raises(UserError, match=re.escape("users.json: user 'u': query ids without gold: ['404']")):
         run_task(tmp_path, golds, preds, "--per_user", str(users))
+
+
+def test_eval_task_per_user_leaves_out_users_not_scored(tmp_path: Path):
+    users = [{"user_id": "in", "profile": [], "query": [{"id": i, "input": ""} for i in GOLDS]},
+             {"user_id": "not run", "profile": [], "query": [{"id": "404", "input": ""}]}]  # fmt: skip
+    golds, preds = outputs("LaMP_2M", GOLDS), outputs("LaMP_2M", PREDS)
+    result = run_task(tmp_path, golds, preds, "--per_user", str(write(tmp_path / "users.json", users)))
+    assert list(result["per_user"]) == ["in"] and result["per_user"]["in"]["n"] == 3
 
 
 def test_eval_task_command_line_error_is_one_line_with_status_2(tmp_path: Path):
