@@ -35,19 +35,24 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         sys.exit(EXIT_USER_ERROR)
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file, turning every way it can be broken into a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+def parse_json_bytes(raw: bytes, source: str) -> Any:
+    """Parse JSON bytes, turning every way they can be broken into a one-line UserError."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        raise UserError(f"{source}: not UTF-8 text (byte {err.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        raise UserError(f"{source}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    return parse_json_bytes(path.read_bytes(), str(path))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

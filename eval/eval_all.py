@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.eval_task import evaluate, file_task, outputs_from_json
 from oppu.tasks import Task
-from utils import UserError, run_cli, write_json
+from utils import UserError, parse_json_bytes, run_cli, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -38,15 +38,6 @@ def is_outputs_file(name: str) -> bool:
     return name.endswith(".json") and not base.startswith("._") and "__MACOSX/" not in name
 
 
-def parse_member(raw: bytes, source: str) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"{source}: not UTF-8 text (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{source}: malformed JSON at line {err.lineno}: {err.msg}") from None
-
-
 def read_zip(path: str | Path) -> dict[Task, tuple[str, dict[str, str]]]:
     """Map each task of a zip to (member source, id -> output); one file per task."""
     try:
@@ -57,7 +48,7 @@ def read_zip(path: str | Path) -> dict[Task, tuple[str, dict[str, str]]]:
     with archive:
         for name in filter(is_outputs_file, archive.namelist()):
             source = f"{path}:{name}"
-            data = parse_member(archive.read(name), source)
+            data = parse_json_bytes(archive.read(name), source)
             task = file_task(data, source) if isinstance(data, dict) else None
             if task is None:
                 raise UserError(f"{source}: expected an object with a 'task' field")
