@@ -54,7 +54,7 @@ from utils import (
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task_lora", required=True, help="the task adapter folder written by task_LoRA.py")
-    cli.add_common_args(parser, max_epoch=2)
+    cli.add_common_args(parser, max_epoch=2, target_modules=USER_TARGETS)
     return parser.parse_args(argv)
 
 
@@ -76,7 +76,7 @@ def train_user(model, tokenizer, task: Task, user: User, profile: str | None, ar
     start = time.time()
     seed = stable_seed(args.seed, user["user_id"])
     set_seed(seed)
-    peft_model = add_adapter(model, lora_config(args, USER_TARGETS))
+    peft_model = add_adapter(model, lora_config(args, cli.target_modules(args)))
     pairs = history_pairs(task, user, args.k, profile)
     encoded = [tokenize_and_mask(tokenizer, p, t, args.cut_off) for p, t in pairs]
     fit = train(

@@ -28,7 +28,7 @@ from utils import ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser, max_epoch=3)
+    cli.add_common_args(parser, max_epoch=3, target_modules=TASK_TARGETS)
     parser.add_argument("--predict_base", action="store_true",
                         help="also answer the test queries with the base model (no adapter)")  # fmt: skip
     return parser.parse_args(argv)
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         print(f"reusing the task adapter in {adapter_dir} (same config; --overwrite retrains)")
         model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=True)
     else:
-        model = add_adapter(model, lora_config(args, TASK_TARGETS))
+        model = add_adapter(model, lora_config(args, cli.target_modules(args)))
         pairs = [pair for u, p in zip(others, other_profiles) for pair in query_pairs(task, u, args.k, p)]
         encoded = encode_pairs(tokenizer, pairs, args.cut_off)
         result = train(model, tokenizer, encoded, cli.train_config(args), accelerator, desc="task adapter")

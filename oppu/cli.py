@@ -22,7 +22,7 @@ from oppu.training import TrainConfig
 from utils import UserError
 
 
-def add_common_args(parser: argparse.ArgumentParser, max_epoch: int) -> None:
+def add_common_args(parser: argparse.ArgumentParser, max_epoch: int, target_modules: tuple[str, ...]) -> None:
     g = parser.add_argument_group("data and outputs")
     g.add_argument("--task_name", required=True, help="task name or LaMP id, e.g. news_categorize or LaMP_2N")
     g.add_argument("--data_dir", default="./data", help="folder holding <task_name>/user_*.json")
@@ -54,6 +54,7 @@ def add_common_args(parser: argparse.ArgumentParser, max_epoch: int) -> None:
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=int, default=8)
     g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--target_modules", default=",".join(target_modules), help="comma-separated module names to adapt")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--seed", type=int, default=42)
 
@@ -90,6 +91,10 @@ def validate(args: argparse.Namespace) -> tuple[Task, ModelSpec]:
 def prediction_file(args: argparse.Namespace, task: Task, method: str) -> Path:
     """Where this run's predictions (or golds) of ``method`` go."""
     return predictions_path(args.output_dir, task, args.k, args.model_name, args.add_profile, method)
+
+
+def target_modules(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(name.strip() for name in args.target_modules.split(",") if name.strip())
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
