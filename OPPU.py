@@ -3,7 +3,7 @@ personal LoRA on that user's history alone, save it, and answer the user's queri
 
 Usage:
     python OPPU.py --task_name news_categorize --k 0 --task_lora ckpt/news_categorize/k0-news_categorize-SmolLM2-135M-Instruct-task_LoRA_ckpt
-    accelerate launch --num_processes 2 OPPU.py --task_name news_categorize --task_lora PATH   # users split over processes
+    accelerate launch --num_processes 2 OPPU.py --task_name news_categorize --task_lora PATH   # users split over GPUs
 
 A killed run resumes: rerun the same command and finished users are skipped.
 """
@@ -20,8 +20,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from oppu import cli
-from oppu.adapters import USER_TARGETS, add_adapter, check_adapter_dir, lora_config, merge_adapter, remove_adapter
-from oppu.data import User, golds_of, predictions_json
+from oppu.adapters import (
+    USER_TARGETS,
+    add_adapter,
+    check_adapter_dir,
+    lora_config,
+    merge_adapter,
+    remove_adapter,
+    save_adapter,
+)
+from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, golds_of, predictions_json
 from oppu.examples import history_pairs, query_prompts
 from oppu.generation import generate
 from oppu.modeling import load_model
@@ -31,13 +39,15 @@ from oppu.runs import (
     check_or_save_config,
     clean_stale_staging,
     commit_user_result,
+    config_fingerprint,
+    file_fingerprint,
     oppu_dir,
     public_config,
     read_user_result,
     staging_dir,
 )  # fmt: skip
 from oppu.tasks import Task
-from oppu.training import tokenize_and_mask, train
+from oppu.training import encode_pairs, train
 from prompts import parse_prediction
 from utils import (
     UserError,
@@ -70,7 +80,7 @@ def check_task_lora(path: Path, args: argparse.Namespace, task: Task) -> None:
 
 
 def train_user(model, tokenizer, task: Task, user: User, profile: str | None, args: argparse.Namespace,
-               run_dir: Path) -> tuple[object, dict]:  # fmt: skip
+               run_dir: Path, fingerprint: str = "") -> tuple[object, dict]:  # fmt: skip
     """One user: a fresh LoRA on the clean merged model, trained on this user's history only,
     saved, and used to answer the user's queries. Returns the clean model and the result."""
     start = time.time()
@@ -78,7 +88,7 @@ def train_user(model, tokenizer, task: Task, user: User, profile: str | None, ar
     set_seed(seed)
     peft_model = add_adapter(model, lora_config(args, cli.target_modules(args)))
     pairs = history_pairs(task, user, args.k, profile)
-    encoded = [tokenize_and_mask(tokenizer, p, t, args.cut_off) for p, t in pairs]
+    encoded = encode_pairs(tokenizer, pairs, args.cut_off)
     fit = train(
         peft_model, tokenizer, encoded, replace(cli.train_config(args), seed=seed), desc=f"user {user['user_id']}"
     )
@@ -86,11 +96,11 @@ def train_user(model, tokenizer, task: Task, user: User, profile: str | None, ar
         peft_model, tokenizer, query_prompts(task, user, args.k, profile), cli.decode_config(args, task), show=False
     )
     staging = staging_dir(run_dir, user["user_id"])
-    peft_model.save_pretrained(staging / "adapter", safe_serialization=True)
+    save_adapter(peft_model, staging / "adapter")
     result = {
         "user_id": user["user_id"], "history_items": len(user["profile"]), "train_examples": len(encoded),
         "train_tokens": fit.tokens, "truncated_examples": sum(e.truncated for e in encoded), "steps": fit.steps,
-        "final_loss": fit.final_loss, "seconds": round(time.time() - start, 2),
+        "final_loss": fit.final_loss, "seconds": round(time.time() - start, 2), "config": fingerprint,
         "predictions": {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)},
         "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
     }  # fmt: skip
@@ -98,9 +108,10 @@ def train_user(model, tokenizer, task: Task, user: User, profile: str | None, ar
     return remove_adapter(peft_model), result
 
 
-def merge_outputs(run_dir: Path, task: Task, users: list[User], pred_file: Path, model_name: str) -> dict[str, str]:
+def merge_outputs(run_dir: Path, task: Task, users: list[User], pred_file: Path, model_name: str,
+                  fingerprint: str) -> dict[str, str]:  # fmt: skip
     """Gather every user's result, in user order, into the predictions file and the manifest."""
-    results = [read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]]) for u in users]
+    results = [read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]], fingerprint) for u in users]
     missing = [u["user_id"] for u, r in zip(users, results) if r is None]
     if missing:
         raise RuntimeError(f"{run_dir}: {len(missing)} users have no result (first: {missing[:3]})")
@@ -119,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     run_dir = oppu_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
     pred_file = cli.prediction_file(args, task, "OPPU")
     ensure_writable_dir(run_dir), ensure_writable_dir(pred_file.parent)
-    config = vars(args) | {"task_name": task.name, "stage": "OPPU"}
+    inputs = [Path(args.data_dir) / task.name / TEST_USERS_FILE]
+    if args.add_profile:
+        inputs.append(Path(args.data_dir) / task.name / TEST_PROFILES_FILE)
+    config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs)}
+    fingerprint = config_fingerprint(config)
 
     from accelerate import Accelerator
 
@@ -136,17 +151,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         for i in bar:
             user = users[i]
             qids = [q["id"] for q in user["query"]]
-            if not args.overwrite and read_user_result(run_dir, user["user_id"], qids) is not None:
+            if not args.overwrite and read_user_result(run_dir, user["user_id"], qids, fingerprint) is not None:
                 continue
-            model, result = train_user(model, tokenizer, task, user, profiles[i], args, run_dir)
+            model, result = train_user(model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint)
             done += 1
             bar.set_postfix(user=user["user_id"], loss=f"{result['final_loss']:.3f}")
         print(f"process {rank}: trained {done} users, skipped {len(mine) - done} finished ones")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            preds = merge_outputs(run_dir, task, users, pred_file, args.model_name)
+            preds = merge_outputs(run_dir, task, users, pred_file, args.model_name, fingerprint)
             write_json(pred_file.with_suffix(".config.json"), public_config(config))
-            write_json(cli.prediction_file(args, task, "golds"), golds_of(task, users))
+            write_json(pred_file.with_suffix(".golds.json"), golds_of(task, users))
             print(f"wrote {len(preds)} predictions to {pred_file}")
     return {"run_dir": run_dir, "predictions": pred_file}
 

@@ -58,7 +58,7 @@ def run_task(name: str, work: Path, args: argparse.Namespace) -> dict[str, dict[
     scores = {}
     for method in METHODS:
         preds = predictions_path(work / "output", task, 0, EMBEDDED_MODEL, False, method)
-        golds = predictions_path(work / "output", task, 0, EMBEDDED_MODEL, False, "golds")
+        golds = preds.with_suffix(".golds.json")
         result = work / "results" / f"{task.name}-{method}.json"
         scores[method] = eval_task.main(["--golds_json", str(golds), "--preds_json", str(preds),
                                          "--task_name", task.lamp_id, "--output_file", str(result)])  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 from oppu.data import User, load_lamp, split_test_users, users_from_lamp, validate_users, write_user_split
 from oppu.records import RecordFields, read_records, records_to_users
 from oppu.tasks import TASKS, Task, get_task
-from utils import ensure_writable_dir, run_cli, write_json
+from utils import UserError, ensure_writable_dir, run_cli, write_json
 
 # The demo: small enough that the whole pipeline runs on 2 CPU cores in minutes.
 DEMO_SIZES = {"num_test_users": 6, "num_other_users": 24, "history_len": 16, "queries_per_user": 4}
@@ -111,8 +111,17 @@ def demo(args: argparse.Namespace) -> list[Path]:
     return folders
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """Every count flag checked at once, before anything is read."""
+    limits = {"num_test_users": 0, "queries_per_user": 1, "min_history": 0, "num_other_users": 0, "history_len": 1}
+    problems = [f"--{k} must be >= {low}" for k, low in limits.items() if getattr(args, k, low) < low]
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parse_args(argv)
+    check_counts(args)
     ensure_writable_dir(args.output_dir)
     folders = {"from-lamp": from_lamp, "from-records": from_records, "demo": demo}[args.command](args)
     for folder in folders:

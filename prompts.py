@@ -42,8 +42,13 @@ _QUERY_TEMPLATES = {
         "Paraphrase the following tweet without any explanation before or after it: {text}"
     ),
 }  # fmt: skip
-# The marker that ends each template's instruction; the article text follows it.
-_MARKERS = {name: tpl[: tpl.index("{text}")] for name, tpl in _QUERY_TEMPLATES.items()}
+# The words that end each instruction; the article text follows them. Short on purpose: LaMP
+# inputs whose label list is ordered or worded otherwise still split at the right place.
+_MARKERS = {
+    "news_categorize": "article: ", "movie_tagging": "description: ", "product_rating": "review: ",
+    "news_headline": "following article: ", "scholarly_title": "abstract of a paper: ",
+    "tweet_paraphrase": "before or after it: ",
+}  # fmt: skip
 _CITATION_RE = re.compile(r'the title "(?P<title>.*)", which reference.*\[1\]: "(?P<ref1>.*)" \[2\]: "(?P<ref2>.*)"\s*$', re.S)  # fmt: skip
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from oppu import cli
 from oppu.adapters import ADAPTER_WEIGHTS, TASK_TARGETS, add_adapter, lora_config, save_adapter
-from oppu.data import User, golds_of, predictions_json
+from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, User, golds_of, predictions_json
 from oppu.examples import query_pairs, query_prompts
 from oppu.generation import DecodeConfig, generate
 from oppu.modeling import load_model
-from oppu.runs import CONFIG_FILE, config_differences, public_config, task_lora_dir
+from oppu.runs import CONFIG_FILE, config_differences, file_fingerprint, public_config, task_lora_dir
 from oppu.tasks import Task
-from oppu.training import Encoded, tokenize_and_mask, train
+from oppu.training import encode_pairs, train
 from prompts import parse_prediction
 from utils import ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
@@ -32,16 +32,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--predict_base", action="store_true",
                         help="also answer the test queries with the base model (no adapter)")  # fmt: skip
     return parser.parse_args(argv)
-
-
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], cut_off: int) -> list[Encoded]:
-    encoded = [tokenize_and_mask(tokenizer, p, t, cut_off) for p, t in pairs]
-    cut = sum(e.truncated for e in encoded)
-    if cut:
-        print(
-            f"{cut} of {len(encoded)} training examples were longer than --cut_off {cut_off} tokens and were truncated"
-        )
-    return encoded
 
 
 def predict_users(model, tokenizer, task: Task, users: list[User], profiles: list, k: int,
@@ -69,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     others, other_profiles = cli.load_other_users(args, task)
     tests, test_profiles = cli.load_test_users(args, task)
     ensure_writable_dir(args.ckpt_dir), ensure_writable_dir(args.output_dir)
-    config = vars(args) | {"task_name": task.name, "stage": "task_LoRA"}
+    inputs = [Path(args.data_dir) / task.name / OTHER_USERS_FILE]
+    if args.add_profile:
+        inputs.append(Path(args.data_dir) / task.name / OTHER_PROFILES_FILE)
+    config = vars(args) | {"task_name": task.name, "stage": "task_LoRA", "data_sha256": file_fingerprint(*inputs)}
     adapter_dir = task_lora_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
     pred_file = cli.prediction_file(args, task, "task_LoRA")
     decode = cli.decode_config(args, task)
@@ -85,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         base_file = cli.prediction_file(args, task, "base")
         preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
         write_json(base_file, predictions_json(task, preds, f"{args.model_name} (no adapter)"))
+        write_json(base_file.with_suffix(".golds.json"), golds_of(task, tests))
         outputs["base_predictions"] = base_file
 
     if reusable_adapter(adapter_dir, config) and not args.overwrite:
@@ -94,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         model = add_adapter(model, lora_config(args, cli.target_modules(args)))
         pairs = [pair for u, p in zip(others, other_profiles) for pair in query_pairs(task, u, args.k, p)]
         encoded = encode_pairs(tokenizer, pairs, args.cut_off)
+        if any(e.truncated for e in encoded):
+            accelerator.print(
+                f"{sum(e.truncated for e in encoded)} of {len(encoded)} training examples were cut to --cut_off {args.cut_off} tokens"
+            )
         result = train(model, tokenizer, encoded, cli.train_config(args), accelerator, desc="task adapter")
         accelerator.print(
             f"task adapter: {result.steps} steps on {len(encoded)} examples, final loss {result.final_loss:.4f}, {result.seconds:.0f}s"
@@ -106,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
         write_json(pred_file, predictions_json(task, preds, f"{args.model_name} + task adapter"))
         write_json(pred_file.with_suffix(".config.json"), public_config(config))
-        write_json(cli.prediction_file(args, task, "golds"), golds_of(task, tests))
+        write_json(pred_file.with_suffix(".golds.json"), golds_of(task, tests))
         print(f"wrote {len(preds)} predictions to {pred_file}")
     accelerator.wait_for_everyone()
     return outputs

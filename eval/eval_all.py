@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.eval_task import evaluate, file_task, outputs_from_json
 from oppu.tasks import Task
-from utils import UserError, parse_json_bytes, run_cli, write_json
+from utils import UserError, ensure_writable_dir, parse_json_bytes, run_cli, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,6 +60,7 @@ def read_zip(path: str | Path) -> dict[Task, tuple[str, dict[str, str]]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    ensure_writable_dir(Path(args.output_file).parent)
     golds = read_zip(args.golds_zip)
     preds = read_zip(args.preds_zip)
     if not preds:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.metrics import score
 from oppu.data import load_users
 from oppu.tasks import Task, get_task
-from utils import UserError, read_json, run_cli, write_json
+from utils import UserError, ensure_writable_dir, read_json, run_cli, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -139,6 +139,7 @@ def per_user_scores(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    ensure_writable_dir(Path(args.output_file).parent)
     task = get_task(args.task_name)
     golds = load_outputs(args.golds_json, task)
     preds = load_outputs(args.preds_json, task)

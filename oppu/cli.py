@@ -74,6 +74,11 @@ def check_args(args: argparse.Namespace) -> None:
         ("micro_batch_size", args.micro_batch_size < 1, ">= 1"), ("max_epoch", args.max_epoch < 1, ">= 1"),
         ("cut_off", args.cut_off < 8, ">= 8"), ("learning_rate", args.learning_rate <= 0, "> 0"),
         ("decode_batch_size", args.decode_batch_size < 1, ">= 1"), ("lora_r", args.lora_r < 1, ">= 1"),
+        ("max_step", args.max_step < 1 and args.max_step != -1, "-1 (no cap) or >= 1"),
+        ("max_users", args.max_users < -1, "-1 (all) or >= 0"),
+        ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
+        ("temperature", args.do_sample and args.temperature <= 0, "> 0 with --do_sample"),
+        ("top_p", args.do_sample and not 0 < args.top_p <= 1, "in (0, 1] with --do_sample"),
     ) if bad]  # fmt: skip
     if problems:
         raise UserError("; ".join(problems))
@@ -111,7 +116,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def decode_config(args: argparse.Namespace, task: Task) -> DecodeConfig:
     return DecodeConfig(
-        max_new_tokens=args.max_new_tokens or task.max_new_tokens, batch_size=args.decode_batch_size,
+        max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens, batch_size=args.decode_batch_size,
         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
     )  # fmt: skip
 

@@ -36,7 +36,8 @@ def history_pairs(task: Task, user: User, k: int = 0, profile: str | None = None
     pairs = []
     for j, item in enumerate(user["profile"]):
         query_input, target = history_example(task, item)
-        hits = retrieve_before(docs, j, k) if k > 0 else []
+        # Search with the same text a test query would use (its article), for the same ranking.
+        hits = retrieve_before(docs, j, k, retrieval_query(task, query_input)) if k > 0 else []
         prompt = build_prompt(task, query_input, [user["profile"][i] for i in hits], profile)
         pairs.append((prompt, format_target(target)))
     return pairs

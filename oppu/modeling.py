@@ -75,16 +75,21 @@ def embedded_checkpoint() -> Path:
     return folder
 
 
+def check_local_model(name: str) -> None:
+    """A name that exists or looks like a path must be a model folder; anything else (``gpt2``,
+    ``meta-llama/Llama-2-7b-hf``) is left for the hub to answer."""
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise UserError(f"{name}: not a model folder (no config.json)")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{name}: model path does not exist (and is not a hub id like meta-llama/Llama-2-7b-hf)")
+
+
 def resolve_model_path(name: str) -> str:
     """The path or hub id to load: the embedded default, a local folder, or a hub id."""
     if name == EMBEDDED_MODEL:
         return str(embedded_checkpoint())
-    if Path(name).exists():
-        if not (Path(name) / "config.json").is_file():
-            raise UserError(f"{name}: not a model folder (no config.json)")
-        return name
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UserError(f"{name}: model path does not exist (and is not a hub id like meta-llama/Llama-2-7b-hf)")
+    check_local_model(name)
     return name
 
 
@@ -105,8 +110,8 @@ def check_spec(spec: ModelSpec) -> None:
     resolve_dtype(spec.dtype)
     if spec.name == EMBEDDED_MODEL:
         embedded_gguf_path()
-    elif Path(spec.name).exists() or spec.name.startswith((".", "/", "~")) or spec.name.count("/") != 1:
-        resolve_model_path(spec.name)
+    else:
+        check_local_model(spec.name)
     if spec.load_in_4bit:
         import torch
 

@@ -51,6 +51,7 @@ def retrieve(query: str, documents: Sequence[str], k: int) -> list[int]:
     return BM25(documents).top_k(query, k)
 
 
-def retrieve_before(documents: Sequence[str], j: int, k: int) -> list[int]:
-    """For history item ``j``, the top-``k`` among items ``0..j-1`` only (no look into the future)."""
-    return retrieve(documents[j], documents[:j], k)
+def retrieve_before(documents: Sequence[str], j: int, k: int, query: str | None = None) -> list[int]:
+    """For history item ``j``, the top-``k`` among items ``0..j-1`` only (no look into the future).
+    The query is item j's own text unless given."""
+    return retrieve(documents[j] if query is None else query, documents[:j], k)

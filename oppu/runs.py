@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from oppu.adapters import ADAPTER_WEIGHTS
 from oppu.modeling import short_name
 from oppu.tasks import Task
 from utils import UserError, read_json, write_json
@@ -66,6 +67,21 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Settings whose change would change results (outputs' locations and batch sizes for
     memory do not)."""
     return sorted(k for k in set(old) | set(new) if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """A short hash of the settings that determine results, stored with every user's result so
+    that a resumed run never keeps results made under other settings."""
+    relevant = {k: v for k, v in public_config(config).items() if k not in RESUME_NEUTRAL}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(*paths: Path) -> str:
+    """A hash of input files' bytes, so that reusing work notices changed data, not just flags."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()[:16]
 
 
 def check_or_save_config(folder: Path, config: dict[str, Any], overwrite: bool) -> None:
@@ -125,17 +141,20 @@ def user_result_dir(run_dir: Path, user_id: str) -> Path:
     return run_dir / "users" / safe_dirname(user_id)
 
 
-def read_user_result(run_dir: Path, user_id: str, query_ids: list[str]) -> dict | None:
+def read_user_result(run_dir: Path, user_id: str, query_ids: list[str], fingerprint: str | None = None) -> dict | None:
     """A finished user's manifest line with its predictions, or None when the user must be
-    (re)computed: no folder, a missing file, or predictions that do not cover the queries."""
+    (re)computed: no folder, a missing file, predictions that do not cover the queries, or a
+    result made under other settings (``fingerprint``, from config_fingerprint)."""
     folder = user_result_dir(run_dir, user_id)
     try:
         result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-        if not (folder / "adapter" / "adapter_model.safetensors").is_file():
+        if not (folder / "adapter" / ADAPTER_WEIGHTS).is_file():
             return None
     except (OSError, ValueError):
         return None
     if result.get("user_id") != user_id or sorted(result.get("predictions", {})) != sorted(query_ids):
+        return None
+    if fingerprint is not None and result.get("config") != fingerprint:
         return None
     return result
 

@@ -62,6 +62,11 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(chat_wrap(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
 
 
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], cut_off: int) -> list[Encoded]:
+    """Tokenize-and-mask every (prompt, target) pair."""
+    return [tokenize_and_mask(tokenizer, prompt, target, cut_off) for prompt, target in pairs]
+
+
 def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Encoded:
     """Prompt tokens labelled -100, then the target and EOS, which carry the loss.
 
@@ -133,10 +138,10 @@ def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accel
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * len(plan)), max(len(plan), 1))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if cfg.gradient_checkpointing:  # before prepare: the DDP wrapper does not have the method
+        model.gradient_checkpointing_enable()
     if accelerator:
         model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     device = next(model.parameters()).device
     model.train()
     result = TrainResult(steps=len(plan))
@@ -144,13 +149,17 @@ def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accel
     for step in bar:
         mine = [examples[i] for i in step[rank::world]]
         n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in mine)
-        micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        # A process left without examples in a short last step still joins the gradient
+        # all-reduce, with one example weighted zero; skipping it would hang the others.
+        weight = 1.0 if mine else 0.0
+        work = mine or [examples[step[0]]]
+        micro = [work[i : i + cfg.micro_batch_size] for i in range(0, len(work), cfg.micro_batch_size)]
         total = 0.0
         for m, chunk in enumerate(micro):
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
             sync = nullcontext() if not accelerator or m == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
-                loss = _summed_loss(model, batch) / max(n_tokens, 1)
+                loss = weight * _summed_loss(model, batch) / max(n_tokens, 1)
                 accelerator.backward(loss) if accelerator else loss.backward()
             total += loss.item()
         if accelerator:

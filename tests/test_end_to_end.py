@@ -44,8 +44,8 @@ def pipeline(tmp_path_factory, demo_data) -> dict:
 
 
 def test_pipeline_writes_scorable_predictions(pipeline):
-    golds = pipeline["predictions"].with_name(pipeline["predictions"].name.replace("task_LoRA", "golds"))
     for preds in (pipeline["base_predictions"], pipeline["predictions"], pipeline["oppu"]["predictions"]):
+        golds = preds.with_suffix(".golds.json")
         out = pipeline["root"] / f"{preds.stem}-scores.json"
         result = eval_task.main(["--golds_json", str(golds), "--preds_json", str(preds), "--task_name", "LaMP_2N",
                                  "--output_file", str(out), "--per_user", str(pipeline["data"] / TASK / "user_top_100_history.json")])  # fmt: skip

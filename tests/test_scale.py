@@ -65,8 +65,14 @@ def predictions(setup: dict, name: str) -> list[dict]:
     return json.loads(path.read_text())["golds"]
 
 
+# accelerate starts several CPU processes (gloo) only this way; `--cpu --num_processes 2` runs one.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+CPU_ENV = os.environ | {"ACCELERATE_USE_CPU": "1"}
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=CPU_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -78,10 +84,22 @@ def single(setup) -> list[dict]:
     return predictions(setup, "single")
 
 
+def test_task_adapter_trains_data_parallel_on_two_processes(setup):
+    root = setup["root"] / "ddp"
+    common = setup["common"][: setup["common"].index("--task_lora")]
+    # 4 examples in steps of 3: the second step has 1 example, so process 1 gets none (and must not hang)
+    dirs = ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output"), "--batch_size", "3"]
+    done = run(LAUNCH + ["task_LoRA.py", *common, *dirs])
+    assert done.stdout.count("task adapter: 2 steps on 4 examples") == 1  # the main process reports (and saves) once
+    (adapter,) = (root / "ckpt" / TASK).glob("*-task_LoRA_ckpt")
+    assert (adapter / "adapter_model.safetensors").is_file()
+    (preds,) = (root / "output" / TASK).glob("*-task_LoRA.json")
+    assert len(json.loads(preds.read_text())["golds"]) == 6
+
+
 def test_two_accelerate_processes_match_one(setup, single):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    run(oppu_cmd(setup, "double", launcher))
+    done = run(oppu_cmd(setup, "double", LAUNCH))
+    assert "process 0: trained 2 users" in done.stdout and "process 1: trained 1 users" in done.stdout
     assert predictions(setup, "double") == single
     manifest = (setup["root"] / "double" / "ckpt" / TASK).glob("*-OPPU/manifest.jsonl")
     assert len(next(manifest).read_text().splitlines()) == 3

@@ -231,11 +231,11 @@ def test_every_user_trains_a_fresh_lora_on_own_history_from_a_clean_base(
 
     seen: list[str] = []
 
-    def recording(tok, prompt, target, cut_off):
-        seen.append(prompt)
-        return tokenize_and_mask(tok, prompt, target, cut_off)
+    def recording(tok, pairs, cut_off):
+        seen.extend(prompt for prompt, _ in pairs)
+        return [tokenize_and_mask(tok, prompt, target, cut_off) for prompt, target in pairs]
 
-    monkeypatch.setattr(OPPU, "tokenize_and_mask", recording)
+    monkeypatch.setattr(OPPU, "encode_pairs", recording)
     base = tiny_model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model, adapters = base, []
