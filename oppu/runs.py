@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +102,16 @@ def check_or_save_config(folder: Path, config: dict[str, Any], overwrite: bool) 
 
 class RunLock:
     """An exclusive lock file in the run folder: a second run into the same folder stops
-    with a clear error. A lock left by a killed run (its process is gone) is taken over."""
+    with a clear error. A lock left by a killed run (its process is gone) is taken over.
+
+    Each process rank holds its own file; a rank > 0 also refuses to start while the main lock
+    is held by a live process of another launch on this machine (another parent process), so a
+    run with more processes cannot slip in beside a running one.
+    """
 
     def __init__(self, folder: Path, rank: int = 0) -> None:
-        # One lock per process rank: under accelerate every process guards its own share.
-        self.path = folder / (LOCK_FILE if rank == 0 else f"{LOCK_FILE}.{rank}")
+        self.main = folder / LOCK_FILE
+        self.path = self.main if rank == 0 else folder / f"{LOCK_FILE}.{rank}"
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,28 +119,47 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                if self._holder_alive():
-                    raise UserError(
-                        f"{self.path}: another run is writing into this folder (pid {self._holder()}); wait for it or use another --ckpt_dir"
-                    ) from None
+                if _lock_alive(self.path):
+                    raise self._busy(self.path) from None
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{os.getpid()} {os.getppid()} {socket.gethostname()}")
+            if self.path != self.main and _lock_alive(self.main, other_launch=True):
+                self.path.unlink(missing_ok=True)
+                raise self._busy(self.main)
             return self
         raise UserError(f"{self.path}: could not take the run lock")
 
-    def _holder(self) -> int:
-        try:
-            return int(self.path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def _holder_alive(self) -> bool:
-        return _pid_alive(self._holder())
+    @staticmethod
+    def _busy(path: Path) -> UserError:
+        pid = _lock_holder(path)[0]
+        return UserError(
+            f"{path}: another run is writing into this folder (pid {pid}); wait for it or use another --ckpt_dir"
+        )
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> tuple[int, int, str]:
+    """(pid, parent pid, host) written in a lock file; zeros when unreadable."""
+    try:
+        parts = path.read_text().split()
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0, parts[2] if len(parts) > 2 else ""
+    except (OSError, ValueError, IndexError):
+        return 0, 0, ""
+
+
+def _lock_alive(path: Path, other_launch: bool = False) -> bool:
+    """Whether a live process holds ``path`` (only provable on this machine; with ``other_launch``,
+    one that is not a sibling of this process)."""
+    pid, ppid, host = _lock_holder(path)
+    if host and host != socket.gethostname():
+        return not other_launch  # another machine's lock: respect it, but it is no sibling to judge
+    if other_launch and ppid == os.getppid():
+        return False
+    return _pid_alive(pid)
 
 
 def user_result_dir(run_dir: Path, user_id: str) -> Path:

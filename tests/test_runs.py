@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -97,4 +98,15 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     assert not (tmp_path / ".lock").exists()
     (tmp_path / ".lock").write_text(str(dead_pid()))
     with RunLock(tmp_path):
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        assert (tmp_path / ".lock").read_text().split()[:2] == [str(os.getpid()), str(os.getppid())]
+
+
+def test_other_ranks_refuse_a_main_lock_of_another_launch(tmp_path):
+    host = socket.gethostname()
+    (tmp_path / ".lock").write_text(f"{os.getpid()} {os.getppid()} {host}")  # our own launch's main process
+    with RunLock(tmp_path, rank=1):
+        pass
+    (tmp_path / ".lock").write_text(f"{os.getpid()} 1 {host}")  # alive, but launched by another parent
+    with pytest.raises(UserError, match="another run is writing into this folder"):
+        RunLock(tmp_path, rank=1).__enter__()
+    assert not (tmp_path / ".lock.1").exists()
