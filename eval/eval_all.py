@@ -17,7 +17,8 @@ from typing import Any
 # Run as `python eval/eval_all.py`, sys.path[0] is eval/; the repo root holds utils and oppu.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.eval_task import evaluate, file_task, outputs_from_json
+from eval.eval_task import evaluate
+from oppu.data import file_task, lamp_outputs
 from oppu.tasks import Task
 from utils import UserError, ensure_writable_dir, parse_json_bytes, run_cli, write_json
 
@@ -54,7 +55,7 @@ def read_zip(path: str | Path) -> dict[Task, tuple[str, dict[str, str]]]:
                 raise UserError(f"{source}: expected an object with a 'task' field")
             if task in found:
                 raise UserError(f"{source}: second file for {task.lamp_id} after {found[task][0]}")
-            found[task] = (source, outputs_from_json(data, source, task))
+            found[task] = (source, lamp_outputs(data, source, task))
     return found
 
 

@@ -18,7 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.metrics import score
-from oppu.data import load_users
+from oppu.data import lamp_outputs, load_users
 from oppu.tasks import Task, get_task
 from utils import UserError, ensure_writable_dir, read_json, run_cli, write_json
 
@@ -34,52 +34,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def file_task(data: Mapping[str, Any], source: str) -> Task | None:
-    """The task named by a LaMP outputs file's optional "task" field."""
-    if "task" not in data:
-        return None
-    name = data["task"]
-    if not isinstance(name, str):
-        raise UserError(f"{source}: field 'task' must be a string, got {type(name).__name__}")
-    try:
-        return get_task(name)
-    except UserError:
-        raise UserError(f"{source}: unknown task {name!r} in field 'task'") from None
-
-
-def check_record(record: Any, index: int, source: str) -> tuple[str, str]:
-    """The (id, output) of one record of a "golds" list."""
-    where = f"{source}: golds[{index}]"
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: must be an object, got {type(record).__name__}")
-    for field in ("id", "output"):
-        if field not in record:
-            raise UserError(f"{where}: field {field!r} is missing")
-        if not isinstance(record[field], str):
-            kind = type(record[field]).__name__
-            raise UserError(f"{where}: field {field!r} must be a string, got {kind}")
-    return record["id"], record["output"]
-
-
-def outputs_from_json(data: Any, source: str, task: Task) -> dict[str, str]:
-    """Validate parsed LaMP outputs (golds or predictions) of ``task`` and map id -> output."""
-    if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
-        raise UserError(f"{source}: expected an object with a 'golds' list")
-    named = file_task(data, source)
-    if named is not None and named != task:
-        raise UserError(f"{source}: file is for task {named.lamp_id}, not {task.lamp_id}")
-    outputs: dict[str, str] = {}
-    for index, record in enumerate(data["golds"]):
-        key, output = check_record(record, index, source)
-        if key in outputs:
-            raise UserError(f"{source}: golds[{index}]: duplicate id {key!r}")
-        outputs[key] = output
-    return outputs
-
-
 def load_outputs(path: str | Path, task: Task) -> dict[str, str]:
     """Read and validate a LaMP outputs file of ``task``."""
-    return outputs_from_json(read_json(path), str(path), task)
+    return lamp_outputs(read_json(path), str(path), task)
 
 
 def check_ids(golds: Mapping[str, str], preds: Mapping[str, str], preds_source: str) -> None:

@@ -10,11 +10,11 @@ Validation runs before any model is loaded and reports the file, the record and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from oppu.tasks import Task
+from oppu.tasks import Task, get_task
 from utils import UserError, read_json, write_json
 
 TEST_USERS_FILE = "user_top_100_history.json"
@@ -147,16 +147,51 @@ def _lamp_questions(task: Task, path: Path) -> list[dict]:
     return questions
 
 
+def file_task(data: Mapping[str, Any], source: str) -> Task | None:
+    """The task named by a LaMP outputs file's optional "task" field."""
+    if "task" not in data:
+        return None
+    name = data["task"]
+    if not isinstance(name, str):
+        raise UserError(f"{source}: field 'task' must be a string, got {type(name).__name__}")
+    try:
+        return get_task(name)
+    except UserError:
+        raise UserError(f"{source}: unknown task {name!r} in field 'task'") from None
+
+
+def check_record(record: Any, index: int, source: str) -> tuple[str, str]:
+    """The (id, output) of one record of a "golds" list."""
+    where = f"{source}: golds[{index}]"
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: must be an object, got {type(record).__name__}")
+    for field in ("id", "output"):
+        if field not in record:
+            raise UserError(f"{where}: field {field!r} is missing")
+        if not isinstance(record[field], str):
+            kind = type(record[field]).__name__
+            raise UserError(f"{where}: field {field!r} must be a string, got {kind}")
+    return record["id"], record["output"]
+
+
+def lamp_outputs(data: Any, source: str, task: Task) -> dict[str, str]:
+    """Validate parsed LaMP outputs (golds or predictions) of ``task`` and map id -> output."""
+    if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
+        raise UserError(f"{source}: expected an object with a 'golds' list")
+    named = file_task(data, source)
+    if named is not None and named != task:
+        raise UserError(f"{source}: field 'task' is {named.lamp_id!r}, not {task.lamp_id}")
+    outputs: dict[str, str] = {}
+    for index, record in enumerate(data["golds"]):
+        key, output = check_record(record, index, source)
+        if key in outputs:
+            raise UserError(f"{source}: golds[{index}]: duplicate id {key!r}")
+        outputs[key] = output
+    return outputs
+
+
 def _lamp_outputs(task: Task, path: Path) -> dict[str, str]:
-    outputs = read_json(path)
-    if not isinstance(outputs, dict):
-        raise UserError(f"{path}: expected an object with 'task' and 'golds', got {type(outputs).__name__}")
-    name = outputs.get("task")
-    if name is not None and name != task.lamp_id:
-        raise UserError(f"{path}: field 'task' is {name!r} but --task_name is {task.lamp_id}")
-    golds = _field(outputs, "golds", str(path), (list,))
-    return {_as_id(g, "id", f"{path}: gold {i}"): str(_field(g, "output", f"{path}: gold {i}", (str, int, float)))
-            for i, g in enumerate(golds)}  # fmt: skip
+    return lamp_outputs(read_json(path), str(path), task)
 
 
 def load_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path) -> list[dict]:

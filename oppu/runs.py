@@ -206,19 +206,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _staging_tag() -> str:
+    """This process's mark on its staging folders: host (sanitised) and pid, so that on a
+    ckpt folder shared by several machines each judges only its own processes."""
+    return f"{re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:30]}.{os.getpid()}"
+
+
 def clean_stale_staging(run_dir: Path) -> int:
-    """Remove half-written user folders left by killed runs (their process is gone)."""
+    """Remove half-written user folders left by killed runs on this machine (process gone)."""
     removed = 0
+    host = _staging_tag().split(".")[0]
     for folder in (run_dir / "users").glob(".staging-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        their_host, _, pid = folder.name.rsplit("-", 1)[-1].partition(".")
+        if their_host == host and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
 
 
 def staging_dir(run_dir: Path, user_id: str) -> Path:
-    folder = run_dir / "users" / f".staging-{safe_dirname(user_id)}-{os.getpid()}"
+    folder = run_dir / "users" / f".staging-{safe_dirname(user_id)}-{_staging_tag()}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)

@@ -91,7 +91,7 @@ def without_id() -> dict:
         (without_id(), "golds[1]: field 'id' is missing"),
         (bad_record("output", 3), "golds[1]: field 'output' must be a string, got int"),
         (bad_record("id", "1"), "golds[1]: duplicate id '1'"),
-        (outputs("LaMP_2N", PREDS), "file is for task LaMP_2N, not LaMP_2M"),
+        (outputs("LaMP_2N", PREDS), "field 'task' is 'LaMP_2N', not LaMP_2M"),
         (outputs("LaMP_9", PREDS), "unknown task 'LaMP_9'"),
         (
             outputs("LaMP_2M", {"1": "a", "9": "b", "8": "c"}),

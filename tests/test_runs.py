@@ -70,11 +70,13 @@ def test_complete_result_is_read_back_and_partial_ones_are_not(tmp_path):
 
 
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
-    stale = tmp_path / "users" / f".staging-u1-abc-{dead_pid()}"
-    live = tmp_path / "users" / f".staging-u2-abc-{os.getpid()}"
-    stale.mkdir(parents=True), live.mkdir(parents=True)
+    host = staging_dir(tmp_path, "u0").name.rsplit("-", 1)[-1].split(".")[0]
+    stale = tmp_path / "users" / f".staging-u1-abc-{host}.{dead_pid()}"
+    live = tmp_path / "users" / f".staging-u2-abc-{host}.{os.getpid()}"
+    elsewhere = tmp_path / "users" / f".staging-u3-abc-otherhost.{dead_pid()}"  # not ours to judge
+    stale.mkdir(parents=True), live.mkdir(parents=True), elsewhere.mkdir(parents=True)
     assert clean_stale_staging(tmp_path) == 1
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and elsewhere.exists()
 
 
 def test_config_is_saved_without_the_token_and_a_different_one_is_refused(tmp_path):
