@@ -86,17 +86,10 @@ def history_example(task: Task, item: Mapping[str, str]) -> tuple[str, str]:
     Citation history items are the user's own papers, which carry no reference options, so
     they teach the user's topics by asking for the abstract of each paper from its title.
     """
+    text, target = str(item[task.text_field]), str(item[task.target_field])
     if task.name == "citation":
-        return f'Write the abstract of the paper with the title "{item["title"]}"', item["abstract"]
-    text_field, target_field = {
-        "news_categorize": ("text", "category"),
-        "movie_tagging": ("description", "tag"),
-        "product_rating": ("text", "score"),
-        "news_headline": ("text", "title"),
-        "scholarly_title": ("abstract", "title"),
-        "tweet_paraphrase": ("text", "text"),
-    }[task.name]
-    return render_query_input(task, text=item[text_field]), str(item[target_field])
+        return f'Write the abstract of the paper with the title "{text}"', target
+    return render_query_input(task, text=text), target
 
 
 def render_history_item(task: Task, item: Mapping[str, str]) -> str:

@@ -21,7 +21,7 @@ from oppu.data import OTHER_USERS_FILE, TEST_USERS_FILE, User, load_users, predi
 from oppu.tasks import Task, get_task
 from utils import UserError, run_cli, write_json
 
-LABEL_FIELD = {"news_categorize": "category", "movie_tagging": "tag", "product_rating": "score"}
+SUPPORTED = ("news_categorize", "movie_tagging", "product_rating")  # a label per history item
 
 
 def most_common(labels: Sequence[str]) -> str:
@@ -31,14 +31,14 @@ def most_common(labels: Sequence[str]) -> str:
 
 
 def majority_predictions(task: Task, tests: list[User], others: list[User]) -> dict[str, str]:
-    field = LABEL_FIELD[task.name]
+    field = task.target_field
     seen = [it[field] for u in tests + others for it in u["profile"]] + [q["gold"] for u in others for q in u["query"]]
     label = most_common(seen)
     return {q["id"]: label for u in tests for q in u["query"]}
 
 
 def user_majority_predictions(task: Task, tests: list[User]) -> dict[str, str]:
-    field = LABEL_FIELD[task.name]
+    field = task.target_field
     return {q["id"]: most_common([it[field] for it in u["profile"]]) for u in tests for q in u["query"]}
 
 
@@ -50,8 +50,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     task = get_task(args.task_name)
-    if task.name not in LABEL_FIELD:
-        raise UserError(f"--task_name {task.name}: trivial predictors exist for {', '.join(LABEL_FIELD)} only")
+    if task.name not in SUPPORTED:
+        raise UserError(f"--task_name {task.name}: trivial predictors exist for {', '.join(SUPPORTED)} only")
     folder = Path(args.data_dir) / task.name
     tests = load_users(task, folder / TEST_USERS_FILE)
     others = load_users(task, folder / OTHER_USERS_FILE, need_history=False)

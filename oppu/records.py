@@ -59,17 +59,12 @@ def normalize_output(task: Task, value: Any) -> str | None:
 
 
 def _history_item(task: Task, rec: dict, f: RecordFields, label: str, item_id: str) -> dict:
-    text = str(rec[f.input])
-    title = str(rec.get(f.title, "")) if f.title else ""
-    return {
-        "citation": lambda: {"title": text, "abstract": label},
-        "news_categorize": lambda: {"text": text, "title": title, "category": label},
-        "movie_tagging": lambda: {"description": text, "tag": label},
-        "product_rating": lambda: {"text": text, "score": label},
-        "news_headline": lambda: {"text": text, "title": label},
-        "scholarly_title": lambda: {"abstract": text, "title": label},
-        "tweet_paraphrase": lambda: {"text": label},
-    }[task.name]() | {"id": item_id}  # fmt: skip
+    item = dict.fromkeys(task.history_fields, "")
+    if f.title and "title" in item:
+        item["title"] = str(rec.get(f.title, ""))
+    item[task.text_field] = str(rec[f.input])
+    item[task.target_field] = label  # last: a tweet record keeps the user's tweet, not its input
+    return {"id": item_id} | item
 
 
 def _query(task: Task, rec: dict, f: RecordFields, label: str, qid: str, refs: tuple[str, str, bool]) -> dict:

@@ -15,6 +15,8 @@ class Task:
     history_fields: tuple[str, ...]  # fields every history item carries besides "id"
     labels: tuple[str, ...] = ()  # official label order (classification only)
     max_new_tokens: int = 32  # default decoding budget
+    text_field: str = "text"  # the history field that plays the query's input
+    target_field: str = "text"  # the history field that plays the query's gold
 
     @property
     def is_classification(self) -> bool:
@@ -35,14 +37,17 @@ MOVIE_TAGS = (
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("citation", "LaMP_1", "classification", ("title", "abstract"), ("[1]", "[2]"), 8),
+        # citation history items are the user's papers: title in, abstract out (see prompts.py)
+        Task("citation", "LaMP_1", "classification", ("title", "abstract"), ("[1]", "[2]"), 8, "title", "abstract"),
         Task("news_categorize", "LaMP_2N", "classification", ("text", "title", "category"),
-             NEWS_CATEGORIES, 8),
-        Task("movie_tagging", "LaMP_2M", "classification", ("description", "tag"), MOVIE_TAGS, 8),
-        Task("product_rating", "LaMP_3", "rating", ("text", "score"), (), 4),
-        Task("news_headline", "LaMP_4", "generation", ("text", "title"), (), 32),
-        Task("scholarly_title", "LaMP_5", "generation", ("abstract", "title"), (), 32),
-        Task("tweet_paraphrase", "LaMP_7", "generation", ("text",), (), 48),
+             NEWS_CATEGORIES, 8, "text", "category"),
+        Task("movie_tagging", "LaMP_2M", "classification", ("description", "tag"), MOVIE_TAGS, 8,
+             "description", "tag"),
+        Task("product_rating", "LaMP_3", "rating", ("text", "score"), (), 4, "text", "score"),
+        Task("news_headline", "LaMP_4", "generation", ("text", "title"), (), 32, "text", "title"),
+        Task("scholarly_title", "LaMP_5", "generation", ("abstract", "title"), (), 32, "abstract", "title"),
+        # tweet history items are only the user's tweets: the tweet is both input and target
+        Task("tweet_paraphrase", "LaMP_7", "generation", ("text",), (), 48, "text", "text"),
     )
 }  # fmt: skip
 BY_LAMP_ID = {t.lamp_id: t for t in TASKS.values()}
