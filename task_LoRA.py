@@ -45,6 +45,18 @@ def predict_users(model, tokenizer, task: Task, users: list[User], profiles: lis
     return {qid: parse_prediction(task, text) for qid, text in zip(ids, raw)}
 
 
+def predict_shared(accelerator, model, tokenizer, task: Task, users: list[User], profiles: list, k: int,
+                   decode: DecodeConfig) -> dict[str, str]:  # fmt: skip
+    """Answer the users' queries with the users split over the processes (user i on process
+    i mod N); every process gets all predictions back, in user order."""
+    from accelerate.utils import gather_object
+
+    mine = range(accelerator.process_index, len(users), accelerator.num_processes)
+    preds = predict_users(model, tokenizer, task, [users[i] for i in mine], [profiles[i] for i in mine], k, decode)
+    merged = {qid: out for shard in gather_object([preds]) for qid, out in shard.items()}
+    return {q["id"]: merged[q["id"]] for u in users for q in u["query"]}
+
+
 def reusable_adapter(folder: Path, config: dict) -> bool:
     """A finished adapter trained with the same settings can be reused instead of retrained."""
     if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / CONFIG_FILE).is_file():
@@ -74,11 +86,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     set_seed(args.seed)
     model, tokenizer = load_model(spec, accelerator.device)
     outputs = {"adapter": adapter_dir, "predictions": pred_file}
-    if args.predict_base and accelerator.is_main_process:
+    if args.predict_base:
         base_file = cli.prediction_file(args, task, "base")
-        preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
-        write_json(base_file, predictions_json(task, preds, f"{args.model_name} (no adapter)"))
-        write_json(base_file.with_suffix(".golds.json"), golds_of(task, tests))
+        preds = predict_shared(accelerator, model, tokenizer, task, tests, test_profiles, args.k, decode)
+        if accelerator.is_main_process:
+            write_json(base_file, predictions_json(task, preds, f"{args.model_name} (no adapter)"))
+            write_json(base_file.with_suffix(".golds.json"), golds_of(task, tests))
         outputs["base_predictions"] = base_file
 
     if reusable_adapter(adapter_dir, config) and not args.overwrite:
@@ -100,8 +113,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         if accelerator.is_main_process:
             save_adapter(model, adapter_dir)
             write_json(adapter_dir / CONFIG_FILE, public_config(config) | {"final_loss": result.final_loss})
+    preds = predict_shared(accelerator, model, tokenizer, task, tests, test_profiles, args.k, decode)
     if accelerator.is_main_process:
-        preds = predict_users(model, tokenizer, task, tests, test_profiles, args.k, decode)
         write_json(pred_file, predictions_json(task, preds, f"{args.model_name} + task adapter"))
         write_json(pred_file.with_suffix(".config.json"), public_config(config))
         write_json(pred_file.with_suffix(".golds.json"), golds_of(task, tests))
