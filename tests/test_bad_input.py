@@ -17,7 +17,7 @@ import task_LoRA
 from eval import eval_task
 from oppu import modeling
 from oppu.runs import safe_dirname, user_result_dir
-from utils import run_cli
+from utils import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "news_categorize"
@@ -147,8 +147,35 @@ def test_4bit_without_cuda_and_unknown_dtype(env, stage, capsys):
 
 
 def test_bad_numbers_are_reported_together(env, stage, capsys):
-    argv = stage_args(env, *stage[1], "--k", "-1", "--batch_size", "0")
-    fails(stage[0], argv, capsys, env, "--k must be >= 0", "--batch_size must be >= 1")
+    argv = stage_args(env, *stage[1], "--k", "-1", "--batch_size", "0", "--max_step", "-5", "--max_users", "-3")
+    fails(
+        stage[0],
+        argv,
+        capsys,
+        env,
+        "--k must be >= 0",
+        "--batch_size must be >= 1",
+        "--max_step must be",
+        "--max_users must be",
+    )
+    argv = stage_args(env, *stage[1], "--do_sample", "--temperature", "0", "--max_new_tokens", "0")
+    fails(stage[0], argv, capsys, env, "--temperature must be > 0", "--max_new_tokens must be >= 1")
+
+
+def test_eval_output_folder_that_cannot_be_written(env, capsys):
+    golds = write_outputs(env["root"] / "g.json", "LaMP_2N", ["1"])
+    blocker = env["root"] / "output" / TASK / "earlier.json"
+    argv = ["--golds_json", str(golds), "--preds_json", str(golds), "--task_name", "LaMP_2N",
+            "--output_file", str(blocker / "r.json")]  # fmt: skip
+    fails(eval_task.main, argv, capsys, env, "cannot be written")
+
+
+def test_hub_ids_are_left_to_the_hub_and_paths_must_exist(tmp_path):
+    for hub_id in ("gpt2", "meta-llama/Llama-2-7b-hf"):
+        modeling.check_local_model(hub_id)
+    for path in (str(tmp_path / "missing"), "./missing", "a/b/c"):
+        with pytest.raises(UserError, match="model path does not exist"):
+            modeling.check_local_model(path)
 
 
 def test_task_lora_missing(env, capsys, tmp_path):

@@ -424,3 +424,11 @@ def test_parse_rating(generation, expected):
 def test_parse_generation_keeps_the_first_non_empty_line(name):
     assert parse_prediction(TASKS[name], "\n  Markets Rally Again \nA second line\n") == "Markets Rally Again"
     assert parse_prediction(TASKS[name], "   \n") == ""
+
+
+def test_inputs_with_another_label_order_still_split_at_the_article():
+    task = TASKS["news_categorize"]
+    text = "Police arrested two men downtown."
+    other_order = "Which category does this article relate to among the following categories? Just answer with the category name without further explanation. categories: [women, religion, politics, sports] article: "
+    assert split_query_input(task, other_order + text) == (other_order, text)
+    assert retrieval_query(task, other_order + text) == text

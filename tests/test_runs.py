@@ -15,6 +15,8 @@ from oppu.runs import (
     check_or_save_config,
     clean_stale_staging,
     commit_user_result,
+    config_fingerprint,
+    file_fingerprint,
     oppu_dir,
     predictions_path,
     read_user_result,
@@ -112,3 +114,22 @@ def test_other_ranks_refuse_a_main_lock_of_another_launch(tmp_path):
     with pytest.raises(UserError, match="another run is writing into this folder"):
         RunLock(tmp_path, rank=1).__enter__()
     assert not (tmp_path / ".lock.1").exists()
+
+
+def test_results_made_under_other_settings_are_not_reused(tmp_path):
+    staging = staging_dir(tmp_path, "u1")
+    (staging / "adapter").mkdir()
+    (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    old = config_fingerprint({"learning_rate": 1e-4, "max_users": 1})
+    commit_user_result(tmp_path, "u1", staging, {"user_id": "u1", "predictions": {"q": "x"}, "config": old})
+    assert config_fingerprint({"learning_rate": 1e-4, "max_users": 5, "ckpt_dir": "b"}) == old  # neutral keys
+    assert read_user_result(tmp_path, "u1", ["q"], old) is not None
+    assert read_user_result(tmp_path, "u1", ["q"], config_fingerprint({"learning_rate": 5e-4})) is None
+
+
+def test_file_fingerprint_follows_content(tmp_path):
+    data = tmp_path / "users.json"
+    data.write_text("[1]")
+    before = file_fingerprint(data)
+    data.write_text("[2]")
+    assert file_fingerprint(data) != before and file_fingerprint(data) == file_fingerprint(data)

@@ -87,8 +87,10 @@ def single(setup) -> list[dict]:
 def test_task_adapter_trains_data_parallel_on_two_processes(setup):
     root = setup["root"] / "ddp"
     common = setup["common"][: setup["common"].index("--task_lora")]
-    # 4 examples in steps of 3: the second step has 1 example, so process 1 gets none (and must not hang)
-    dirs = ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output"), "--batch_size", "3"]
+    # 4 examples in steps of 3: the second step has 1 example, so process 1 gets none (and must not hang);
+    # gradient checkpointing must be switched on before the model is wrapped for DDP
+    dirs = ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output"), "--batch_size", "3",
+            "--gradient_checkpointing"]  # fmt: skip
     done = run(LAUNCH + ["task_LoRA.py", *common, *dirs])
     assert done.stdout.count("task adapter: 2 steps on 4 examples") == 1  # the main process reports (and saves) once
     (adapter,) = (root / "ckpt" / TASK).glob("*-task_LoRA_ckpt")
