@@ -112,7 +112,7 @@ def render_history_item(task: Task, item: Mapping[str, str]) -> str:
 def history_item_text(task: Task, item: Mapping[str, str]) -> str:
     """The text of a history item that retrieval indexes (its inputs, never its label)."""
     fields = {"citation": ("title", "abstract"), "news_categorize": ("title", "text")}
-    return " ".join(str(item.get(f, "")) for f in fields.get(task.name, task.history_fields[:1]))
+    return " ".join(str(item.get(f, "")) for f in fields.get(task.name, (task.text_field,)))
 
 
 def retrieval_query(task: Task, query_input: str) -> str:

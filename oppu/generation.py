@@ -29,7 +29,6 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: 
     Prompts are batched by length (less padding); the tokenizer pads on the left so every
     prompt ends where generation starts.
     """
-    tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -38,7 +37,7 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: 
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for batch in tqdm(batches, desc=desc, leave=False, disable=not show):
         ids = [encode_prompt(tokenizer, prompts[i]) for i in batch]
-        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(device)
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True, padding_side="left").to(device)
         out = model.generate(
             **enc, max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, **(sampling if cfg.do_sample else greedy),
