@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from oppu.training import encode_prompt
+from oppu.training import MIN_SHARED_PREFIX, common_prefix_length, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,31 @@ class DecodeConfig:
     temperature: float = 0.1
     top_k: int = 10
     top_p: float = 0.9
+    shared_prefix: bool = True  # run the prompts' common first tokens once, reuse their keys/values
+
+
+def prefix_cache(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of the prefix, computed once (batch 1)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
+    return [(k, v) for k, v, *_ in out.cache]
+
+
+def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], kv) -> dict:
+    """generate() inputs for left-padded suffixes behind a cached prefix: [prefix | pads | suffix].
+    Positions come from the attention mask's running count, so every suffix continues at the
+    prefix's length exactly as in the plain left-padded batch, and pads are masked out."""
+    from transformers import DynamicCache
+
+    rows, device = enc["input_ids"].size(0), enc["input_ids"].device
+    prefix = torch.tensor([prefix_ids], device=device).expand(rows, -1)
+    # generate() appends to the cache by concatenation, so the shared tensors stay untouched.
+    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
+    return {
+        "input_ids": torch.cat([prefix, enc["input_ids"]], dim=1),
+        "attention_mask": torch.cat([torch.ones_like(prefix), enc["attention_mask"]], dim=1),
+        "cache": cache,
+    }
 
 
 @torch.no_grad()
@@ -27,17 +52,24 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: 
     """Decode every prompt and return only the new text, in the prompts' order.
 
     Prompts are batched by length (less padding); the tokenizer pads on the left so every
-    prompt ends where generation starts.
+    prompt ends where generation starts. With ``cfg.shared_prefix`` the tokens all prompts
+    start with (chat template, instruction, label list) run once for the whole call.
     """
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    shared = common_prefix_length(encoded) if cfg.shared_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    kv = prefix_cache(model, encoded[0][:shared]) if shared else None
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for batch in tqdm(batches, desc=desc, leave=False, disable=not show):
-        ids = [encode_prompt(tokenizer, prompts[i]) for i in batch]
+        ids = [encoded[i][shared:] for i in batch]
         enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True, padding_side="left").to(device)
+        if shared:
+            enc = with_prefix(enc, encoded[0][:shared], kv)
         out = model.generate(
             **enc, max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, **(sampling if cfg.do_sample else greedy),

@@ -12,6 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
+MEGA_BATCH = 50  # length grouping sorts within 50 batches at a time, as the HF Trainer does
+# A shared prefix costs one extra (batch 1) forward call; below this many tokens it does not pay.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class TrainConfig:
     max_step: int = -1
     seed: int = 42
     gradient_checkpointing: bool = False
+    # Speed-ups the paper's code does not have; both leave the loss of every example unchanged.
+    group_by_length: bool = True  # batches of similar lengths: almost no padding
+    shared_prefix: bool = True  # run the tokens every example of a micro-batch starts with once
 
 
 @dataclass
@@ -42,6 +48,8 @@ class TrainResult:
     steps: int = 0
     examples: int = 0
     tokens: int = 0
+    padded_tokens: int = 0  # padding positions the forward passes computed (plain path)
+    shared_prefix_tokens: int = 0  # prompt tokens not recomputed thanks to a shared prefix
     final_loss: float = float("nan")
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
@@ -99,18 +107,71 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def batch_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
-    """Example indices of every optimiser step: a seeded shuffle per epoch, cut at max_step."""
+def batch_plan(n_examples: int, cfg: TrainConfig, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Example indices of every optimiser step: a seeded shuffle per epoch, cut at max_step.
+
+    With ``lengths`` and ``cfg.group_by_length`` each epoch's shuffle is cut into mega-batches of
+    ``MEGA_BATCH`` batches, each sorted by length (longest first) and cut into batches, and the
+    epoch's batches are shuffled again: batches hold examples of similar length (little padding)
+    while which examples meet in a batch, and the order of batches, stay random (as the HF
+    Trainer's ``group_by_length``). Either way every example is used once per epoch.
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = []
     for _ in range(cfg.max_epoch):
         order = torch.randperm(n_examples, generator=gen).tolist()
-        steps += [order[i : i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
+        if lengths is None or not cfg.group_by_length:
+            steps += [order[i : i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
+            continue
+        mega = MEGA_BATCH * cfg.batch_size
+        epoch = []
+        for start in range(0, n_examples, mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+            epoch += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+        steps += [epoch[i] for i in torch.randperm(len(epoch), generator=gen).tolist()]
     return steps if cfg.max_step < 0 else steps[: cfg.max_step]
 
 
-def _summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of token losses (so micro-batches add up to the same gradient as one big batch).
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Leading tokens all sequences share, leaving each at least one token of its own (its last
+    position must run: its logits predict the next token)."""
+    if len(sequences) < 2:
+        return 0
+    first, limit = sequences[0], min(len(s) for s in sequences) - 1
+    for n in range(limit):
+        if any(s[n] != first[n] for s in sequences[1:]):
+            return n
+    return max(limit, 0)
+
+
+def forward_shared_prefix(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int, logits_to_keep: int
+) -> torch.Tensor:
+    """The model's logits for a batch whose rows all start with the same ``prefix`` tokens: the
+    prefix runs once (batch 1) and its keys and values are broadcast to every row. Nothing is
+    detached: a LoRA on q or v changes the prefix's keys and values, so its gradient must flow."""
+    from transformers import DynamicCache
+
+    rows = input_ids.size(0)
+    head = model(input_ids=input_ids[:1, :prefix], use_cache=True, logits_to_keep=1)
+    # expand() copies nothing; the cache's first concatenation does, and backward sums the rows.
+    kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in head.cache]
+    cache = DynamicCache(ddp_cache_data=kv)
+    positions = torch.arange(prefix, input_ids.size(1), device=input_ids.device).unsqueeze(0)
+    suffix = input_ids[:, prefix:]
+    out = model(
+        input_ids=suffix,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        logits_to_keep=logits_to_keep,
+    )
+    return out.logits
+
+
+def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tuple[torch.Tensor, int]:
+    """Sum of token losses (so micro-batches add up to the same gradient as one big batch), and
+    how many of the ``prefix`` tokens all rows share were run once (0: the plain forward).
 
     Logits are computed only from the first target position on: the vocabulary projection of
     every prompt token would be thrown away, and for a small model it is a fifth of the work.
@@ -119,10 +180,16 @@ def _summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first = max(int(has_target[0]) if len(has_target) else labels.size(1) - 1, 1)
     keep = labels.size(1) - first + 1  # logits at positions first-1 .. end predict tokens first .. end
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    prefix = min(prefix, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
+    if prefix >= MIN_SHARED_PREFIX:
+        logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)
+    else:
+        prefix = 0
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
     shift_labels = labels[:, first:].reshape(-1)
-    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, prefix
 
 
 def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accelerator=None,
@@ -133,7 +200,7 @@ def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accel
     from transformers import get_linear_schedule_with_warmup
 
     start = time.time()
-    plan = batch_plan(len(examples), cfg)
+    plan = batch_plan(len(examples), cfg, [len(e.input_ids) for e in examples])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * len(plan)), max(len(plan), 1))
@@ -143,6 +210,9 @@ def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accel
     if accelerator:
         model, optimizer = accelerator.prepare(model, optimizer)
     device = next(model.parameters()).device
+    # A cache passed through checkpointed layers would be appended to again on recomputation, and
+    # DDP allows one forward call per backward: the prefix is run once only without either.
+    share_prefix = cfg.shared_prefix and not cfg.gradient_checkpointing and world == 1
     model.train()
     result = TrainResult(steps=len(plan))
     bar = tqdm(plan, desc=desc, leave=False, disable=rank != 0)
@@ -159,9 +229,13 @@ def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accel
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
             sync = nullcontext() if not accelerator or m == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
-                loss = weight * _summed_loss(model, batch) / max(n_tokens, 1)
+                common = common_prefix_length([e.input_ids for e in chunk]) if share_prefix else 0
+                summed, prefix = _summed_loss(model, batch, common)
+                loss = weight * summed / max(n_tokens, 1)
                 accelerator.backward(loss) if accelerator else loss.backward()
             total += loss.item()
+            result.padded_tokens += batch["attention_mask"].numel() - int(batch["attention_mask"].sum())
+            result.shared_prefix_tokens += prefix * (len(chunk) - 1)
         if accelerator:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         else:

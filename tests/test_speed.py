@@ -1,0 +1,153 @@
+"""Speed-ups that must not change results: shared-prefix training and decoding, length-grouped batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from oppu.adapters import USER_TARGETS, add_adapter, lora_config
+from oppu.generation import DecodeConfig, generate
+from oppu.training import (
+    MIN_SHARED_PREFIX,
+    TrainConfig,
+    _summed_loss,
+    batch_plan,
+    collate,
+    common_prefix_length,
+    encode_prompt,
+    tokenize_and_mask,
+    train,
+)
+
+INSTRUCTION = "Which category does this article relate to among the following categories? Just answer with the category name. article: "
+ARTICLES = [("a bank robbery downtown", " crime"), ("the final match of the cup", " sports"),
+            ("a cheap flight to Lisbon and a week of sun on the beaches", " travel"),
+            ("the new senate", " politics"), ("a quantum chip beats the record", " science & technology"),
+            ("a vegan bakery", " food & drink")]  # fmt: skip
+
+
+def shared_examples(tokenizer):
+    return [tokenize_and_mask(tokenizer, INSTRUCTION + a + "\nAnswer:", t, 256) for a, t in ARTICLES]
+
+
+def lora_model(tiny_model, make_args):
+    """A tiny Llama with a LoRA on q and v whose B is non-zero, so the prefix's keys and values
+    depend on the trainable weights (at init B = 0 and their gradient would be trivially equal)."""
+    torch.manual_seed(0)
+    model = add_adapter(tiny_model(), lora_config(make_args("--lora_dropout", "0"), USER_TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    return model.train()
+
+
+def loss_and_grads(model, batch, prefix):
+    model.zero_grad(set_to_none=True)
+    loss, used = _summed_loss(model, batch, prefix)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), used, grads
+
+
+# --- shared-prefix training --------------------------------------------------------------------
+
+
+def test_common_prefix_length_leaves_every_sequence_a_token_of_its_own():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter one keeps its last token
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 2], [1, 2]]) == 0
+    assert common_prefix_length([[1, 2, 3]]) == 0  # alone: nothing to share
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, tokenizer, make_args):
+    examples = shared_examples(tokenizer)
+    common = common_prefix_length([e.input_ids for e in examples])
+    assert common >= MIN_SHARED_PREFIX
+    batch = collate(examples, tokenizer.pad_token_id)
+    model = lora_model(tiny_model, make_args)
+    plain_loss, plain_used, plain = loss_and_grads(model, batch, 0)
+    shared_loss, shared_used, shared = loss_and_grads(model, batch, common)
+    assert plain_used == 0 and shared_used == common
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain.keys() == shared.keys() and len(plain) == 2 * 2 * 2  # layers x (q, v) x (A, B)
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name  # every LoRA weight, prefix included, gets a gradient
+        error = (shared[name] - plain[name]).norm() / plain[name].norm()
+        assert error <= 1e-5, (name, error.item())
+
+
+def test_a_short_shared_prefix_falls_back_to_the_plain_forward(tiny_model, tokenizer, make_args):
+    batch = collate(shared_examples(tokenizer), tokenizer.pad_token_id)
+    _, used, _ = loss_and_grads(lora_model(tiny_model, make_args), batch, MIN_SHARED_PREFIX - 1)
+    assert used == 0
+
+
+def test_training_with_and_without_the_shared_prefix_takes_the_same_steps(tiny_model, tokenizer, make_args):
+    examples = shared_examples(tokenizer)
+    runs = []
+    for shared in (False, True):
+        model = lora_model(tiny_model, make_args)
+        cfg = TrainConfig(learning_rate=1e-2, batch_size=6, micro_batch_size=3, max_epoch=2, shared_prefix=shared)
+        fit = train(model, tokenizer, examples, cfg)
+        runs.append((fit, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_w), (shared, shared_w) = runs
+    assert plain.shared_prefix_tokens == 0 and shared.shared_prefix_tokens > 0
+    assert shared.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert all(torch.allclose(shared_w[n], plain_w[n], atol=1e-6) for n in plain_w)
+
+
+# --- length-grouped batches --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, batch_size", [(37, 4), (8, 8), (500, 3)])
+def test_length_grouping_uses_every_example_once_per_epoch(n, batch_size):
+    lengths = [(i * 7919) % 97 + 5 for i in range(n)]
+    cfg = TrainConfig(batch_size=batch_size, max_epoch=3, seed=3)
+    plan = batch_plan(n, cfg, lengths)
+    per_epoch = math.ceil(n / batch_size)
+    assert len(plan) == 3 * per_epoch
+    for epoch in range(3):
+        seen = [i for step in plan[epoch * per_epoch : (epoch + 1) * per_epoch] for i in step]
+        assert sorted(seen) == list(range(n))
+    assert batch_plan(n, cfg, lengths) == plan  # seeded
+    assert batch_plan(n, TrainConfig(batch_size=batch_size, max_epoch=3, seed=4), lengths) != plan or n <= batch_size
+
+
+def test_length_grouping_removes_most_padding_and_can_be_turned_off():
+    n, batch_size = 200, 8
+    lengths = [(i * 7919) % 97 + 20 for i in range(n)]
+
+    def padding(plan):
+        pads = sum(max(lengths[i] for i in s) * len(s) - sum(lengths[i] for i in s) for s in plan)
+        return pads / (pads + sum(lengths[i] for s in plan for i in s))
+
+    grouped = batch_plan(n, TrainConfig(batch_size=batch_size, max_epoch=2), lengths)
+    plain_cfg = TrainConfig(batch_size=batch_size, max_epoch=2, group_by_length=False)
+    plain = batch_plan(n, plain_cfg, lengths)
+    assert plain == batch_plan(n, plain_cfg)  # the paper's shuffle, lengths ignored
+    assert padding(grouped) <= 0.05 < padding(plain)
+    assert grouped[: n // batch_size] != grouped[n // batch_size :]  # epochs differ
+
+
+# --- shared-prefix decoding --------------------------------------------------------------------
+
+
+def test_shared_prefix_decoding_gives_the_same_greedy_answers(tiny_model, tokenizer, make_args):
+    model = lora_model(tiny_model, make_args).eval()
+    prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES]
+    assert common_prefix_length([encode_prompt(tokenizer, p) for p in prompts]) >= MIN_SHARED_PREFIX
+    for batch_size in (1, 4):
+        cfg = DecodeConfig(max_new_tokens=6, batch_size=batch_size)
+        plain = generate(
+            model,
+            tokenizer,
+            prompts,
+            DecodeConfig(max_new_tokens=6, batch_size=batch_size, shared_prefix=False),
+            show=False,
+        )
+        assert generate(model, tokenizer, prompts, cfg, show=False) == plain
+    assert len(set(plain)) > 1  # the answers depend on the article, so the comparison means something
