@@ -56,6 +56,11 @@ def add_common_args(parser: argparse.ArgumentParser, max_epoch: int, target_modu
     g.add_argument("--lora_dropout", type=float, default=0.05)
     g.add_argument("--target_modules", default=",".join(target_modules), help="comma-separated module names to adapt")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
+                   help="the paper's plain shuffle instead of batches of similar length (more padding)")  # fmt: skip
+    g.add_argument("--no_shared_prefix", dest="shared_prefix", action="store_false",
+                   help="recompute the prompt prefix every example shares (chat template, instruction, labels) for "
+                   "each example, in training and decoding, as the paper's code does")  # fmt: skip
     g.add_argument("--seed", type=int, default=42)
 
     g = parser.add_argument_group("decoding (greedy unless --do_sample)")
@@ -110,7 +115,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         learning_rate=args.learning_rate, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         max_epoch=args.max_epoch, max_step=args.max_step, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, group_by_length=args.group_by_length,
+        shared_prefix=args.shared_prefix,
     )  # fmt: skip
 
 
@@ -118,6 +124,7 @@ def decode_config(args: argparse.Namespace, task: Task) -> DecodeConfig:
     return DecodeConfig(
         max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens, batch_size=args.decode_batch_size,
         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        shared_prefix=args.shared_prefix,
     )  # fmt: skip
 
 
