@@ -4,6 +4,7 @@ personal LoRA on that user's history alone, save it, and answer the user's queri
 Usage:
     python OPPU.py --task_name news_categorize --k 0 --task_lora ckpt/news_categorize/k0-news_categorize-SmolLM2-135M-Instruct-task_LoRA_ckpt
     accelerate launch --num_processes 2 OPPU.py --task_name news_categorize --task_lora PATH   # users split over GPUs
+    python OPPU.py --task_name news_categorize --task_lora PATH --peft_type ia3 --ckpt_dir ckpt_ia3   # or prompt_tuning
 
 A killed run resumes: rerun the same command and finished users are skipped.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,19 +21,21 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from oppu import cli
+from oppu import cli, ownership
 from oppu.adapters import (
+    ADAPTER_WEIGHTS,
     USER_TARGETS,
-    add_adapter,
+    add_user_adapter,
     check_adapter_dir,
-    lora_config,
     merge_adapter,
     remove_adapter,
     save_adapter,
+    trainable_parameters,
 )
+from oppu.answers import answer, answer_stats, invalid_fraction, report_answers
 from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, golds_of, predictions_json
+from oppu.defaults import epochs_for_min_steps
 from oppu.examples import history_pairs, query_prompts
-from oppu.generation import generate
 from oppu.modeling import load_model
 from oppu.runs import (
     CONFIG_FILE,
@@ -63,9 +67,14 @@ from utils import (
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task_lora", required=True, help="the task adapter folder written by task_LoRA.py")
-    cli.add_common_args(parser, max_epoch=2, target_modules=USER_TARGETS)
-    return parser.parse_args(argv)
+    parser.add_argument("--task_lora", help="the task adapter folder written by task_LoRA.py (required, except "
+                        "with --update, which defaults to the one the PEFT was trained on)")  # fmt: skip
+    cli.add_common_args(parser, stage="OPPU", target_modules=USER_TARGETS)
+    cli.add_personal_args(parser)
+    ownership.add_own_args(parser)
+    args = parser.parse_args(argv)
+    cli.resolve_personal_args(args)
+    return args
 
 
 def check_task_lora(path: Path, args: argparse.Namespace, task: Task) -> None:
@@ -81,27 +90,31 @@ def check_task_lora(path: Path, args: argparse.Namespace, task: Task) -> None:
 
 def train_user(model, tokenizer, task: Task, user: User, profile: str | None, args: argparse.Namespace,
                run_dir: Path, fingerprint: str = "") -> tuple[object, dict]:  # fmt: skip
-    """One user: a fresh LoRA on the clean merged model, trained on this user's history only,
+    """One user: a fresh personal adapter (--peft_type) on the clean merged model, trained on this user's history only,
     saved, and used to answer the user's queries. Returns the clean model and the result."""
     start = time.time()
     seed = stable_seed(args.seed, user["user_id"])
     set_seed(seed)
-    peft_model = add_adapter(model, lora_config(args, cli.target_modules(args)))
-    pairs = history_pairs(task, user, args.k, profile)
+    peft_model = add_user_adapter(model, tokenizer, args, cli.target_modules(args))
+    pairs = history_pairs(task, user, args.k, profile, args.retrieval, args.history_format)
     encoded = encode_pairs(tokenizer, pairs, args.cut_off)
-    fit = train(
-        peft_model, tokenizer, encoded, replace(cli.train_config(args), seed=seed), desc=f"user {user['user_id']}"
-    )
-    raw = generate(
-        peft_model, tokenizer, query_prompts(task, user, args.k, profile), cli.decode_config(args, task), show=False
-    )
+    epochs = epochs_for_min_steps(len(encoded), args.batch_size, args.max_epoch, args.min_steps)
+    train_cfg, decode_cfg = cli.personal_configs(args, task)
+    cfg = replace(train_cfg, seed=seed, max_epoch=epochs)
+    fit = train(peft_model, tokenizer, encoded, cfg, desc=f"user {user['user_id']}")
+    prompts = query_prompts(task, user, args.k, profile, args.retrieval)
+    raw = answer(peft_model, tokenizer, task, prompts, decode_cfg, args.answer_mode, show=False)
+    predictions = {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)}
     staging = staging_dir(run_dir, user["user_id"])
     save_adapter(peft_model, staging / "adapter")
     result = {
         "user_id": user["user_id"], "history_items": len(user["profile"]), "train_examples": len(encoded),
-        "train_tokens": fit.tokens, "truncated_examples": sum(e.truncated for e in encoded), "steps": fit.steps,
-        "final_loss": fit.final_loss, "seconds": round(time.time() - start, 2), "config": fingerprint,
-        "predictions": {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)},
+        "trained_item_ids": [item["id"] for item in user["profile"]],
+        "peft_type": args.peft_type, "trainable_params": trainable_parameters(peft_model),
+        "adapter_bytes": (staging / "adapter" / ADAPTER_WEIGHTS).stat().st_size,
+        "train_tokens": fit.tokens, "truncated_examples": sum(e.truncated for e in encoded), "epochs": epochs,
+        "steps": fit.steps, "final_loss": fit.final_loss, "seconds": round(time.time() - start, 2),
+        "invalid_fraction": invalid_fraction(task, predictions), "config": fingerprint, "predictions": predictions,
         "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
     }  # fmt: skip
     commit_user_result(run_dir, user["user_id"], staging, result)
@@ -122,9 +135,31 @@ def merge_outputs(run_dir: Path, task: Task, users: list[User], pred_file: Path,
     return preds
 
 
+def train_own(args: argparse.Namespace, task: Task, spec) -> dict[str, Path]:
+    """--user_file: one user's PEFT from their own file alone, trained as in a full run and
+    written as a self-contained folder; with --update, their PEFT continued on the new items."""
+    job = ownership.plan_own(args, task)
+    model, tokenizer = load_model(spec)
+    model = merge_adapter(model, job.task_lora)
+    if args.update:
+        done = ownership.update_peft(model, tokenizer, job, args)
+        print(f"updated {job.peft_dir}: {len(done['new_item_ids'])} new + {len(done['replayed_item_ids'])} "
+              f"replayed items, {done['steps']} steps, {done['seconds']} s")  # fmt: skip
+        return {"peft_dir": job.peft_dir, "update": done}
+    with tempfile.TemporaryDirectory(prefix=".oppu-user-", dir=ensure_writable_dir(job.peft_dir.parent)) as work:
+        _, result = train_user(model, tokenizer, task, job.user, job.profile, args, Path(work))
+        ownership.export_trained(job, args, Path(work), result)
+    print(f"wrote the PEFT of user {job.user['user_id']} to {job.peft_dir}")
+    return {"peft_dir": job.peft_dir, "result": result}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     task, spec = cli.validate(args)
+    if args.user_file or args.update:
+        return train_own(args, task, spec)
+    if not args.task_lora:
+        raise UserError("--task_lora is required: the task adapter folder written by task_LoRA.py")
     check_task_lora(Path(args.task_lora), args, task)
     users, profiles = cli.load_test_users(args, task)
     run_dir = oppu_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
@@ -133,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     inputs = [Path(args.data_dir) / task.name / TEST_USERS_FILE]
     if args.add_profile:
         inputs.append(Path(args.data_dir) / task.name / TEST_PROFILES_FILE)
-    config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs)}
+    config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs),
+                           "task_lora_sha256": ownership.task_adapter_sha(Path(args.task_lora))}  # fmt: skip
     fingerprint = config_fingerprint(config)
 
     from accelerate import Accelerator
@@ -160,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             preds = merge_outputs(run_dir, task, users, pred_file, args.model_name, fingerprint)
-            write_json(pred_file.with_suffix(".config.json"), public_config(config))
+            write_json(pred_file.with_suffix(".config.json"), public_config(config) | answer_stats(task, preds))
             write_json(pred_file.with_suffix(".golds.json"), golds_of(task, users))
-            print(f"wrote {len(preds)} predictions to {pred_file}")
+            report_answers(task, preds, pred_file, "OPPU")
     return {"run_dir": run_dir, "predictions": pred_file}
 
 

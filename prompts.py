@@ -6,6 +6,7 @@ examples, retrieved history items, the profile prefix, and the truncation of lon
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -16,6 +17,11 @@ from oppu.tasks import MOVIE_TAGS, NEWS_CATEGORIES, Task
 INPUT_WORDS = 768
 RETRIEVED_WORDS = 368
 ANSWER_CUE = "\nAnswer:"
+# How personal training writes a history item: "query" in the task's query prompt (the paper's
+# way), "plain" as a bare "input -> output" line with no instruction and no answer cue, to see
+# whether a personal adapter learns the user or the template (queries are always asked as "query").
+HISTORY_FORMATS = ("query", "plain")
+PLAIN_CUE = " ->"
 
 _CITATION = (
     'For an author who has written the paper with the title "{title}", which reference is '
@@ -80,13 +86,16 @@ def split_query_input(task: Task, query_input: str) -> tuple[str, str]:
     return query_input[:cut], query_input[cut:]
 
 
-def history_example(task: Task, item: Mapping[str, str]) -> tuple[str, str]:
-    """Turn one history item into a (query input, target) pair shaped like the task's queries.
+def history_example(task: Task, item: Mapping[str, str], form: str = "query") -> tuple[str, str]:
+    """Turn one history item into a (query input, target) pair shaped like the task's queries,
+    or with ``form`` "plain" into (the item's bare input text, target).
 
     Citation history items are the user's own papers, which carry no reference options, so
     they teach the user's topics by asking for the abstract of each paper from its title.
     """
     text, target = str(item[task.text_field]), str(item[task.target_field])
+    if form == "plain":
+        return text, target
     if task.name == "citation":
         return f'Write the abstract of the paper with the title "{text}"', target
     return render_query_input(task, text=text), target
@@ -128,21 +137,47 @@ def profile_prefix(profile: str) -> str:
     return f"User profile: {profile.strip()}\n"
 
 
+# What gen_profile.py asks an LLM to write about a user from a sample of their history: the
+# facts a task's answers depend on (favourite labels, rating habits, topics and style).
+PROFILE_INSTRUCTIONS = {
+    "citation": "Here are papers written by one author. In two or three sentences, describe the research topics this author works on.",
+    "news_categorize": "Here are articles written by one journalist, each with its category. In two or three sentences, describe which categories and topics this journalist writes about most.",
+    "movie_tagging": "Here are movies one user has tagged, each with its tag. In two or three sentences, describe which tags and kinds of movies this user prefers.",
+    "product_rating": "Here are product reviews one user wrote, each with its score. In two or three sentences, describe how this user tends to rate products and what they care about.",
+    "news_headline": "Here are articles written by one journalist, each with its headline. In two or three sentences, describe this journalist's topics and the style of their headlines.",
+    "scholarly_title": "Here are paper abstracts by one author, each with its title. In two or three sentences, describe this author's topics and how they title their papers.",
+    "tweet_paraphrase": "Here are tweets written by one user. In two or three sentences, describe this user's topics and writing style.",
+}
+
+
+def profile_prompt(task: Task, items: Sequence[Mapping[str, str]]) -> str:
+    """The prompt that asks for a user's profile from some of their history items."""
+    lines = "\n".join(f"{i + 1}. {render_history_item(task, item)}" for i, item in enumerate(items))
+    return f"{PROFILE_INSTRUCTIONS[task.name]}\n{lines}\nProfile of this user:"
+
+
+def parse_profile(generation: str) -> str:
+    """A generated profile as one line (a profile is prepended to prompts as one line)."""
+    return " ".join(generation.split())
+
+
 def build_prompt(
     task: Task,
     query_input: str,
     retrieved: Sequence[Mapping[str, str]] = (),
     profile: str | None = None,
+    form: str = "query",
 ) -> str:
-    """The full model prompt: [profile] [retrieved history] query input, then the answer cue."""
-    head, text = split_query_input(task, query_input)
+    """The full model prompt: [profile] [retrieved history] query input, then the answer cue;
+    with ``form`` "plain", the bare input (no instruction is looked for) and the plain cue."""
+    head, text = split_query_input(task, query_input) if form == "query" else ("", query_input)
     parts = []
     if profile:
         parts.append(profile_prefix(profile))
     if retrieved:
         lines = "\n".join(render_history_item(task, it) for it in retrieved)
         parts.append(f"Past items of this user:\n{lines}\n")
-    parts.append(head + truncate_words(text, INPUT_WORDS) + ANSWER_CUE)
+    parts.append(head + truncate_words(text, INPUT_WORDS) + (ANSWER_CUE if form == "query" else PLAIN_CUE))
     return "".join(parts)
 
 
@@ -185,3 +220,17 @@ def parse_prediction(task: Task, generation: str) -> str:
         found = re.search(r"-?\d+(?:\.\d+)?", line)
         return found.group(0) if found else line
     return line
+
+
+def is_valid_prediction(task: Task, prediction: str) -> bool:
+    """Whether the metric scores ``prediction`` as an answer, not as its worst case: a label of
+    the task, a finite number for ratings, any non-empty text for generation."""
+    text = prediction.strip()
+    if task.kind == "classification":
+        return text in task.labels
+    if task.kind == "rating":
+        try:
+            return math.isfinite(float(text))
+        except ValueError:
+            return False
+    return bool(text)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from oppu import cli
 from oppu.adapters import ADAPTER_WEIGHTS, TASK_TARGETS, add_adapter, lora_config, save_adapter
+from oppu.answers import answer, answer_stats, report_answers
 from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, User, golds_of, predictions_json
 from oppu.examples import query_pairs, query_prompts
-from oppu.generation import DecodeConfig, generate
+from oppu.generation import DecodeConfig
 from oppu.modeling import load_model
 from oppu.runs import CONFIG_FILE, config_differences, file_fingerprint, public_config, task_lora_dir
 from oppu.tasks import Task
@@ -28,31 +29,34 @@ from utils import ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser, max_epoch=3, target_modules=TASK_TARGETS)
+    cli.add_common_args(parser, stage="task_LoRA", target_modules=TASK_TARGETS)
     parser.add_argument("--predict_base", action="store_true",
                         help="also answer the test queries with the base model (no adapter)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def predict_users(model, tokenizer, task: Task, users: list[User], profiles: list, k: int,
-                  decode: DecodeConfig) -> dict[str, str]:  # fmt: skip
+                  decode: DecodeConfig, mode: str = "generate", retrieval: str = "most") -> dict[str, str]:  # fmt: skip
     """Answer every query of ``users``; returns {query id: parsed prediction} in user order."""
     prompts, ids = [], []
     for user, profile in zip(users, profiles):
-        prompts += query_prompts(task, user, k, profile)
+        prompts += query_prompts(task, user, k, profile, retrieval)
         ids += [q["id"] for q in user["query"]]
-    raw = generate(model, tokenizer, prompts, decode, desc="answer test queries")
+    raw = answer(model, tokenizer, task, prompts, decode, mode, desc="answer test queries")
     return {qid: parse_prediction(task, text) for qid, text in zip(ids, raw)}
 
 
 def predict_shared(accelerator, model, tokenizer, task: Task, users: list[User], profiles: list, k: int,
-                   decode: DecodeConfig) -> dict[str, str]:  # fmt: skip
+                   decode: DecodeConfig, mode: str = "generate",
+                   retrieval: str = "most") -> dict[str, str]:  # fmt: skip
     """Answer the users' queries with the users split over the processes (user i on process
     i mod N); every process gets all predictions back, in user order."""
     from accelerate.utils import gather_object
 
     mine = range(accelerator.process_index, len(users), accelerator.num_processes)
-    preds = predict_users(model, tokenizer, task, [users[i] for i in mine], [profiles[i] for i in mine], k, decode)
+    preds = predict_users(
+        model, tokenizer, task, [users[i] for i in mine], [profiles[i] for i in mine], k, decode, mode, retrieval
+    )
     merged = {qid: out for shard in gather_object([preds]) for qid, out in shard.items()}
     return {q["id"]: merged[q["id"]] for u in users for q in u["query"]}
 
@@ -88,10 +92,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     outputs = {"adapter": adapter_dir, "predictions": pred_file}
     if args.predict_base:
         base_file = cli.prediction_file(args, task, "base")
-        preds = predict_shared(accelerator, model, tokenizer, task, tests, test_profiles, args.k, decode)
+        preds = predict_shared(
+            accelerator, model, tokenizer, task, tests, test_profiles, args.k, decode, args.answer_mode, args.retrieval
+        )
         if accelerator.is_main_process:
             write_json(base_file, predictions_json(task, preds, f"{args.model_name} (no adapter)"))
+            write_json(base_file.with_suffix(".config.json"), public_config(config) | answer_stats(task, preds))
             write_json(base_file.with_suffix(".golds.json"), golds_of(task, tests))
+            report_answers(task, preds, base_file, "base model")
         outputs["base_predictions"] = base_file
 
     if reusable_adapter(adapter_dir, config) and not args.overwrite:
@@ -99,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=True)
     else:
         model = add_adapter(model, lora_config(args, cli.target_modules(args)))
-        pairs = [pair for u, p in zip(others, other_profiles) for pair in query_pairs(task, u, args.k, p)]
+        pairs = [
+            pair for u, p in zip(others, other_profiles) for pair in query_pairs(task, u, args.k, p, args.retrieval)
+        ]
         encoded = encode_pairs(tokenizer, pairs, args.cut_off)
         if any(e.truncated for e in encoded):
             accelerator.print(
@@ -113,12 +123,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         if accelerator.is_main_process:
             save_adapter(model, adapter_dir)
             write_json(adapter_dir / CONFIG_FILE, public_config(config) | {"final_loss": result.final_loss})
-    preds = predict_shared(accelerator, model, tokenizer, task, tests, test_profiles, args.k, decode)
+    preds = predict_shared(
+        accelerator, model, tokenizer, task, tests, test_profiles, args.k, decode, args.answer_mode, args.retrieval
+    )
     if accelerator.is_main_process:
         write_json(pred_file, predictions_json(task, preds, f"{args.model_name} + task adapter"))
-        write_json(pred_file.with_suffix(".config.json"), public_config(config))
+        write_json(pred_file.with_suffix(".config.json"), public_config(config) | answer_stats(task, preds))
         write_json(pred_file.with_suffix(".golds.json"), golds_of(task, tests))
-        print(f"wrote {len(preds)} predictions to {pred_file}")
+        report_answers(task, preds, pred_file, "task adapter")
     accelerator.wait_for_everyone()
     return outputs
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
+from oppu.adapters import IA3_TARGETS, PEFT_LEARNING_RATES, PEFT_TYPES, USER_TARGETS
 from oppu.data import (
     OTHER_PROFILES_FILE,
     OTHER_USERS_FILE,
@@ -14,15 +16,20 @@ from oppu.data import (
     load_profiles,
     load_users,
 )
+from oppu.defaults import model_parameters, resolve_training_defaults
 from oppu.generation import DecodeConfig
 from oppu.modeling import EMBEDDED_MODEL, ModelSpec, check_spec
+from oppu.retrieval import RETRIEVAL_MODES
 from oppu.runs import predictions_path
 from oppu.tasks import Task, get_task
 from oppu.training import TrainConfig
+from prompts import HISTORY_FORMATS
 from utils import UserError
 
 
-def add_common_args(parser: argparse.ArgumentParser, max_epoch: int, target_modules: tuple[str, ...]) -> None:
+def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules: tuple[str, ...]) -> None:
+    """The flags of both stages; ``stage`` ("task_LoRA" or "OPPU") picks its training defaults."""
+    parser.set_defaults(stage=stage)
     g = parser.add_argument_group("data and outputs")
     g.add_argument("--task_name", required=True, help="task name or LaMP id, e.g. news_categorize or LaMP_2N")
     g.add_argument("--data_dir", default="./data", help="folder holding <task_name>/user_*.json")
@@ -35,6 +42,12 @@ def add_common_args(parser: argparse.ArgumentParser, max_epoch: int, target_modu
     g = parser.add_argument_group("prompt")
     g.add_argument("--k", type=int, default=0, help="retrieved history items in each prompt (BM25)")
     g.add_argument("--add_profile", action="store_true", help="prepend the user's textual profile")
+    g.add_argument(
+        "--retrieval",
+        choices=RETRIEVAL_MODES,
+        default="most",
+        help="most: the k most relevant items (the paper); least: the k least relevant (behaviour shift)",
+    )
 
     g = parser.add_argument_group("model")
     g.add_argument("--model_name", default=EMBEDDED_MODEL,
@@ -44,11 +57,19 @@ def add_common_args(parser: argparse.ArgumentParser, max_epoch: int, target_modu
     g.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 base weights (bitsandbytes, CUDA only)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
 
-    g = parser.add_argument_group("training")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--batch_size", type=int, default=16, help="examples per optimiser step")
+    g = parser.add_argument_group("training (unset values follow the model's size: see --paper_defaults)")
+    g.add_argument("--paper_defaults", action="store_true",
+                   help="the paper's lr 1e-4, batch 16, 3/2 epochs, no step floor, whatever the model's size "
+                   "(the default for models of 1B parameters and more; smaller ones get lr 1e-3, batch 8, and "
+                   "at least 24 steps per user)")  # fmt: skip
+    g.add_argument("--learning_rate", type=float, default=None, help="default: by model size (1e-4 paper, 1e-3 small)")
+    g.add_argument(
+        "--batch_size", type=int, default=None, help="examples per optimiser step (default 16 paper, 8 small)"
+    )
     g.add_argument("--micro_batch_size", type=int, default=4, help="examples per forward pass (memory only)")
-    g.add_argument("--max_epoch", type=int, default=max_epoch)
+    g.add_argument("--max_epoch", type=int, default=None, help="default: 3 (task adapter) / 2 (personal)")
+    g.add_argument("--min_steps", type=int, default=None,
+                   help="personal adapters: more epochs until a user gets this many optimiser steps (default 0 paper, 24 small)")  # fmt: skip
     g.add_argument("--max_step", type=int, default=-1, help="stop after N optimiser steps; -1 = no cap")
     g.add_argument("--cut_off", type=int, default=2048, help="max tokens per training example")
     g.add_argument("--lora_r", type=int, default=8)
@@ -64,6 +85,9 @@ def add_common_args(parser: argparse.ArgumentParser, max_epoch: int, target_modu
     g.add_argument("--seed", type=int, default=42)
 
     g = parser.add_argument_group("decoding (greedy unless --do_sample)")
+    g.add_argument("--answer_mode", choices=("generate", "score"), default="generate",
+                   help="generate (the paper's way) or score: answer the label (or rating 1-5) the model finds "
+                   "most likely, one forward pass per query (classification and rating tasks only)")  # fmt: skip
     g.add_argument("--max_new_tokens", type=int, default=None, help="default: per task (short for labels)")
     g.add_argument("--decode_batch_size", type=int, default=8)
     g.add_argument("--do_sample", action="store_true", help="sample as the paper did")
@@ -72,11 +96,65 @@ def add_common_args(parser: argparse.ArgumentParser, max_epoch: int, target_modu
     g.add_argument("--top_p", type=float, default=0.9)
 
 
+def add_personal_args(parser: argparse.ArgumentParser) -> None:
+    """OPPU.py's personal-adapter flags; --target_modules and --learning_rate then default by type."""
+    g = parser.add_argument_group("personal PEFT (the task adapter is always LoRA)")
+    g.add_argument(
+        "--peft_type",
+        choices=PEFT_TYPES,
+        default="lora",
+        help="lora (q,v; the paper), ia3 (k,v,down_proj; lr 3e-3) or prompt_tuning (lr 3e-2)",
+    )
+    g.add_argument("--num_virtual_tokens", type=int, default=20, help="prompt_tuning: virtual tokens prepended")
+    g.add_argument(
+        "--prompt_init",
+        choices=("text", "random"),
+        default="text",
+        help="prompt_tuning: start from the embeddings of a fixed instruction text, or random",
+    )
+    g.add_argument(
+        "--history_format",
+        choices=HISTORY_FORMATS,
+        default="query",
+        help="history items for personal training in the query prompt, or plain 'input -> output'",
+    )
+    parser.set_defaults(target_modules=None)
+
+
+def resolve_personal_args(args: argparse.Namespace) -> None:
+    """Fill --target_modules and (except for LoRA, whose rate follows the model size)
+    --learning_rate from --peft_type when they were not given, in place."""
+    if args.peft_type == "prompt_tuning":
+        if args.target_modules:
+            raise UserError("--target_modules does not apply to --peft_type prompt_tuning (it adapts no module)")
+        if args.num_virtual_tokens < 1:
+            raise UserError("--num_virtual_tokens must be >= 1")
+        args.target_modules = ""
+    elif args.target_modules is None:
+        args.target_modules = ",".join(IA3_TARGETS if args.peft_type == "ia3" else USER_TARGETS)
+    if args.learning_rate is None and args.peft_type in PEFT_LEARNING_RATES:
+        args.learning_rate = PEFT_LEARNING_RATES[args.peft_type]
+    if args.peft_type == "prompt_tuning" and getattr(args, "answer_mode", "generate") == "score":
+        raise UserError("--answer_mode score reuses a cached prompt, which prompt tuning cannot: use generate")
+
+
+def personal_configs(args: argparse.Namespace, task: Task) -> tuple[TrainConfig, DecodeConfig]:
+    """Training and decoding settings of a personal adapter. Prompt tuning prepends its virtual
+    tokens to every forward call's input, so nothing may be cached and reused across calls (a
+    shared prefix would get them twice), and prompts are decoded one at a time: left padding
+    would sit between the virtual tokens and the prompt and change the answer."""
+    train, decode = train_config(args), decode_config(args, task)
+    if args.peft_type != "prompt_tuning":
+        return train, decode
+    return replace(train, shared_prefix=False), replace(decode, batch_size=1, shared_prefix=False)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every numeric flag checked at once, before anything is read or loaded."""
     problems = [f"--{name} must be {rule}" for name, bad, rule in (
         ("k", args.k < 0, ">= 0"), ("batch_size", args.batch_size < 1, ">= 1"),
         ("micro_batch_size", args.micro_batch_size < 1, ">= 1"), ("max_epoch", args.max_epoch < 1, ">= 1"),
+        ("min_steps", args.min_steps < 0, ">= 0"),
         ("cut_off", args.cut_off < 8, ">= 8"), ("learning_rate", args.learning_rate <= 0, "> 0"),
         ("decode_batch_size", args.decode_batch_size < 1, ">= 1"), ("lora_r", args.lora_r < 1, ">= 1"),
         ("max_step", args.max_step < 1 and args.max_step != -1, "-1 (no cap) or >= 1"),
@@ -91,11 +169,24 @@ def check_args(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> tuple[Task, ModelSpec]:
     """The checks every stage runs first, before reading data or loading a model."""
-    check_args(args)
     task = get_task(args.task_name)
     spec = model_spec(args)
     check_spec(spec)
+    chosen = resolve_training_defaults(args, args.stage, model_parameters(spec))
+    check_args(args)
+    if args.answer_mode == "score" and task.kind == "generation":
+        raise UserError(f"--answer_mode score needs a task with fixed answers; {task.name} is free generation")
+    args.defaults = chosen["defaults"]
+    print(
+        f"{args.stage}: {chosen['defaults']} defaults for {model_size(chosen['model_parameters'])}: learning_rate "
+        f"{args.learning_rate:g}, batch_size {args.batch_size}, max_epoch {args.max_epoch}, min_steps {args.min_steps}"
+        + ("" if args.paper_defaults else " (--paper_defaults for the paper's)")
+    )
     return task, spec
+
+
+def model_size(parameters: int | None) -> str:
+    return "a model of unknown size" if parameters is None else f"{parameters / 1e6:,.0f}M parameters"
 
 
 def prediction_file(args: argparse.Namespace, task: Task, method: str) -> Path:

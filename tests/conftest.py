@@ -43,8 +43,11 @@ def make_args():
     """Factory of OPPU.py's parsed arguments (LoRA r=8, alpha=8, dropout 0.05, ...); extra flags
     are appended to a minimal news_categorize command line."""
     import OPPU
+    from oppu.defaults import resolve_training_defaults
 
     def make(*extra: str):
-        return OPPU.parse_args(["--task_lora", "unused", "--task_name", "news_categorize", *extra])
+        args = OPPU.parse_args(["--task_lora", "unused", "--task_name", "news_categorize", *extra])
+        resolve_training_defaults(args, "OPPU", parameters=None)  # unknown size: the paper's values
+        return args
 
     return make

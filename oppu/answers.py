@@ -1,0 +1,107 @@
+"""Answering queries: free generation (the paper's way) or scoring the task's fixed answers, and
+how many answers are not answers (invalid labels or ratings, which the metrics score as worst)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from oppu.generation import DecodeConfig, generate
+from oppu.tasks import Task
+from oppu.training import IGNORE_INDEX, tokenize_and_mask
+from prompts import format_target, is_valid_prediction
+
+RATING_ANSWERS = ("1", "2", "3", "4", "5")
+WARN_INVALID = 0.10  # above this share of invalid answers a stage prints a warning
+
+
+def candidates(task: Task) -> tuple[str, ...]:
+    """The answers scoring mode chooses among: the label list, or the ratings 1-5."""
+    return task.labels if task.is_classification else RATING_ANSWERS
+
+
+def answer(model, tokenizer, task: Task, prompts: Sequence[str], decode: DecodeConfig, mode: str = "generate",
+           desc: str = "answer", show: bool = True) -> list[str]:  # fmt: skip
+    """The model's raw answer to every prompt: its generation, or (``mode`` "score") the
+    candidate answer it finds most likely."""
+    if mode == "score":
+        return score_answers(model, tokenizer, prompts, candidates(task), desc=desc, show=show)
+    return generate(model, tokenizer, prompts, decode, desc=desc, show=show)
+
+
+@torch.no_grad()
+def answer_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[str]) -> list[float]:
+    """Log-likelihood of each answer (its tokens and EOS, exactly as training appends them) after
+    the prompt. The prompt runs once; its keys and values are shared by every answer's row."""
+    encoded = [tokenize_and_mask(tokenizer, prompt, format_target(a), cut_off=1 << 30) for a in answers]
+    n_prompt = encoded[0].labels.count(IGNORE_INDEX)
+    device = next(model.parameters()).device
+    prompt_ids = torch.tensor([encoded[0].input_ids[:n_prompt]], device=device)
+    out = model(input_ids=prompt_ids, use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each answer's first token
+    tails = [e.input_ids[n_prompt:] for e in encoded]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(tails), n_prompt + width), dtype=torch.long, device=device)
+    mask[:, :n_prompt] = 1
+    for i, tail in enumerate(tails):
+        ids[i, : len(tail)] = torch.tensor(tail)
+        mask[i, n_prompt : n_prompt + len(tail)] = 1
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(tails))
+    positions = torch.arange(n_prompt, n_prompt + width, device=device).expand(len(tails), -1)
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    scores = []
+    for i, tail in enumerate(tails):
+        total = first[tail[0]] + sum(logp[i, j - 1, tail[j]] for j in range(1, len(tail)))
+        scores.append(float(total))
+    return scores
+
+
+def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], desc: str = "score",
+                  show: bool = True) -> list[str]:  # fmt: skip
+    """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer)."""
+    chosen = []
+    for prompt in tqdm(prompts, desc=desc, leave=False, disable=not show):
+        scores = answer_log_likelihoods(model, tokenizer, prompt, answers)
+        chosen.append(answers[max(range(len(answers)), key=lambda i: (scores[i], -i))])
+    return chosen
+
+
+def invalid_fraction(task: Task, predictions: Mapping[str, str] | Sequence[str]) -> float:
+    """Share of predictions that are not a valid answer for the task (0 when there are none)."""
+    values = list(predictions.values()) if isinstance(predictions, Mapping) else list(predictions)
+    return sum(not is_valid_prediction(task, p) for p in values) / len(values) if values else 0.0
+
+
+def invalid_warning(task: Task, fraction: float, stage: str) -> str | None:
+    """A warning naming the likely cause and the flag to change, when too many answers are invalid."""
+    if fraction <= WARN_INVALID:
+        return None
+    what = "a label of the task" if task.is_classification else "a rating" if task.kind == "rating" else "any text"
+    advice = (
+        "the adapter has not learnt the answer format: too few optimiser steps (raise --max_epoch or --min_steps, "
+        "or lower --batch_size) or too low a learning rate (raise --learning_rate; the paper's 1e-4 is for 7B "
+        "models)"
+    )
+    if task.kind != "generation":
+        advice += ", or answer with --answer_mode score, which always picks a valid answer"
+    return f"warning: {stage}: {fraction:.0%} of the answers are not {what}; {advice}"
+
+
+def answer_stats(task: Task, predictions: Mapping[str, str]) -> dict[str, float | int]:
+    """What a stage records beside its predictions about how many are real answers."""
+    return {"predictions": len(predictions), "invalid_fraction": round(invalid_fraction(task, predictions), 4)}
+
+
+def report_answers(task: Task, predictions: Mapping[str, str], path, stage: str) -> float:
+    """The stage's summary line (and the warning when too many answers are invalid)."""
+    fraction = invalid_fraction(task, predictions)
+    print(f"{stage}: wrote {len(predictions)} predictions to {path}; {fraction:.1%} are not valid answers")
+    warning = invalid_warning(task, fraction, stage)
+    if warning:
+        print(warning)
+    return fraction

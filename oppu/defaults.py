@@ -1,0 +1,87 @@
+"""Training defaults by model size: the paper's values for 7B-class models, and values that
+work for small models such as the embedded 135M SmolLM2 (evidence: docs/defaults.md)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from oppu.modeling import EMBEDDED_MODEL, ModelSpec, resolve_model_path
+
+# Below this many parameters the paper's values (tuned for Llama-2-7b) leave LoRA untrained.
+SMALL_MODEL_PARAMS = 1_000_000_000
+EMBEDDED_PARAMS = 134_515_008  # SmolLM2-135M: 30 layers, hidden 576, 49,152 tied embeddings
+
+
+@dataclass(frozen=True)
+class Defaults:
+    learning_rate: float
+    batch_size: int
+    task_epochs: int  # task adapter (task_LoRA.py)
+    user_epochs: int  # personal adapters (OPPU.py)
+    min_steps: int  # personal adapters: more epochs until a user gets at least this many steps
+
+
+# REFERENCE.md §1: AdamW lr 1e-4, batch 16, 3 epochs (task) / 2 epochs (user), no step floor.
+PAPER = Defaults(learning_rate=1e-4, batch_size=16, task_epochs=3, user_epochs=2, min_steps=0)
+# Small models: lr 1e-4 never teaches a 135M model the answer format (invalid answers on every
+# rating query); 1e-3 does. Batch 8 and a floor of 24 steps give short histories enough updates
+# (at batch 16 x 2 epochs a 12-item history gets 2 steps). See docs/defaults.md.
+SMALL = Defaults(learning_rate=1e-3, batch_size=8, task_epochs=3, user_epochs=2, min_steps=24)
+
+
+def estimate_parameters(config) -> int:
+    """Parameters of a decoder-only transformer from its config (embeddings, attention, MLP)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attention = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim
+    mlp = 3 * h * getattr(config, "intermediate_size", 4 * h)
+    embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def model_parameters(spec: ModelSpec) -> int | None:
+    """The model's size from its config alone (no weights loaded); None when it can't be read."""
+    if spec.name == EMBEDDED_MODEL:
+        return EMBEDDED_PARAMS
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(spec.name), token=spec.access_token, trust_remote_code=spec.trust_remote_code
+        )
+        return estimate_parameters(config)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def defaults_for(parameters: int | None, paper: bool = False) -> Defaults:
+    """The paper's values for large (or unknown) models and with ``paper``, else SMALL."""
+    if paper or parameters is None or parameters >= SMALL_MODEL_PARAMS:
+        return PAPER
+    return SMALL
+
+
+def resolve_training_defaults(args: argparse.Namespace, stage: str, parameters: int | None) -> dict:
+    """Fill the training flags left unset (None) from the defaults for this model size, in
+    place, and return what was chosen and why (printed at start and saved in run_config.json)."""
+    chosen = defaults_for(parameters, args.paper_defaults)
+    values = {
+        "learning_rate": chosen.learning_rate,
+        "batch_size": chosen.batch_size,
+        "max_epoch": chosen.task_epochs if stage == "task_LoRA" else chosen.user_epochs,
+        "min_steps": 0 if stage == "task_LoRA" else chosen.min_steps,
+    }
+    for name, value in values.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return {"defaults": "paper" if chosen is PAPER else "small-model", "model_parameters": parameters}
+
+
+def epochs_for_min_steps(n_examples: int, batch_size: int, max_epoch: int, min_steps: int) -> int:
+    """At least ``max_epoch`` epochs, more when needed to reach ``min_steps`` optimiser steps."""
+    per_epoch = max(math.ceil(n_examples / batch_size), 1)
+    return max(max_epoch, math.ceil(min_steps / per_epoch))

@@ -1,0 +1,189 @@
+"""Training defaults by model size, invalid-answer reporting, and answering by scoring."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import OPPU
+import task_LoRA
+from oppu import cli
+from oppu.answers import answer, answer_log_likelihoods, candidates, invalid_fraction, invalid_warning, score_answers
+from oppu.defaults import (
+    EMBEDDED_PARAMS,
+    PAPER,
+    SMALL,
+    defaults_for,
+    epochs_for_min_steps,
+    estimate_parameters,
+    resolve_training_defaults,
+)
+from oppu.generation import DecodeConfig, generate
+from oppu.tasks import get_task
+from oppu.training import TrainConfig, tokenize_and_mask, train
+from prompts import format_target, is_valid_prediction
+
+NEWS = get_task("news_categorize")
+RATING = get_task("product_rating")
+
+
+def llama2_7b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32)  # fmt: skip
+
+
+def smollm2_135m_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)  # fmt: skip
+
+
+# --- defaults ----------------------------------------------------------------------------------
+
+
+def test_parameter_estimates_match_the_published_sizes():
+    assert estimate_parameters(llama2_7b_config()) == pytest.approx(6.74e9, rel=0.01)
+    # the embedded model's real count (134,515,008) adds only the norms' 35,136 weights
+    assert EMBEDDED_PARAMS - estimate_parameters(smollm2_135m_config()) == 35_136
+
+
+@pytest.mark.parametrize("stage, epochs, min_steps", [("task_LoRA", 3, 0), ("OPPU", 2, 24)])
+def test_embedded_model_gets_small_model_defaults(stage, epochs, min_steps):
+    module = task_LoRA if stage == "task_LoRA" else OPPU
+    args = module.parse_args(["--task_name", "news_categorize"] + (["--task_lora", "x"] if stage == "OPPU" else []))
+    chosen = resolve_training_defaults(args, args.stage, EMBEDDED_PARAMS)
+    assert chosen["defaults"] == "small-model"
+    assert (args.learning_rate, args.batch_size, args.max_epoch, args.min_steps) == (1e-3, 8, epochs, min_steps)
+
+
+@pytest.mark.parametrize("stage, epochs", [("task_LoRA", 3), ("OPPU", 2)])
+def test_llama2_7b_keeps_the_papers_values(stage, epochs):
+    module = task_LoRA if stage == "task_LoRA" else OPPU
+    args = module.parse_args(["--task_name", "LaMP_2N"] + (["--task_lora", "x"] if stage == "OPPU" else []))
+    chosen = resolve_training_defaults(args, args.stage, estimate_parameters(llama2_7b_config()))
+    assert chosen["defaults"] == "paper"
+    assert (args.learning_rate, args.batch_size, args.max_epoch, args.min_steps) == (1e-4, 16, epochs, 0)
+
+
+def test_paper_defaults_flag_and_explicit_flags_win():
+    args = OPPU.parse_args(["--task_name", "LaMP_2N", "--task_lora", "x", "--paper_defaults", "--max_epoch", "5"])
+    resolve_training_defaults(args, "OPPU", EMBEDDED_PARAMS)
+    assert (args.learning_rate, args.batch_size, args.max_epoch, args.min_steps) == (1e-4, 16, 5, 0)
+    assert defaults_for(None) is PAPER and defaults_for(10**8) is SMALL and defaults_for(10**8, paper=True) is PAPER
+
+
+def test_validate_prints_and_the_config_records_the_resolved_values(capsys):
+    args = OPPU.parse_args(["--task_name", "news_categorize", "--task_lora", "x"])
+    cli.validate(args)
+    line = capsys.readouterr().out
+    assert "OPPU: small-model defaults for 135M parameters: learning_rate 0.001, batch_size 8" in line
+    assert "--paper_defaults" in line
+    assert {"learning_rate": 1e-3, "batch_size": 8, "max_epoch": 2, "min_steps": 24}.items() <= vars(args).items()
+    assert vars(args)["defaults"] == "small-model"
+
+
+@pytest.mark.parametrize(
+    "n, batch, epochs, min_steps, want",
+    [(12, 16, 2, 0, 2), (12, 8, 2, 24, 12), (12, 8, 2, 4, 2), (400, 8, 2, 24, 2), (7, 8, 2, 5, 5), (0, 8, 2, 24, 24)],
+)
+def test_epochs_are_raised_until_a_user_gets_min_steps(n, batch, epochs, min_steps, want):
+    assert epochs_for_min_steps(n, batch, epochs, min_steps) == want
+
+
+# --- invalid answers ---------------------------------------------------------------------------
+
+
+def test_invalid_fraction_and_warning_on_a_hand_made_predictions_file(tmp_path):
+    path = tmp_path / "preds.json"
+    outputs = {"a": "5", "b": "4.0", "c": "five stars", "d": "", "e": "3"}
+    path.write_text(json.dumps({"task": "LaMP_3", "golds": [{"id": k, "output": v} for k, v in outputs.items()]}))
+    preds = {g["id"]: g["output"] for g in json.loads(path.read_text())["golds"]}
+    assert invalid_fraction(RATING, preds) == pytest.approx(2 / 5)
+    warning = invalid_warning(RATING, 0.4, "OPPU")
+    assert warning.startswith("warning: OPPU: 40% of the answers are not a rating")
+    assert "--learning_rate" in warning and "--min_steps" in warning and "--answer_mode score" in warning
+    assert invalid_warning(RATING, 0.10, "OPPU") is None  # at the threshold: no warning
+    assert invalid_fraction(NEWS, ["sports", "Sports", "sports.", "travel"]) == pytest.approx(0.5)
+    assert invalid_fraction(NEWS, {}) == 0.0
+
+
+def test_valid_predictions_follow_the_metrics():
+    assert is_valid_prediction(get_task("citation"), "[2]") and not is_valid_prediction(get_task("citation"), "2")
+    assert is_valid_prediction(RATING, " 3 ") and not is_valid_prediction(RATING, "nan")
+    assert is_valid_prediction(get_task("news_headline"), "A headline")
+    assert not is_valid_prediction(get_task("news_headline"), "  ")
+
+
+# --- answering by scoring ----------------------------------------------------------------------
+
+
+class BigramLM(torch.nn.Module):
+    """A model whose next-token logits are a fixed table row of the current token: known logits."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=False):
+        cache = SimpleNamespace(batch_repeat_interleave=lambda n: None)
+        return SimpleNamespace(logits=self.table[input_ids], past_key_values=cache)
+
+
+def test_scoring_picks_the_label_the_known_logits_favour(tokenizer):
+    prompt = "Which category? article: a quiet day.\nAnswer:"
+    prompt_len = tokenize_and_mask(tokenizer, prompt, " x", 4096).labels.count(-100)
+    last = tokenize_and_mask(tokenizer, prompt, " x", 4096).input_ids[prompt_len - 1]
+    table = torch.zeros(len(tokenizer), len(tokenizer))
+    for label, boost in (("travel", 4.0), ("crime", 6.0)):
+        ids = tokenize_and_mask(tokenizer, prompt, format_target(label), 4096).input_ids[prompt_len:]
+        assert len(ids) == 2  # one label token, then EOS: the boost decides
+        table[last, ids[0]] = boost
+    model = BigramLM(table)
+    scores = answer_log_likelihoods(model, tokenizer, prompt, ["travel", "crime", "sports"])
+    assert scores[1] > scores[0] > scores[2]
+    assert score_answers(model, tokenizer, [prompt], NEWS.labels, show=False) == ["crime"]
+
+
+def test_cached_scores_equal_full_forward_likelihoods(tiny_model, tokenizer):
+    model = tiny_model(3)
+    prompt = "Which category does this article relate to? article: The match ended in a draw.\nAnswer:"
+    answers = list(NEWS.labels)
+    got = answer_log_likelihoods(model, tokenizer, prompt, answers)
+    for answer_text, score in zip(answers, got):
+        enc = tokenize_and_mask(tokenizer, prompt, format_target(answer_text), 4096)
+        ids = torch.tensor([enc.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        want = sum(float(logp[j - 1, enc.input_ids[j]]) for j, y in enumerate(enc.labels) if y != -100)
+        assert score == pytest.approx(want, abs=1e-4)
+    assert score_answers(model, tokenizer, [prompt], answers, show=False) == [
+        answers[max(range(15), key=got.__getitem__)]
+    ]
+
+
+def test_scoring_equals_generation_where_the_model_is_confident(tiny_model, tokenizer):
+    model = tiny_model()  # every weight trains: the tiny model memorises three answers quickly
+    topics = [("a bank robbery", "crime"), ("the final match", "sports"), ("a cheap flight", "travel")]
+    prompts = [f"What is this article about? article: {t}\nAnswer:" for t, _ in topics]
+    examples = [tokenize_and_mask(tokenizer, p, format_target(y), 256) for p, (_, y) in zip(prompts, topics)]
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=3, micro_batch_size=3, max_epoch=30, warmup_ratio=0.0)
+    train(model, tokenizer, examples, cfg)
+    generated = generate(model, tokenizer, prompts, DecodeConfig(max_new_tokens=8), show=False)
+    assert [g.strip() for g in generated] == [y for _, y in topics]  # confident: it learnt the answers
+    scored = answer(model, tokenizer, NEWS, prompts, DecodeConfig(), mode="score", show=False)
+    assert scored == [y for _, y in topics]
+
+
+def test_rating_candidates_and_score_mode_refused_for_generation_tasks():
+    from utils import UserError
+
+    assert candidates(RATING) == ("1", "2", "3", "4", "5") and candidates(NEWS) == NEWS.labels
+    args = OPPU.parse_args(["--task_name", "news_headline", "--task_lora", "x", "--answer_mode", "score"])
+    with pytest.raises(UserError, match="answer_mode score needs a task with fixed answers"):
+        cli.validate(args)
