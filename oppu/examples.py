@@ -13,31 +13,44 @@ def _documents(task: Task, user: User) -> list[str]:
     return [history_item_text(task, item) for item in user["profile"]]
 
 
-def query_prompts(task: Task, user: User, k: int = 0, profile: str | None = None) -> list[str]:
-    """One prompt per query of the user, with the top-``k`` history items and the profile."""
+def query_prompts(task: Task, user: User, k: int = 0, profile: str | None = None, retrieval: str = "most") -> list[str]:
+    """One prompt per query of the user, with the ``k`` most (or least, ``retrieval``) relevant
+    history items and the profile."""
     docs = _documents(task, user) if k > 0 else []
     prompts = []
     for query in user["query"]:
-        hits = retrieve(retrieval_query(task, query["input"]), docs, k)
+        hits = retrieve(retrieval_query(task, query["input"]), docs, k, retrieval)
         prompts.append(build_prompt(task, query["input"], [user["profile"][i] for i in hits], profile))
     return prompts
 
 
-def query_pairs(task: Task, user: User, k: int = 0, profile: str | None = None) -> list[tuple[str, str]]:
+def query_pairs(
+    task: Task, user: User, k: int = 0, profile: str | None = None, retrieval: str = "most"
+) -> list[tuple[str, str]]:
     """(prompt, target) for each query with a gold answer: the task adapter's training data."""
-    prompts = query_prompts(task, user, k, profile)
+    prompts = query_prompts(task, user, k, profile, retrieval)
     return [(p, format_target(q["gold"])) for p, q in zip(prompts, user["query"])]
 
 
-def history_pairs(task: Task, user: User, k: int = 0, profile: str | None = None) -> list[tuple[str, str]]:
-    """(prompt, target) for each history item: the personal adapter's training data. Item j
-    retrieves only among the items before it, so it never sees its own future."""
+def history_pairs(
+    task: Task,
+    user: User,
+    k: int = 0,
+    profile: str | None = None,
+    retrieval: str = "most",
+    history_format: str = "query",
+) -> list[tuple[str, str]]:
+    """(prompt, target) for each history item: the personal adapter's training data, written in
+    ``history_format`` (prompts.HISTORY_FORMATS). Item j retrieves only among the items before
+    it, so it never sees its own future."""
     docs = _documents(task, user) if k > 0 else []
     pairs = []
     for j, item in enumerate(user["profile"]):
         query_input, target = history_example(task, item)
-        # Search with the same text a test query would use (its article), for the same ranking.
-        hits = retrieve_before(docs, j, k, retrieval_query(task, query_input)) if k > 0 else []
-        prompt = build_prompt(task, query_input, [user["profile"][i] for i in hits], profile)
+        # Search with the same text a test query would use (its article), for the same ranking,
+        # whichever form the item is written in.
+        hits = retrieve_before(docs, j, k, retrieval_query(task, query_input), retrieval) if k > 0 else []
+        text = query_input if history_format == "query" else history_example(task, item, history_format)[0]
+        prompt = build_prompt(task, text, [user["profile"][i] for i in hits], profile, history_format)
         pairs.append((prompt, format_target(target)))
     return pairs

@@ -1,4 +1,5 @@
-"""BM25 retrieval over one user's history, deterministic, with a no-future variant."""
+"""BM25 retrieval over one user's history (most or least relevant), deterministic, with a
+no-future variant."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from collections import Counter
 from collections.abc import Sequence
 
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
+# "least" is the paper's behaviour-shift setting: the k items retrieval ranks lowest, as if the
+# user's relevant past could not be found.
+RETRIEVAL_MODES = ("most", "least")
 
 
 def tokenize(text: str) -> list[str]:
@@ -43,15 +47,28 @@ class BM25:
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))
         return order[: max(k, 0)]
 
+    def bottom_k(self, query: str, k: int) -> list[int]:
+        """Indices of the ``k`` worst documents, worst first; ties go to the earlier document
+        (the older history item), the mirror image of ``top_k``."""
+        scores = self.scores(query)
+        order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+        return order[: max(k, 0)]
 
-def retrieve(query: str, documents: Sequence[str], k: int) -> list[int]:
-    """Top-``k`` document indices for ``query`` (fewer when there are fewer documents)."""
+
+def retrieve(query: str, documents: Sequence[str], k: int, mode: str = "most") -> list[int]:
+    """The ``k`` most (or, with mode "least", least) relevant document indices for ``query``,
+    fewer when there are fewer documents."""
+    if mode not in RETRIEVAL_MODES:
+        raise ValueError(f"retrieval mode {mode!r} is not one of {RETRIEVAL_MODES}")
     if k <= 0 or not documents:
         return []
-    return BM25(documents).top_k(query, k)
+    bm25 = BM25(documents)
+    return bm25.top_k(query, k) if mode == "most" else bm25.bottom_k(query, k)
 
 
-def retrieve_before(documents: Sequence[str], j: int, k: int, query: str | None = None) -> list[int]:
-    """For history item ``j``, the top-``k`` among items ``0..j-1`` only (no look into the future).
-    The query is item j's own text unless given."""
-    return retrieve(documents[j] if query is None else query, documents[:j], k)
+def retrieve_before(
+    documents: Sequence[str], j: int, k: int, query: str | None = None, mode: str = "most"
+) -> list[int]:
+    """For history item ``j``, the ``k`` most (or least) relevant among items ``0..j-1`` only
+    (no look into the future). The query is item j's own text unless given."""
+    return retrieve(documents[j] if query is None else query, documents[:j], k, mode)
