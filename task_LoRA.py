@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
             write_json(base_file, predictions_json(task, preds, f"{args.model_name} (no adapter)"))
             write_json(base_file.with_suffix(".config.json"), public_config(config) | answer_stats(task, preds))
             write_json(base_file.with_suffix(".golds.json"), golds_of(task, tests))
-            report_answers(task, preds, base_file, "base model")
+            report_answers(task, preds, base_file, "base model", trained=False)
         outputs["base_predictions"] = base_file
 
     if reusable_adapter(adapter_dir, config) and not args.overwrite:

@@ -14,10 +14,10 @@ $PY prepare_data.py from-records \
     --output_field category --time_field date --title_field headline \
     --queries_per_user 5 --min_history 10 --num_test_users 10 --output_dir "$W/data"
 DIRS=(--data_dir "$W/data" --ckpt_dir "$W/ckpt" --output_dir "$W/output")
-# lr 1e-3 for LoRA on a 135M model (the paper's 1e-4 is for Llama-2-7b)
-$PY task_LoRA.py --task_name news_categorize "${DIRS[@]}" --batch_size 8 --max_epoch 2 --learning_rate 1e-3 --predict_base
-# one pass over each user's ~220 history items (28 steps of 8)
-$PY OPPU.py --task_name news_categorize "${DIRS[@]}" --batch_size 8 --max_epoch 1 --learning_rate 1e-3 \
+# No hyperparameter flags: the defaults for the embedded model's size (docs/defaults.md).
+# Extra flags for both stages may follow the work dir, e.g. `bash docs/run_huffpost.sh W --paper_defaults`.
+$PY task_LoRA.py --task_name news_categorize "${DIRS[@]}" --predict_base "${@:2}"
+$PY OPPU.py --task_name news_categorize "${DIRS[@]}" "${@:2}" \
     --task_lora "$W/ckpt/news_categorize/$RUN-task_LoRA_ckpt"
 $PY eval/trivial_baselines.py --task_name news_categorize --data_dir "$W/data" --output_dir "$W/output"
 for m in $RUN-base $RUN-task_LoRA $RUN-OPPU trivial-majority trivial-user_majority; do

@@ -77,8 +77,9 @@ def invalid_fraction(task: Task, predictions: Mapping[str, str] | Sequence[str])
     return sum(not is_valid_prediction(task, p) for p in values) / len(values) if values else 0.0
 
 
-def invalid_warning(task: Task, fraction: float, stage: str) -> str | None:
-    """A warning naming the likely cause and the flag to change, when too many answers are invalid."""
+def invalid_warning(task: Task, fraction: float, stage: str, trained: bool = True) -> str | None:
+    """A warning naming the likely cause and the flag to change, when too many answers are invalid
+    (``trained`` False: the base model, which no training of ours has shown the format)."""
     if fraction <= WARN_INVALID:
         return None
     what = "a label of the task" if task.is_classification else "a rating" if task.kind == "rating" else "any text"
@@ -86,6 +87,8 @@ def invalid_warning(task: Task, fraction: float, stage: str) -> str | None:
         "the adapter has not learnt the answer format: too few optimiser steps (raise --max_epoch or --min_steps, "
         "or lower --batch_size) or too low a learning rate (raise --learning_rate; the paper's 1e-4 is for 7B "
         "models)"
+        if trained
+        else "the model without an adapter does not follow the task's answer format"
     )
     if task.kind != "generation":
         advice += ", or answer with --answer_mode score, which always picks a valid answer"
@@ -97,11 +100,11 @@ def answer_stats(task: Task, predictions: Mapping[str, str]) -> dict[str, float 
     return {"predictions": len(predictions), "invalid_fraction": round(invalid_fraction(task, predictions), 4)}
 
 
-def report_answers(task: Task, predictions: Mapping[str, str], path, stage: str) -> float:
+def report_answers(task: Task, predictions: Mapping[str, str], path, stage: str, trained: bool = True) -> float:
     """The stage's summary line (and the warning when too many answers are invalid)."""
     fraction = invalid_fraction(task, predictions)
     print(f"{stage}: wrote {len(predictions)} predictions to {path}; {fraction:.1%} are not valid answers")
-    warning = invalid_warning(task, fraction, stage)
+    warning = invalid_warning(task, fraction, stage, trained)
     if warning:
         print(warning)
     return fraction

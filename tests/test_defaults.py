@@ -109,6 +109,8 @@ def test_invalid_fraction_and_warning_on_a_hand_made_predictions_file(tmp_path):
     assert warning.startswith("warning: OPPU: 40% of the answers are not a rating")
     assert "--learning_rate" in warning and "--min_steps" in warning and "--answer_mode score" in warning
     assert invalid_warning(RATING, 0.10, "OPPU") is None  # at the threshold: no warning
+    base = invalid_warning(RATING, 1.0, "base model", trained=False)
+    assert "without an adapter" in base and "--learning_rate" not in base
     assert invalid_fraction(NEWS, ["sports", "Sports", "sports.", "travel"]) == pytest.approx(0.5)
     assert invalid_fraction(NEWS, {}) == 0.0
 
