@@ -20,6 +20,9 @@ class DecodeConfig:
     top_k: int = 10
     top_p: float = 0.9
     shared_prefix: bool = True  # run the prompts' common first tokens once, reuse their keys/values
+    # Off for prompt tuning: peft 0.21 looks for the cache under its transformers 4 name, misses
+    # it under transformers 5, and prepends the virtual tokens again at every new token.
+    use_cache: bool = True
 
 
 def prefix_cache(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,7 +75,7 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: 
             enc = with_prefix(enc, encoded[0][:shared], kv)
         out = model.generate(
             **enc, max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **(sampling if cfg.do_sample else greedy),
+            pad_token_id=tokenizer.pad_token_id, use_cache=cfg.use_cache, **(sampling if cfg.do_sample else greedy),
         )  # fmt: skip
         new = out[:, enc["input_ids"].shape[1] :]
         for i, ids in zip(batch, new):

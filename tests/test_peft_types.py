@@ -1,0 +1,171 @@
+"""Personal PEFT types (LoRA, IA3, prompt tuning) on tiny random Llamas: defaults, training, the loss
+and decoding with virtual tokens, save and reload, and a base model left bit-identical per user."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import OPPU
+from oppu import cli
+from oppu.adapters import ADAPTER_WEIGHTS, PROMPT_INIT_TEXT, add_user_adapter, remove_adapter, save_adapter
+from oppu.generation import generate
+from oppu.runs import user_result_dir
+from oppu.tasks import get_task
+from oppu.training import collate, encode_prompt, tokenize_and_mask, train
+from prompts import render_query_input
+from utils import UserError
+
+TYPES = ("lora", "ia3", "prompt_tuning")
+TOY = [("a bank robbery", " crime"), ("the final match", " sports"), ("a cheap flight", " travel"),
+       ("the new senate", " politics"), ("a merger deal", " business"), ("the old temple", " religion")]  # fmt: skip
+QUERIES = ["Short one.\nAnswer:", "A much longer prompt about the harbour, the storm and the town council.\nAnswer:"]
+# The tiny model: 2 layers, hidden 32, 4 heads of 8 (2 key/value heads: k and v give 16), MLP 64.
+TRAINABLE = {
+    "lora": 2 * (8 * (32 + 32) + 8 * (32 + 16)),  # r=8 on q (32->32) and v (32->16)
+    "ia3": 2 * (16 + 16 + 64),  # a scale per output of k and v, per input of down_proj
+    "prompt_tuning": 20 * 32,  # 20 virtual tokens of width 32
+}
+
+
+def toy_examples(tokenizer):
+    return [tokenize_and_mask(tokenizer, f"What is this about? {t}\nAnswer:", y, 256) for t, y in TOY]
+
+
+def fresh(tiny_model, tokenizer, args):
+    torch.manual_seed(0)  # LoRA's and random prompts' init, independent of the other tests
+    return add_user_adapter(tiny_model(), tokenizer, args, cli.target_modules(args))
+
+
+def fit(model, tokenizer, args, max_epoch=3):
+    cfg, decode = cli.personal_configs(args, get_task("news_categorize"))
+    return train(model, tokenizer, toy_examples(tokenizer), replace(cfg, batch_size=6, max_epoch=max_epoch)), decode
+
+
+def test_defaults_follow_the_peft_type(make_args):
+    lora, ia3, prompt = (make_args("--peft_type", t) for t in TYPES)
+    assert lora.target_modules == "q_proj,v_proj"
+    assert ia3.target_modules == "k_proj,v_proj,down_proj" and ia3.learning_rate == 3e-3
+    assert prompt.target_modules == "" and prompt.learning_rate == 3e-2 and prompt.num_virtual_tokens == 20
+    assert make_args("--peft_type", "ia3", "--learning_rate", "0.5").learning_rate == 0.5
+    assert make_args("--peft_type", "ia3", "--target_modules", "v_proj").target_modules == "v_proj"
+    with pytest.raises(UserError, match="target_modules"):
+        make_args("--peft_type", "prompt_tuning", "--target_modules", "q_proj")
+
+
+def test_prompt_tuning_decodes_one_prompt_at_a_time_and_shares_nothing(make_args):
+    task = get_task("news_categorize")
+    train_cfg, decode = cli.personal_configs(make_args("--peft_type", "prompt_tuning"), task)
+    assert decode.batch_size == 1 and not (decode.shared_prefix or decode.use_cache or train_cfg.shared_prefix)
+    assert cli.personal_configs(make_args(), task) == (
+        cli.train_config(make_args()),
+        cli.decode_config(make_args(), task),
+    )
+
+
+@pytest.mark.parametrize("peft_type", TYPES)
+def test_each_type_adapts_only_its_own_parameters(tiny_model, tokenizer, make_args, peft_type):
+    model = fresh(tiny_model, tokenizer, make_args("--peft_type", peft_type))
+    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(n for _, n in trainable) == TRAINABLE[peft_type]
+    assert all(("lora_" in n) if peft_type == "lora" else ("ia3_" in n or "prompt_encoder" in n) for n, _ in trainable)
+
+
+def test_prompt_starts_from_the_init_texts_embeddings(tiny_model, tokenizer, make_args):
+    model = fresh(tiny_model, tokenizer, make_args("--peft_type", "prompt_tuning", "--num_virtual_tokens", "40"))
+    ids = tokenizer(PROMPT_INIT_TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ids) < 40  # so the text is repeated
+    want = model.word_embeddings(torch.tensor((ids * 40)[:40]))
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight, want)
+
+
+@pytest.mark.parametrize("peft_type", TYPES)
+def test_each_type_trains_saves_reloads_and_predicts_identically(tiny_model, tokenizer, make_args, tmp_path, peft_type):
+    from peft import PeftModel
+
+    args = make_args("--peft_type", peft_type, "--learning_rate", "0.05", "--lora_dropout", "0")
+    model = fresh(tiny_model, tokenizer, args)
+    base_logits = model(**collate(toy_examples(tokenizer)[:1], tokenizer.pad_token_id)).logits.detach()
+    result, decode = fit(model, tokenizer, args)
+    assert result.losses[-1] < result.losses[0], result.losses
+    after_logits = model(**collate(toy_examples(tokenizer)[:1], tokenizer.pad_token_id)).logits.detach()
+    assert not torch.allclose(base_logits, after_logits)  # training changed the model
+    decode = replace(decode, max_new_tokens=5)
+    trained_out = generate(model, tokenizer, QUERIES, decode, show=False)
+
+    save_adapter(model, tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert {"adapter_config.json", ADAPTER_WEIGHTS} <= set(files)
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], files
+    reloaded = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "adapter"), use_safetensors=True)
+    assert generate(reloaded, tokenizer, QUERIES, decode, show=False) == trained_out
+    again = reloaded(**collate(toy_examples(tokenizer)[:1], tokenizer.pad_token_id)).logits
+    assert torch.allclose(after_logits, again, atol=1e-6)
+
+
+def test_prompt_tuning_loss_counts_only_the_real_target_tokens(tiny_model, tokenizer, make_args):
+    """The training loss keeps logits from the first target position on (logits_to_keep): with
+    virtual tokens prepended it must still equal peft's own loss, which pads labels for them."""
+    args = make_args("--peft_type", "prompt_tuning", "--learning_rate", "1e-9")
+    model = fresh(tiny_model, tokenizer, args)
+    examples = toy_examples(tokenizer)
+    want = model(**collate(examples, tokenizer.pad_token_id)).loss.item()
+    result, _ = fit(model, tokenizer, args, max_epoch=1)
+    assert result.steps == 1 and result.losses[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_prompt_tuning_generation_returns_exactly_the_new_tokens(tiny_model, tokenizer, make_args):
+    args = make_args("--peft_type", "prompt_tuning", "--prompt_init", "random")
+    model = fresh(tiny_model, tokenizer, args)
+    _, decode = cli.personal_configs(args, get_task("news_categorize"))
+    decode = replace(decode, max_new_tokens=6)
+    for prompt in QUERIES:
+        ids = encode_prompt(tokenizer, prompt)
+        new = []
+        with torch.no_grad():
+            for _ in range(decode.max_new_tokens):  # greedy by hand, full forward each time
+                token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(token)
+        assert generate(model, tokenizer, [prompt], decode, show=False) == [tokenizer.decode(new)]
+
+
+def news_user(user_id: str, word: str) -> dict:
+    task = get_task("news_categorize")
+    items = [{"id": f"{user_id}-h{j}", "title": f"{word} {j}", "category": c, "text": f"The {word} story {j}."}
+             for j, c in enumerate(["sports", "travel", "crime"])]  # fmt: skip
+    query = {"id": f"{user_id}-q0", "input": render_query_input(task, text=f"Another {word} report."), "gold": "sports"}
+    return {"user_id": user_id, "profile": items, "query": [query]}
+
+
+@pytest.mark.parametrize("peft_type", TYPES)
+def test_base_is_bit_identical_after_every_user(tiny_model, tokenizer, make_args, tmp_path, peft_type):
+    task = get_task("news_categorize")
+    args = make_args("--peft_type", peft_type, "--k", "1", "--max_epoch", "1", "--batch_size", "2",
+                     "--max_new_tokens", "3", "--cut_off", "256", "--learning_rate", "1e-2")  # fmt: skip
+    base = tiny_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    attributes = set(vars(base))
+    model, saved = base, []
+    for user in (news_user("u-zebra", "zebra"), news_user("u-quokka", "quokka")):
+        model, result = OPPU.train_user(model, tokenizer, task, user, None, args, tmp_path / "run")
+        assert model is base and set(vars(model)) == attributes and not hasattr(model, "peft_config")
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        assert not [n for n, _ in model.named_modules() if "lora" in n or "ia3" in n or "prompt" in n]
+        weights = user_result_dir(tmp_path / "run", user["user_id"]) / "adapter" / ADAPTER_WEIGHTS
+        assert result["peft_type"] == peft_type and result["trainable_params"] == TRAINABLE[peft_type]
+        assert result["adapter_bytes"] == weights.stat().st_size > 0
+        saved.append(weights.read_bytes())
+    assert saved[0] != saved[1]  # each user got an adapter of their own
+
+
+def test_removing_a_prompt_returns_the_model_it_was_given(tiny_model, tokenizer, make_args):
+    base = tiny_model()
+    model = add_user_adapter(base, tokenizer, make_args("--peft_type", "prompt_tuning"), ())
+    generate(model, tokenizer, QUERIES[:1], cli.decode_config(make_args(), get_task("news_categorize")), show=False)
+    assert "prepare_inputs_for_generation" in vars(base)  # what peft's generate leaves behind
+    assert remove_adapter(model) is base and "prepare_inputs_for_generation" not in vars(base)
