@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -120,3 +121,44 @@ def test_query_prompts_retrieve_from_the_whole_history():
     assert past == 'the category for the article: "shared story words mark7x" is "sports"'
     (prompt,) = query_prompts(TASKS["news_categorize"], user, 20)
     assert sorted(int(m) for m in MARK.findall(prompt)) == sorted([*range(8), 7])  # the query's own mark7x too
+
+
+# --- least relevant (the behaviour-shift setting) ---------------------------------------------
+
+
+def test_least_relevant_are_the_lowest_bm25_scores_hand_computed():
+    docs = ["a b", "a c c", "d"]  # lengths 2, 3, 1: average 2
+    idf_a, idf_c = math.log(1 + 1.5 / 2.5), math.log(1 + 2.5 / 1.5)  # "a" in 2 of 3 documents, "c" in 1
+    norm = [1.5 * (0.25 + 0.75 * n / 2) for n in (2, 3, 1)]  # k1 (1 - b + b * length / average)
+    want = [idf_a * 2.5 / (1 + norm[0]), idf_a * 2.5 / (1 + norm[1]) + idf_c * 2 * 2.5 / (2 + norm[1]), 0.0]
+    assert BM25(docs).scores("a c") == pytest.approx(want)
+    assert want == pytest.approx([0.4700, 1.5908, 0.0], abs=1e-4)
+    assert retrieve("a c", docs, 3) == [1, 0, 2]
+    assert retrieve("a c", docs, 3, "least") == [2, 0, 1]
+    assert retrieve("a c", docs, 1, "least") == [2]
+    assert retrieve("a c", docs, 0, "least") == [] and retrieve("a c", [], 2, "least") == []
+
+
+def test_least_relevant_ties_go_to_the_earlier_document():
+    docs = ["same words here", "other text", "same words here", "same words here"]
+    assert retrieve("same words", docs, 4, "least") == [1, 0, 2, 3]
+    assert retrieve("unrelated", docs, 4, "least") == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="retrieval mode"):
+        retrieve("same", docs, 1, "random")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 20])
+def test_least_relevant_history_pairs_still_never_look_into_the_future(k):
+    user = marker_user()
+    docs = [f"headline {j} shared story words mark{j}x" for j in range(8)]
+    for j, (prompt, _) in enumerate(history_pairs(TASKS["news_categorize"], user, k, retrieval="least")):
+        retrieved = [int(m) for m in MARK.findall(prompt)][:-1]  # the last mark is item j's own text
+        assert retrieved == retrieve_before(docs, j, k, f"shared story words mark{j}x", "least")
+        assert all(i < j for i in retrieved) and len(retrieved) == min(k, j), (j, retrieved)
+
+
+def test_query_prompts_with_least_retrieval_skip_the_matching_item():
+    (most,) = query_prompts(TASKS["news_categorize"], marker_user(), 1)
+    (least,) = query_prompts(TASKS["news_categorize"], marker_user(), 1, retrieval="least")
+    assert 'mark7x" is' in most  # the item that shares the query's rare word
+    assert 'the category for the article: "shared story words mark0x" is "sports"' in least  # a tie: the oldest
