@@ -432,3 +432,53 @@ def test_inputs_with_another_label_order_still_split_at_the_article():
     other_order = "Which category does this article relate to among the following categories? Just answer with the category name without further explanation. categories: [women, religion, politics, sports] article: "
     assert split_query_input(task, other_order + text) == (other_order, text)
     assert retrieval_query(task, other_order + text) == text
+
+
+# --- history formats (query prompt or plain "input -> output") --------------------------------
+
+PLAIN_EXAMPLES = {
+    "citation": [("Graph Nets", "We study graphs."), ("Deep Sets", "Sets are fun.")],
+    "news_categorize": [("The team won the cup.", "sports"), ("New pasta recipes.", "food & drink")],
+    "movie_tagging": [("A robot falls in love.", "sci-fi"), ("Two friends laugh.", "comedy")],
+    "product_rating": [("Great blender.", "5"), ("Broke in a week.", "1")],
+    "news_headline": [("Rain fell all day in Paris.", "Paris Soaked"), ("Stocks rose sharply.", "Markets Rally")],
+    "scholarly_title": [("We propose a new optimizer.", "Fast Adam"), ("We study attention.", "Attention Maps")],
+    "tweet_paraphrase": [
+        ("loving the sun today", "loving the sun today"),
+        ("coffee first, then code", "coffee first, then code"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_plain_history_example_is_the_bare_input_and_the_target(name):
+    assert [history_example(TASKS[name], it, "plain") for it in ITEMS[name]] == PLAIN_EXAMPLES[name]
+    assert [history_example(TASKS[name], it, "query") for it in ITEMS[name]] == HISTORY_EXAMPLES[name]
+
+
+def test_both_history_formats_as_training_pairs_golden():
+    from oppu.examples import history_pairs
+
+    user = {"user_id": "u", "profile": ITEMS["news_categorize"], "query": []}
+    query = history_pairs(TASKS["news_categorize"], user, history_format="query")
+    assert query == [
+        (NEWS_HEAD + "The team won the cup.\nAnswer:", " sports"),
+        (NEWS_HEAD + "New pasta recipes.\nAnswer:", " food & drink"),
+    ]
+    plain = history_pairs(TASKS["news_categorize"], user, history_format="plain")
+    assert plain == [("The team won the cup. ->", " sports"), ("New pasta recipes. ->", " food & drink")]
+    # With retrieval and a profile, the context is written as for queries; only the item's line changes.
+    plain = history_pairs(TASKS["news_categorize"], user, k=1, profile="Likes sport.", history_format="plain")
+    assert plain[1] == (
+        "User profile: Likes sport.\n"
+        "Past items of this user:\n"
+        'the category for the article: "The team won the cup." is "sports"\n'
+        "New pasta recipes. ->",
+        " food & drink",
+    )
+
+
+def test_plain_prompt_never_splits_at_a_marker_and_keeps_768_words():
+    task = TASKS["news_categorize"]
+    assert build_prompt(task, "Read this article: a cup win.", form="plain") == "Read this article: a cup win. ->"
+    assert build_prompt(task, words(INPUT_WORDS + 5), form="plain") == words(INPUT_WORDS) + " ->"
