@@ -137,23 +137,24 @@ def profile_prefix(profile: str) -> str:
     return f"User profile: {profile.strip()}\n"
 
 
-# What gen_profile.py asks an LLM to write about a user from a sample of their history: the
-# facts a task's answers depend on (favourite labels, rating habits, topics and style).
+# What gen_profile.py asks an LLM to write about a user after a sample of their history: the
+# facts a task's answers depend on (favourite labels, rating habits, topics and style). The ask
+# comes after the items: small instruction-tuned models otherwise continue the list.
 PROFILE_INSTRUCTIONS = {
-    "citation": "Here are papers written by one author. In two or three sentences, describe the research topics this author works on.",
-    "news_categorize": "Here are articles written by one journalist, each with its category. In two or three sentences, describe which categories and topics this journalist writes about most.",
-    "movie_tagging": "Here are movies one user has tagged, each with its tag. In two or three sentences, describe which tags and kinds of movies this user prefers.",
-    "product_rating": "Here are product reviews one user wrote, each with its score. In two or three sentences, describe how this user tends to rate products and what they care about.",
-    "news_headline": "Here are articles written by one journalist, each with its headline. In two or three sentences, describe this journalist's topics and the style of their headlines.",
-    "scholarly_title": "Here are paper abstracts by one author, each with its title. In two or three sentences, describe this author's topics and how they title their papers.",
-    "tweet_paraphrase": "Here are tweets written by one user. In two or three sentences, describe this user's topics and writing style.",
+    "citation": "In two or three sentences, describe the research topics of this author.",
+    "news_categorize": "In two or three sentences, describe which categories and topics this journalist writes about most.",
+    "movie_tagging": "In two or three sentences, describe which tags and kinds of movies this user prefers.",
+    "product_rating": "In two or three sentences, describe how this user tends to rate products and what they care about.",
+    "news_headline": "In two or three sentences, describe the topics of this journalist and the style of their headlines.",
+    "scholarly_title": "In two or three sentences, describe the topics of this author and how they title their papers.",
+    "tweet_paraphrase": "In two or three sentences, describe the topics and the writing style of this user.",
 }
 
 
 def profile_prompt(task: Task, items: Sequence[Mapping[str, str]]) -> str:
     """The prompt that asks for a user's profile from some of their history items."""
     lines = "\n".join(f"{i + 1}. {render_history_item(task, item)}" for i, item in enumerate(items))
-    return f"{PROFILE_INSTRUCTIONS[task.name]}\n{lines}\nProfile of this user:"
+    return f"Past items of one user, most recent first:\n{lines}\n\n{PROFILE_INSTRUCTIONS[task.name]} Answer with the description only."
 
 
 def parse_profile(generation: str) -> str:
