@@ -20,7 +20,14 @@ from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, User, golds_of, pre
 from oppu.examples import query_pairs, query_prompts
 from oppu.generation import DecodeConfig
 from oppu.modeling import load_model
-from oppu.runs import CONFIG_FILE, config_differences, file_fingerprint, public_config, task_lora_dir
+from oppu.runs import (
+    CONFIG_FILE,
+    config_differences,
+    file_fingerprint,
+    public_config,
+    task_lora_dir,
+    training_config,
+)
 from oppu.tasks import Task
 from oppu.training import encode_pairs, train
 from prompts import parse_prediction
@@ -103,8 +110,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         outputs["base_predictions"] = base_file
 
     # The shared adapter trains on the most relevant items whatever --retrieval: a behaviour shift
-    # is the test users' (the paper's setting), so "least" only changes how their queries are asked.
-    adapter_config = {k: v for k, v in config.items() if k != "retrieval"}
+    # is the test users' (the paper's setting), so "least" only changes how their queries are asked;
+    # likewise --answer_mode and the decoding flags: one adapter serves every way of answering.
+    adapter_config = training_config(config)
     if reusable_adapter(adapter_dir, adapter_config) and not args.overwrite:
         print(f"reusing the task adapter in {adapter_dir} (same config; --overwrite retrains)")
         model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=True)

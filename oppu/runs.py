@@ -18,6 +18,9 @@ from oppu.tasks import Task
 from utils import UserError, read_json, write_json
 
 CONFIG_FILE = "run_config.json"
+# Settings that change only how queries are answered, never what an adapter learns: a task
+# adapter trained under other values of these is reused.
+ANSWER_ONLY = {"answer_mode", "retrieval", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p"}
 LOCK_FILE = ".lock"
 # Settings that may differ between a run and its resumption without changing any result.
 RESUME_NEUTRAL = {
@@ -230,3 +233,8 @@ def staging_dir(run_dir: Path, user_id: str) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     return folder
+
+
+def training_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that determine a trained adapter (``config`` without the answer-only ones)."""
+    return {k: v for k, v in config.items() if k not in ANSWER_ONLY}

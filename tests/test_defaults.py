@@ -189,3 +189,16 @@ def test_rating_candidates_and_score_mode_refused_for_generation_tasks():
     args = OPPU.parse_args(["--task_name", "news_headline", "--task_lora", "x", "--answer_mode", "score"])
     with pytest.raises(UserError, match="answer_mode score needs a task with fixed answers"):
         cli.validate(args)
+
+
+def test_task_adapter_is_reused_across_ways_of_answering(tmp_path):
+    from oppu.adapters import ADAPTER_WEIGHTS
+    from oppu.runs import CONFIG_FILE, public_config, training_config
+    from utils import write_json
+
+    config = {"task_name": "product_rating", "learning_rate": 1e-3, "answer_mode": "generate", "retrieval": "most"}
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"")
+    write_json(tmp_path / CONFIG_FILE, public_config(training_config(config)) | {"final_loss": 0.5})
+    for answering in ({"answer_mode": "score"}, {"retrieval": "least"}, {"max_new_tokens": 3, "do_sample": True}):
+        assert task_LoRA.reusable_adapter(tmp_path, training_config(config | answering))
+    assert not task_LoRA.reusable_adapter(tmp_path, training_config(config | {"learning_rate": 1e-4}))
