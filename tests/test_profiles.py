@@ -1,0 +1,128 @@
+"""Profiles for PAG: seeded history samples, aligned and resumable files, retries of empty ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import gen_profile
+from oppu import profiles
+from oppu.data import load_profiles
+from oppu.generation import DecodeConfig
+from oppu.tasks import get_task
+from prompts import profile_prompt
+from utils import UserError
+
+TASK = get_task("news_categorize")
+
+
+def user(uid: str, n_history: int) -> dict:
+    items = [
+        {"id": f"{uid}h{i}", "text": f"text {i}", "title": f"title {i}", "category": "sports"} for i in range(n_history)
+    ]
+    return {"user_id": uid, "profile": items, "query": [{"id": f"{uid}q", "input": "x", "gold": "sports"}]}
+
+
+USERS = [user("a", 5), user("b", 3), user("c", 0), user("d", 2)]
+
+
+def fake_make(calls: list):
+    """A profile maker that needs no model: 'profile of <id>' (empty for users without history)."""
+
+    def make(batch):
+        calls.append([u["user_id"] for u in batch])
+        return [f"profile of {u['user_id']}" if u["profile"] else "" for u in batch], 0
+
+    return make
+
+
+def test_sample_is_seeded_most_recent_first_and_capped():
+    sample = profiles.sample_history(USERS[0], 3, seed=1)
+    ids = [int(it["id"].split("h")[1]) for it in sample]
+    assert len(ids) == 3 and ids == sorted(ids, reverse=True)
+    assert profiles.sample_history(USERS[0], 3, seed=1) == sample
+    assert len(profiles.sample_history(USERS[1], 10, seed=1)) == 3  # fewer items than asked: all of them
+    assert profiles.sample_history(USERS[2], 10, seed=1) == []
+
+
+def test_profile_prompt_lists_items_then_asks():
+    prompt = profile_prompt(TASK, profiles.sample_history(USERS[1], 2, seed=0))
+    assert prompt.startswith("Past items of one user, most recent first:\n1. the category for the article:")
+    assert "\n2. " in prompt and "\n3. " not in prompt
+    assert prompt.endswith("writes about most. Answer with the description only.")
+
+
+def test_file_is_aligned_and_loads_for_the_stages(tmp_path):
+    path = tmp_path / "profile_user_100.json"
+    counts = profiles.profile_file(path, USERS, fake_make([]), batch_size=3)
+    entries = json.loads(path.read_text())
+    assert [e["user_id"] for e in entries] == ["a", "b", "c", "d"]
+    assert load_profiles(path, USERS) == ["profile of a", "profile of b", "", "profile of d"]
+    assert (counts.written, counts.kept, counts.empty) == (4, 0, 1)
+
+
+def test_resume_keeps_finished_users_and_max_users_stops_early(tmp_path):
+    path = tmp_path / "p.json"
+    calls: list = []
+    first = profiles.profile_file(path, USERS, fake_make(calls), batch_size=1, max_users=2)
+    assert calls == [["a"], ["b"]] and first.written == 2
+    assert [e["user_id"] for e in json.loads(path.read_text())] == ["a", "b"]
+    calls.clear()
+    second = profiles.profile_file(path, USERS, fake_make(calls), batch_size=2)
+    assert calls == [["c", "d"]] and (second.kept, second.written, second.empty) == (2, 2, 1)
+    calls.clear()
+    profiles.profile_file(path, USERS, fake_make(calls), batch_size=2)
+    assert calls == []
+
+
+def test_paper_format_without_user_ids_is_accepted_by_position(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"output": "old a"}]))
+    calls: list = []
+    profiles.profile_file(path, USERS, fake_make(calls), batch_size=4)
+    assert calls == [["b", "c", "d"]]
+    assert json.loads(path.read_text())[0] == {"user_id": "a", "output": "old a"}
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ([{"user_id": "b", "output": "x"}], "profile 0 is for user 'b' but user 0 is 'a'"),
+        ([{"output": "x"}] * 5, "5 profiles for 4 users"),
+        ([{"user_id": "a"}], "profile 0: expected an object with a string 'output'"),
+    ],
+)
+def test_misaligned_file_is_rejected(tmp_path, entries, message):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(UserError, match=message):
+        profiles.profile_file(path, USERS, fake_make([]), batch_size=2)
+    assert json.loads(path.read_text()) == entries  # left untouched
+    profiles.profile_file(path, USERS, fake_make([]), batch_size=2, overwrite=True)
+    assert len(json.loads(path.read_text())) == 4
+
+
+def test_empty_profile_is_retried_once_with_sampling(monkeypatch):
+    """Greedy gives '' for a, 'ok' for b; the retry (sampling) gives a its profile. A user
+    without history gets '' without a prompt."""
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, cfg, **kwargs):
+        calls.append((len(prompts), cfg.do_sample))
+        return ["  ", "ok\nsecond line"] if not cfg.do_sample else ["sampled  profile"]
+
+    monkeypatch.setattr(profiles, "generate", fake_generate)
+    texts, retried = profiles.generate_profiles(None, None, TASK, [USERS[0], USERS[2], USERS[1]], 3, 0, DecodeConfig())
+    assert texts == ["sampled profile", "", "ok second line"] and retried == 1
+    assert calls == [(2, False), (1, True)]
+
+
+def test_script_rejects_a_misaligned_file_before_loading_a_model(tmp_path):
+    folder = tmp_path / TASK.name
+    folder.mkdir()
+    (folder / "user_top_100_history.json").write_text(json.dumps(USERS[:2]))
+    (folder / "user_others.json").write_text(json.dumps([user("o", 1)]))
+    (folder / "profile_user_100.json").write_text(json.dumps([{"user_id": "zz", "output": "x"}]))
+    with pytest.raises(UserError, match="does not line up with the users"):
+        gen_profile.main(["--task_name", TASK.name, "--data_dir", str(tmp_path)])
