@@ -1,6 +1,8 @@
 r"""Two trivial predictors for the classification and rating tasks, as LaMP predictions:
 the global majority label (over every label the training data shows: all history items and
-the other users' queries) and each user's most frequent history label.
+the other users' queries) and each user's most frequent history label. For ratings both
+predict the mean rating instead (overall / of the user's history), the constant that minimises
+RMSE.
 
 Usage:
     python eval/trivial_baselines.py --task_name news_categorize --data_dir data --output_dir output
@@ -30,16 +32,23 @@ def most_common(labels: Sequence[str]) -> str:
     return max(counts, key=lambda label: (counts[label], -labels.index(label)))
 
 
+def typical(task: Task, labels: Sequence[str]) -> str:
+    """The constant answer: the most frequent label, or for ratings the mean (4 significant digits)."""
+    if task.kind == "rating":
+        return f"{sum(float(x) for x in labels) / len(labels):.4g}"
+    return most_common(labels)
+
+
 def majority_predictions(task: Task, tests: list[User], others: list[User]) -> dict[str, str]:
     field = task.target_field
     seen = [it[field] for u in tests + others for it in u["profile"]] + [q["gold"] for u in others for q in u["query"]]
-    label = most_common(seen)
+    label = typical(task, seen)
     return {q["id"]: label for u in tests for q in u["query"]}
 
 
 def user_majority_predictions(task: Task, tests: list[User]) -> dict[str, str]:
     field = task.target_field
-    return {q["id"]: most_common([it[field] for it in u["profile"]]) for u in tests for q in u["query"]}
+    return {q["id"]: typical(task, [it[field] for it in u["profile"]]) for u in tests for q in u["query"]}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:

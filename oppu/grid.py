@@ -1,0 +1,511 @@
+"""The paper's results table for one task: method rows as data, the stage calls that make them,
+bootstrap intervals over users, paired differences, and the table files.
+
+A row is (stage, k, profile, which output, extra flags); adding a method is one line in ROWS:
+
+    "OPPU[ia3]": Row("OPPU", user_flags=("--peft_type", "ia3")),
+    "RAG[least]": Row("task_LoRA", k=1, flags=("--retrieval", "least")),
+
+Rows with extra flags run in their own folders (``<work>/variants/<flags>/``), so they never mix
+with the plain rows' runs; an OPPU row's task adapter is the one of its ``flags`` (not of its
+``user_flags``), so ``OPPU[ia3]`` reuses the plain task adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import gen_profile
+import OPPU
+import task_LoRA
+from eval import eval_task, metrics, trivial_baselines
+from oppu.data import (
+    OTHER_PROFILES_FILE,
+    OTHER_USERS_FILE,
+    TEST_PROFILES_FILE,
+    TEST_USERS_FILE,
+    User,
+    load_users,
+)
+from oppu.runs import file_fingerprint, safe_dirname
+from oppu.tasks import Task
+from utils import UserError, read_json, write_json
+
+
+@dataclass(frozen=True)
+class Row:
+    stage: str  # "trivial", "task_LoRA" or "OPPU"
+    k: int = 0  # retrieved history items per prompt
+    profile: bool = False  # --add_profile
+    method: str = ""  # the stage's output: base / task_LoRA / OPPU, or majority / user_majority (trivial)
+    flags: tuple[str, ...] = ()  # extra flags for both stages of this row
+    user_flags: tuple[str, ...] = ()  # extra flags for OPPU.py only
+
+    def output(self) -> str:
+        return self.method or self.stage
+
+
+# The paper's rows, in its table's order. base and the task adapter rows come from task_LoRA.py
+# (base with --predict_base); each OPPU row uses the task adapter of its own (k, profile).
+ROWS: dict[str, Row] = {
+    "base": Row("task_LoRA", method="base"),
+    "global_majority": Row("trivial", method="majority"),
+    "user_majority": Row("trivial", method="user_majority"),
+    "non_personalized": Row("task_LoRA"),
+    "RAG": Row("task_LoRA", k=1),
+    "PAG": Row("task_LoRA", k=1, profile=True),
+    "OPPU": Row("OPPU"),
+    "OPPU+RAG": Row("OPPU", k=1),
+    "OPPU+PAG": Row("OPPU", k=1, profile=True),
+    # The further studies' rows (studies.py): other personal PEFT types, the behaviour shift (the
+    # least relevant item retrieved, for the test users only) and plain-form personal training.
+    "OPPU[ia3]": Row("OPPU", user_flags=("--peft_type", "ia3")),
+    "OPPU[prompt_tuning]": Row("OPPU", user_flags=("--peft_type", "prompt_tuning")),
+    "RAG[least]": Row("task_LoRA", k=1, flags=("--retrieval", "least")),
+    "OPPU+RAG[least]": Row("OPPU", k=1, flags=("--retrieval", "least")),
+    "OPPU[plain]": Row("OPPU", user_flags=("--history_format", "plain")),
+}
+# The paper's main table: run_grid.py's default rows.
+PAPER_ROWS = (
+    "base",
+    "global_majority",
+    "user_majority",
+    "non_personalized",
+    "RAG",
+    "PAG",
+    "OPPU",
+    "OPPU+RAG",
+    "OPPU+PAG",
+)
+# (row, baseline): the paper's claims, as paired differences over the same users
+PAIRS = (("OPPU", "non_personalized"), ("OPPU+RAG", "RAG"))
+LOWER_IS_BETTER = frozenset({"MAE", "RMSE"})
+# Flags the grid sets itself for every stage call.
+GRID_FLAGS = frozenset(
+    {"--task_name", "--data_dir", "--ckpt_dir", "--output_dir", "--k", "--add_profile", "--task_lora", "--predict_base"}
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One task's grid: where data and work go, and the flags given to each stage."""
+
+    task: Task
+    data_dir: Path
+    work_dir: Path
+    stage_flags: tuple[str, ...] = ()  # to both stages (e.g. --max_users 3 --max_step 2)
+    task_lora_flags: tuple[str, ...] = ()  # to task_LoRA.py only
+    oppu_flags: tuple[str, ...] = ()  # to OPPU.py only
+    profile_flags: tuple[str, ...] = ()  # to gen_profile.py
+    resamples: int = 1000
+    bootstrap_seed: int = 0
+    settings: argparse.Namespace = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for flag in self.stage_flags + self.task_lora_flags + self.oppu_flags:
+            if flag.split("=")[0] in GRID_FLAGS:
+                raise UserError(f"{flag}: the grid sets this flag itself for each row; leave it out")
+        object.__setattr__(self, "settings", task_LoRA.parse_args(["--task_name", self.task.name, *self.stage_flags]))
+
+    @property
+    def results_dir(self) -> Path:
+        return self.work_dir / "results" / self.task.name
+
+    def data_file(self, name: str) -> Path:
+        return self.data_dir / self.task.name / name
+
+
+def applicable(task: Task, name: str) -> str | None:
+    """Why row ``name`` cannot run on ``task`` (None when it can)."""
+    if name not in ROWS:
+        raise UserError(f"--rows: unknown row {name!r}; known rows: {', '.join(ROWS)}")
+    if ROWS[name].stage == "trivial" and task.name not in trivial_baselines.SUPPORTED:
+        return f"no trivial predictor for {task.name} (its history items carry no label)"
+    return None
+
+
+def run_dirs(grid: Grid, flags: Sequence[str]) -> tuple[Path, Path]:
+    """(ckpt_dir, output_dir) of runs with these extra flags: the plain ones, or their own folder."""
+    root = grid.work_dir
+    if flags:
+        root = root / "variants" / safe_dirname(" ".join(flags))
+    return root / "ckpt", root / "output"
+
+
+def row_inputs(grid: Grid, row: Row) -> list[Path]:
+    """The data files a row's result depends on."""
+    files = [TEST_USERS_FILE, OTHER_USERS_FILE] + ([TEST_PROFILES_FILE, OTHER_PROFILES_FILE] if row.profile else [])
+    return [grid.data_file(name) for name in files]
+
+
+def row_config(grid: Grid, name: str) -> dict[str, Any]:
+    """Everything a row's result depends on: its spec, the flags of its stages, the model, the seed
+    and the data files' hashes; its ``fingerprint`` decides whether a finished row is reused."""
+    row = ROWS[name]
+    config = {
+        "row": name,
+        **asdict(row),
+        "model_name": grid.settings.model_name,
+        "seed": grid.settings.seed,
+        "stage_flags": list(grid.stage_flags),
+        "task_lora_flags": list(grid.task_lora_flags) if row.stage != "trivial" else [],
+        "oppu_flags": list(grid.oppu_flags) if row.stage == "OPPU" else [],
+        "data_sha256": {p.name: file_fingerprint(p) for p in row_inputs(grid, row)},
+    }
+    if row.stage == "trivial":  # no model: only the data and --max_users matter
+        config |= {"model_name": None, "seed": None, "max_users": grid.settings.max_users, "stage_flags": []}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return config | {"fingerprint": digest}
+
+
+def record_path(grid: Grid, name: str) -> Path:
+    return grid.results_dir / "rows" / f"{safe_dirname(name)}.json"
+
+
+def finished_record(grid: Grid, name: str) -> dict | None:
+    """A row's record from an earlier run with the same config whose predictions still exist."""
+    path = record_path(grid, name)
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    same = record.get("config", {}).get("fingerprint") == row_config(grid, name)["fingerprint"]
+    return record if same and Path(record.get("predictions", "")).is_file() else None
+
+
+def save_record(grid: Grid, name: str, predictions: Path, seconds: float) -> dict:
+    record = {
+        "row": name,
+        "predictions": str(predictions),
+        "seconds": round(seconds, 1),
+        "config": row_config(grid, name),
+    }
+    write_json(record_path(grid, name), record)
+    return record
+
+
+def stage_argv(grid: Grid, row: Row, flags: Sequence[str], stage_only: Sequence[str]) -> list[str]:
+    ckpt, output = run_dirs(grid, flags)
+    argv = [
+        "--task_name",
+        grid.task.name,
+        "--data_dir",
+        str(grid.data_dir),
+        "--ckpt_dir",
+        str(ckpt),
+        "--output_dir",
+        str(output),
+        "--k",
+        str(row.k),
+    ]
+    return argv + (["--add_profile"] if row.profile else []) + [*grid.stage_flags, *stage_only, *flags]
+
+
+def ensure_profiles(grid: Grid) -> None:
+    """Write the profile files the PAG rows need (gen_profile resumes; a no-op when complete)."""
+    s = grid.settings
+    argv = [
+        "--task_name",
+        grid.task.name,
+        "--data_dir",
+        str(grid.data_dir),
+        "--model_name",
+        s.model_name,
+        "--dtype",
+        s.dtype,
+        "--seed",
+        str(s.seed),
+    ]
+    argv += (["--access_token", s.access_token] if s.access_token else []) + (
+        ["--trust_remote_code"] if s.trust_remote_code else []
+    )
+    gen_profile.main(argv + list(grid.profile_flags))
+
+
+def run_trivial(grid: Grid, names: Sequence[str]) -> dict[str, dict]:
+    start = time.time()
+    written = trivial_baselines.main(
+        ["--task_name", grid.task.name, "--data_dir", str(grid.data_dir), "--output_dir", str(grid.work_dir / "output")]
+    )
+    return {n: save_record(grid, n, written[ROWS[n].method], time.time() - start) for n in names}
+
+
+def run_task_lora(grid: Grid, names: Sequence[str], key: tuple) -> tuple[dict[str, dict], Path]:
+    """One task_LoRA.py call for a (k, profile, flags) setting: its rows, and the task adapter."""
+    rows = [ROWS[n] for n in names]
+    k, profile, flags = key
+    base = ["--predict_base"] if any(r.method == "base" for r in rows) else []
+    start = time.time()
+    out = task_LoRA.main(stage_argv(grid, Row("task_LoRA", k, profile), flags, [*grid.task_lora_flags, *base]))
+    seconds = time.time() - start
+    files = {"base": out.get("base_predictions"), "task_LoRA": out["predictions"]}
+    records = {n: save_record(grid, n, files[ROWS[n].output()], seconds) for n in names if ROWS[n].stage == "task_LoRA"}
+    return records, out["adapter"]
+
+
+def run_oppu(grid: Grid, name: str, task_lora: Path) -> dict:
+    row = ROWS[name]
+    start = time.time()
+    out = OPPU.main(
+        stage_argv(grid, row, row.flags + row.user_flags, [*grid.oppu_flags, "--task_lora", str(task_lora)])
+    )
+    return save_record(grid, name, out["predictions"], time.time() - start)
+
+
+def run_rows(grid: Grid, names: Sequence[str]) -> dict[str, dict]:
+    """Make every row in ``names`` (skipping finished ones); returns each row's record
+    (predictions file, seconds, config). Stage calls are shared: one task_LoRA.py call per
+    (k, profile, flags) setting serves its base and task adapter rows and its OPPU rows."""
+    records: dict[str, dict] = {}
+    todo = []
+    for name in names:
+        record = finished_record(grid, name)
+        if record is None and ROWS[name].profile:
+            ensure_profiles(grid)
+            record = finished_record(grid, name)
+        if record is not None:
+            print(f"row {name}: finished earlier with the same config; reusing {record['predictions']}")
+            records[name] = record
+        else:
+            todo.append(name)
+    trivial = [n for n in todo if ROWS[n].stage == "trivial"]
+    if trivial:
+        records |= run_trivial(grid, trivial)
+    settings: dict[tuple, list[str]] = {}
+    for n in todo:
+        if ROWS[n].stage != "trivial":
+            settings.setdefault((ROWS[n].k, ROWS[n].profile, ROWS[n].flags), []).append(n)
+    for key, group in settings.items():
+        done, adapter = run_task_lora(grid, group, key)
+        records |= done
+        for n in group:
+            if ROWS[n].stage == "OPPU":
+                records[n] = run_oppu(grid, n, adapter)
+    return {n: records[n] for n in names}
+
+
+# ---- scoring: per-user scores, bootstrap intervals, paired differences ----
+
+
+@dataclass(frozen=True)
+class Examples:
+    """The scored queries of a row: golds and predictions in user order, and each user's indices."""
+
+    users: list[str]
+    groups: list[list[int]]
+    golds: list[str]
+    preds: list[str]
+
+
+def test_users(grid: Grid) -> list[User]:
+    """The users every row is scored on: the test users with queries (the first --max_users)."""
+    users = load_users(grid.task, grid.data_file(TEST_USERS_FILE), need_gold=True, need_history=False)
+    if grid.settings.max_users >= 0:
+        users = users[: grid.settings.max_users]
+    return [u for u in users if u["query"]]
+
+
+def row_examples(task: Task, users: Sequence[User], predictions: Path) -> Examples:
+    """Line a predictions file up with the users' queries (every query needs a prediction)."""
+    preds = eval_task.load_outputs(predictions, task)
+    golds, answers, groups = [], [], []
+    for user in users:
+        missing = [q["id"] for q in user["query"] if q["id"] not in preds]
+        if missing:
+            raise UserError(f"{predictions}: no prediction for user {user['user_id']!r} query ids {missing[:5]}")
+        groups.append(list(range(len(golds), len(golds) + len(user["query"]))))
+        golds += [q["gold"] for q in user["query"]]
+        answers += [preds[q["id"]] for q in user["query"]]
+    return Examples([u["user_id"] for u in users], groups, golds, answers)
+
+
+def pooled_scorer(task: Task, golds: Sequence[str], preds: Sequence[str]) -> Callable[[Sequence[int]], dict]:
+    """The task's metrics on any multiset of example indices (the pooled queries of resampled
+    users). ROUGE is a mean of per-example scores, so those are computed once."""
+    if task.kind == "generation":
+        table = metrics.rouge_per_example(golds, preds)
+        keys = list(table[0])
+        return lambda idx: {k: float(np.mean([table[i][k] for i in idx])) for k in keys}
+    return lambda idx: metrics.score_lists(task, [golds[i] for i in idx], [preds[i] for i in idx])
+
+
+def bootstrap_ci(
+    groups: Sequence[Sequence[int]],
+    statistic: Callable[[Sequence[int]], dict],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap over users: each resample draws len(groups) users with replacement
+    (``numpy.random.default_rng(seed).integers``), pools their examples and recomputes
+    ``statistic``; returns each metric's [lower, upper] percentile (numpy's linear method)."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        picks = rng.integers(0, len(groups), size=len(groups))
+        draws.append(statistic([i for p in picks for i in groups[p]]))
+    tail = (1 - level) / 2 * 100
+    return {k: [float(v) for v in np.percentile([d[k] for d in draws], [tail, 100 - tail])] for k in draws[0]}
+
+
+def user_scores(task: Task, users: Sequence[User], ex: Examples, users_path: Path) -> dict[str, dict[str, float]]:
+    """Each user's metrics on their own queries (eval_task's --per_user; ``ex`` from row_examples)."""
+    ids = [q["id"] for u in users for q in u["query"]]
+    return eval_task.per_user_scores(task, dict(zip(ids, ex.golds)), dict(zip(ids, ex.preds)), users_path)
+
+
+def score_row(grid: Grid, record: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's metrics on all its queries, their 95% intervals, sizes and per-user scores."""
+    users = test_users(grid)
+    ex = row_examples(grid.task, users, Path(record["predictions"]))
+    statistic = pooled_scorer(grid.task, ex.golds, ex.preds)
+    every = [i for g in ex.groups for i in g]
+    return {
+        "metrics": statistic(every),
+        "ci95": bootstrap_ci(ex.groups, statistic, grid.resamples, grid.bootstrap_seed),
+        "n_users": len(ex.users),
+        "n_queries": len(ex.golds),
+        "seconds": record["seconds"],
+        "predictions": record["predictions"],
+        "config": record["config"],
+        "per_user": user_scores(grid.task, users, ex, grid.data_file(TEST_USERS_FILE)),
+    }
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def paired_difference(
+    task: Task,
+    a: Examples,
+    b: Examples,
+    per_user_a: Mapping[str, Mapping[str, float]],
+    per_user_b: Mapping[str, Mapping[str, float]],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Row a minus row b on the same users and queries: the difference of each metric, its
+    bootstrap interval (the same resampled users for both rows), and the users for whom a is
+    better (gained), worse (lost) or equal (tied) on that metric."""
+    if a.users != b.users or a.golds != b.golds:
+        raise ValueError("paired rows must be scored on the same users and queries")
+    stat_a, stat_b = pooled_scorer(task, a.golds, a.preds), pooled_scorer(task, b.golds, b.preds)
+
+    def diff(idx: Sequence[int]) -> dict[str, float]:
+        sa, sb = stat_a(idx), stat_b(idx)
+        return {k: sa[k] - sb[k] for k in sa}
+
+    every = [i for g in a.groups for i in g]
+    intervals = bootstrap_ci(a.groups, diff, resamples, seed)
+    result = {}
+    for metric, value in diff(every).items():
+        pairs = [(per_user_a[u][metric], per_user_b[u][metric]) for u in a.users]
+        result[metric] = {
+            "difference": value,
+            "ci95": intervals[metric],
+            "gained": sum(better(metric, x, y) for x, y in pairs),
+            "lost": sum(better(metric, y, x) for x, y in pairs),
+            "tied": sum(x == y for x, y in pairs),
+        }
+    return result
+
+
+# ---- tables ----
+
+
+def grid_config(grid: Grid) -> dict[str, Any]:
+    s = grid.settings
+    files = [TEST_USERS_FILE, OTHER_USERS_FILE, TEST_PROFILES_FILE, OTHER_PROFILES_FILE]
+    return {
+        "task_name": grid.task.name,
+        "lamp_id": grid.task.lamp_id,
+        "data_dir": str(grid.data_dir),
+        "model_name": s.model_name,
+        "seed": s.seed,
+        "max_users": s.max_users,
+        "stage_flags": list(grid.stage_flags),
+        "task_lora_flags": list(grid.task_lora_flags),
+        "oppu_flags": list(grid.oppu_flags),
+        "profile_flags": list(grid.profile_flags),
+        "data_sha256": {n: file_fingerprint(grid.data_file(n)) for n in files if grid.data_file(n).is_file()},
+        "bootstrap": {"resamples": grid.resamples, "seed": grid.bootstrap_seed, "level": 0.95, "over": "users"},
+    }
+
+
+def score_grid(grid: Grid, records: Mapping[str, Mapping], skipped: Mapping[str, str]) -> dict[str, Any]:
+    """table.json's content: config, every row's scores, and the paired differences."""
+    rows = {name: score_row(grid, record) for name, record in records.items()}
+    paired = []
+    users = test_users(grid)
+    for a, b in PAIRS:
+        if a in rows and b in rows:
+            ex_a, ex_b = (row_examples(grid.task, users, Path(rows[n]["predictions"])) for n in (a, b))
+            diff = paired_difference(
+                grid.task, ex_a, ex_b, rows[a]["per_user"], rows[b]["per_user"], grid.resamples, grid.bootstrap_seed
+            )
+            paired.append({"row": a, "baseline": b, "metrics": diff})
+    return {"config": grid_config(grid), "rows": rows, "paired": paired, "skipped": dict(skipped)}
+
+
+def metric_names(table: Mapping[str, Any]) -> list[str]:
+    return list(next(iter(table["rows"].values()))["metrics"]) if table["rows"] else []
+
+
+def markdown_table(table: Mapping[str, Any]) -> str:
+    """The rows with each metric's value and 95% interval (best value per metric in bold), then
+    the paired differences."""
+    names = metric_names(table)
+    rows = table["rows"]
+    best = {}
+    for m in names:
+        values = [r["metrics"][m] for r in rows.values()]
+        best[m] = min(values) if m in LOWER_IS_BETTER else max(values)
+    arrow = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in names}
+    lines = [
+        "| row | " + " | ".join(f"{m} {arrow[m]} [95% CI]" for m in names) + " | users | queries | seconds |",
+        "|---|" + "---|" * (len(names) + 3),
+    ]
+    for name, r in rows.items():
+        cells = []
+        for m in names:
+            value = f"{r['metrics'][m]:.3f}"
+            value = f"**{value}**" if r["metrics"][m] == best[m] else value
+            lo, hi = r["ci95"][m]
+            cells.append(f"{value} [{lo:.3f}, {hi:.3f}]")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {r['n_users']} | {r['n_queries']} | {r['seconds']:.0f} |"
+        )
+    if table["paired"]:
+        lines += [
+            "",
+            "| paired (same users) | metric | difference [95% CI] | users gained | lost | tied |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in table["paired"]:
+            for m, d in p["metrics"].items():
+                lo, hi = d["ci95"]
+                lines.append(
+                    f"| {p['row']} − {p['baseline']} | {m} {arrow[m]} | {d['difference']:+.3f} "
+                    f"[{lo:+.3f}, {hi:+.3f}] | {d['gained']} | {d['lost']} | {d['tied']} |"
+                )
+    if table.get("skipped"):
+        lines += [""] + [f"{name}: left out ({why})" for name, why in table["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(grid: Grid, table: Mapping[str, Any]) -> tuple[Path, Path]:
+    """``<work>/results/<task>/table.json`` and ``table.md``."""
+    json_path, md_path = grid.results_dir / "table.json", grid.results_dir / "table.md"
+    write_json(json_path, table)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown_table(table), encoding="utf-8")
+    return json_path, md_path
