@@ -1,0 +1,174 @@
+"""Answering (user, input) pairs with each user's saved PEFT: users mixed in one batch through
+peft's per-row adapter selection, adapters loaded on first use and at most N kept in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from oppu import answers, ownership
+from oppu.adapters import merge_adapter
+from oppu.examples import query_prompts
+from oppu.generation import DecodeConfig
+from oppu.modeling import ModelSpec, load_model
+from oppu.tasks import get_task
+from oppu.training import encode_prompt
+from utils import UserError
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    peft: Path  # an exported PEFT folder (export_user.py, OPPU.py --user_file)
+    input: str  # the query input, as in the per-user format
+
+
+def adapter_name(folder: Path) -> str:
+    """A name for a PEFT inside the serving model (peft module keys cannot hold dots)."""
+    return "peft_" + hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:12]
+
+
+class AdapterPool:
+    """Personal adapters on one shared model, loaded on first use; when ``max_loaded`` are in
+    memory, the least recently used one that the next batch does not need is deleted first."""
+
+    def __init__(self, base_model, max_loaded: int) -> None:
+        if max_loaded < 1:
+            raise UserError("--max_loaded_adapters must be >= 1")
+        self.base, self.model, self.max_loaded = base_model, None, max_loaded
+        self.loaded: OrderedDict[str, Path] = OrderedDict()
+        self.loads = 0
+        self.peak = 0
+
+    def use(self, folders: Sequence[Path]) -> list[str]:
+        """Make every folder's adapter resident (at most ``max_loaded`` distinct); their names."""
+        names = [adapter_name(f) for f in folders]
+        wanted = dict(zip(names, folders))
+        if len(wanted) > self.max_loaded:
+            raise ValueError(f"{len(wanted)} adapters in one batch, more than max_loaded {self.max_loaded}")
+        for name, folder in wanted.items():
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                continue
+            while len(self.loaded) >= self.max_loaded:
+                victim = next(n for n in self.loaded if n not in wanted)
+                with warnings.catch_warnings():  # peft warns when the active adapter goes; the next batch sets its own
+                    warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                    self.model.delete_adapter(victim)
+                del self.loaded[victim]
+            self._load(name, folder)
+        return names
+
+    def _load(self, name: str, folder: Path) -> None:
+        from peft import PeftModel
+
+        if self.model is None:
+            self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name, use_safetensors=True)
+        else:
+            self.model.load_adapter(str(folder), adapter_name=name, use_safetensors=True)
+        self.model.eval()
+        self.loaded[name] = folder
+        self.loads += 1
+        self.peak = max(self.peak, len(self.loaded))
+
+
+class RowAdapters:
+    """The serving model as generate() sees it: each row of a batch is answered with its own
+    adapter. Rows are matched to their request by their unpadded token ids (identical prompts
+    of several users are taken in request order, which generate()'s stable sort keeps)."""
+
+    def __init__(self, peft_model, rows: Sequence[tuple[list[int], str]]) -> None:
+        self.peft_model = peft_model
+        self.queues: dict[tuple[int, ...], deque[str]] = defaultdict(deque)
+        for ids, name in rows:
+            self.queues[tuple(ids)].append(name)
+
+    def parameters(self):
+        return self.peft_model.parameters()
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        names = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            key = tuple(i for i, m in zip(ids, mask) if m)
+            if not self.queues.get(key):
+                raise RuntimeError("a decoded row matches no request: generate() changed how it encodes prompts")
+            names.append(self.queues[key].popleft())
+        if len(set(names)) == 1:  # one user: the plain single-adapter path
+            self.peft_model.set_adapter(names[0])
+            return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names,
+                                        **kwargs)  # fmt: skip
+
+
+def plan_waves(folders: Sequence[Path], max_loaded: int) -> list[list[int]]:
+    """Request indices in groups of at most ``max_loaded`` users, each user's requests together
+    and users in order of first appearance: every group is decoded with all its adapters resident."""
+    by_user: dict[Path, list[int]] = defaultdict(list)
+    for i, folder in enumerate(folders):
+        by_user[folder].append(i)
+    users = list(by_user)
+    return [[i for u in users[s : s + max_loaded] for i in by_user[u]] for s in range(0, len(users), max_loaded)]
+
+
+def build_prompts(requests: Sequence[Request], identities: dict[Path, dict]) -> list[str]:
+    """Each request's prompt as its PEFT was trained: retrieval from the user's own history when
+    k > 0, the profile when trained with one (oppu.examples.query_prompts)."""
+    prompts = [""] * len(requests)
+    for folder, identity in identities.items():
+        task = get_task(identity["task_name"])
+        mine = [i for i, r in enumerate(requests) if r.peft == folder]
+        user = ownership.read_history(folder, identity) if identity["k"] > 0 else {"profile": []}
+        user = user | {"query": [{"id": requests[i].id, "input": requests[i].input} for i in mine]}
+        profile = identity["profile"] if identity["add_profile"] else None
+        retrieval = ownership.prompt_setting(identity, "retrieval")
+        for i, prompt in zip(mine, query_prompts(task, user, identity["k"], profile, retrieval)):
+            prompts[i] = prompt
+    return prompts
+
+
+def answer(model, tokenizer, requests: Sequence[Request], identities: dict[Path, dict], cfg: DecodeConfig,
+           max_loaded: int, mode: str | None = None, show: bool = True) -> tuple[list[str], AdapterPool]:  # fmt: skip
+    """The raw answer to every request, in order, each with its user's PEFT on ``model`` (the
+    base with the task adapter merged in), and the pool that held the adapters. LoRA PEFTs that
+    generate are batched across users; other kinds (and --answer_mode score) go user by user.
+    Greedy answers equal answering each user alone."""
+    stack = ownership.same_stack(identities)
+    task = get_task(stack["task_name"])
+    mode = mode or ownership.prompt_setting(stack, "answer_mode")
+    mixed = mode == "generate" and ownership.prompt_setting(stack, "peft_type") == "lora"
+    pool = AdapterPool(model, max_loaded if mixed else 1)
+    prompts = build_prompts(requests, identities)
+    outputs = [""] * len(requests)
+    waves = plan_waves([r.peft for r in requests], pool.max_loaded)
+    for w, wave in enumerate(waves):
+        names = pool.use([requests[i].peft for i in wave])
+        if mixed and len(set(names)) > 1:
+            rows = [(encode_prompt(tokenizer, prompts[i]), name) for i, name in zip(wave, names)]
+            # A shared prefix's keys and values differ per adapter (LoRA on v), so none is shared.
+            serving, wave_cfg = RowAdapters(pool.model, rows), replace(cfg, shared_prefix=False)
+        else:  # one user: exactly the path their training run answered with
+            pool.model.set_adapter(names[0])
+            serving, wave_cfg = pool.model, cfg
+        texts = answers.answer(serving, tokenizer, task, [prompts[i] for i in wave], wave_cfg, mode,
+                               desc=f"answer (users group {w + 1}/{len(waves)})", show=show)  # fmt: skip
+        for i, text in zip(wave, texts):
+            outputs[i] = text
+    return outputs, pool
+
+
+def load_serving_model(identity: dict, spec: ModelSpec, task_lora: Path | None, where: str):
+    """(model, tokenizer): the PEFTs' base with their task adapter merged in, after checking both
+    against the PEFTs' identity. ``spec.name`` may be a merged base from export_user.py."""
+    merged = (Path(spec.name) / ownership.MERGED_FILE).is_file()
+    ownership.check_base(identity, spec, where)
+    if merged:
+        ownership.check_merged_base(identity, Path(spec.name), where)
+    else:
+        task_lora = Path(task_lora or identity["task_adapter"]["path"])
+        ownership.check_task_adapter(identity, task_lora, where)
+    model, tokenizer = load_model(spec)
+    return (model if merged else merge_adapter(model, task_lora)), tokenizer

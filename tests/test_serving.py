@@ -1,0 +1,91 @@
+"""Serving many users' PEFTs: mixed batches equal per-user answers, lazy loading stays within its bound."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from oppu.adapters import add_adapter, lora_config, remove_adapter, save_adapter
+from oppu.answers import answer as answer_alone
+from oppu.generation import DecodeConfig
+from oppu.serving import AdapterPool, Request, adapter_name, answer, plan_waves
+from oppu.tasks import get_task
+from prompts import render_query_input
+
+TASK = get_task("news_categorize")
+ARTICLES = ["a harbour festival", "a stadium opening", "a vote on school prayer", "a vegan bakery award"]
+
+
+def identity(**settings) -> dict:
+    """What serving reads of an exported PEFT's oppu_peft.json (k=0: no history is needed)."""
+    return {"task_name": TASK.name, "base_model": "tiny", "k": 0, "add_profile": False, "profile": None,
+            "task_adapter": {"sha256": "same"}, "settings": settings}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pefts(tmp_path_factory, tiny_model) -> list[Path]:
+    """Three users' random LoRAs (B not zero, so each changes the answers) on the same tiny base."""
+    root = tmp_path_factory.mktemp("pefts")
+    args = argparse.Namespace(lora_r=8, lora_alpha=8, lora_dropout=0.05)
+    model, folders = tiny_model(0), []
+    for user in range(3):
+        torch.manual_seed(100 + user)
+        config = lora_config(args, ("q_proj", "v_proj"))
+        config.init_lora_weights = False
+        peft_model = add_adapter(model, config)
+        folders.append(root / f"user{user}")
+        save_adapter(peft_model, folders[-1])
+        model = remove_adapter(peft_model)
+    return folders
+
+
+def requests_of(pefts: list[Path]) -> list[Request]:
+    """Users interleaved, and the same input sent by every user (rows must not be mixed up)."""
+    inputs = [render_query_input(TASK, text=a) for a in ARTICLES]
+    return [Request(f"u{u}-q{q}", pefts[u], inputs[q]) for q in range(len(inputs)) for u in (2, 0, 1)]
+
+
+def alone(tiny_model, tokenizer, folder: Path, prompts: list[str], cfg: DecodeConfig) -> list[str]:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_model(0), str(folder)).eval()
+    return answer_alone(model, tokenizer, TASK, prompts, cfg, show=False)
+
+
+@pytest.mark.parametrize("max_loaded", [3, 2])
+def test_mixed_batch_answers_equal_per_user_answers(pefts, tiny_model, tokenizer, max_loaded):
+    requests = requests_of(pefts)
+    identities = {f: identity() for f in pefts}
+    cfg = DecodeConfig(max_new_tokens=6, batch_size=5)
+    mixed, pool = answer(tiny_model(0), tokenizer, requests, identities, cfg, max_loaded, show=False)
+    from oppu.serving import build_prompts
+
+    prompts = build_prompts(requests, identities)
+    for folder in pefts:
+        mine = [i for i, r in enumerate(requests) if r.peft == folder]
+        assert [mixed[i] for i in mine] == alone(tiny_model, tokenizer, folder, [prompts[i] for i in mine], cfg)
+    by_user = {r.peft: mixed[i] for i, r in enumerate(requests) if r.input == requests[0].input}
+    assert len(set(by_user.values())) > 1  # the users' adapters really answer differently
+    assert pool.peak <= max_loaded and pool.loads == 3  # each user loaded once: their requests go together
+
+
+def test_lazy_loading_respects_the_bound_and_evicts_least_recently_used(pefts, tiny_model):
+    a, b, c = pefts
+    pool = AdapterPool(tiny_model(0), max_loaded=2)
+    assert pool.model is None and pool.loads == 0  # nothing is loaded before it is asked for
+    pool.use([a]), pool.use([b]), pool.use([a]), pool.use([c])  # b is the least recently used
+    assert list(pool.loaded) == [adapter_name(a), adapter_name(c)] and pool.loads == 3
+    pool.use([b, c])  # a goes, c stays because this batch needs it
+    assert set(pool.loaded) == {adapter_name(b), adapter_name(c)} and pool.loads == 4 and pool.peak == 2
+    assert set(pool.model.peft_config) == set(pool.loaded)  # evicted adapters are really deleted
+    with pytest.raises(ValueError, match="more than max_loaded"):
+        pool.use([a, b, c])
+
+
+def test_waves_keep_each_users_requests_together_within_the_bound():
+    folders = [Path(x) for x in "abacbdca"]
+    assert plan_waves(folders, 2) == [[0, 2, 7, 1, 4], [3, 6, 5]]
+    assert plan_waves(folders, 10) == [[0, 2, 7, 1, 4, 3, 6, 5]]
