@@ -1,0 +1,185 @@
+"""run_grid.py: every requested row on a tiny slice with a tiny random model, rerun skips,
+bootstrap intervals and paired differences on hand-computed cases, trivial rows."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prepare_data
+import run_grid
+from eval import trivial_baselines
+from oppu import grid
+from oppu.tasks import get_task
+from utils import UserError
+
+NEWS = get_task("news_categorize")
+SIZES = ["--num_test_users", "2", "--num_other_users", "2", "--history_len", "3", "--queries_per_user", "2"]
+QUICK = ["--max_step", "1", "--batch_size", "2", "--micro_batch_size", "2", "--max_new_tokens", "3"]
+PROFILE_FLAGS = "--max_new_tokens 4 --num_history 2"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_model, tokenizer) -> Path:
+    """A 2-layer random Llama saved as a local model folder (config, safetensors, the embedded tokenizer)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model(0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory, tiny_model_dir) -> dict:
+    root = tmp_path_factory.mktemp("grid")
+    prepare_data.main(["demo", "--tasks", NEWS.name, "--output_dir", str(root / "data")] + SIZES)
+    own = ["--task_name", NEWS.name, "--data_dir", str(root / "data"), "--work_dir", str(root / "W"),
+           "--profile_flags", PROFILE_FLAGS, "--resamples", "50"]  # fmt: skip
+    stage = ["--model_name", str(tiny_model_dir), *QUICK]
+    return {"root": root, "own": own, "stage": stage, "table": run_grid.main([*own, "--", *stage])}
+
+
+def test_grid_writes_every_row_with_intervals(full_grid):
+    table = full_grid["table"]
+    assert list(table["rows"]) == list(grid.PAPER_ROWS)
+    for name, row in table["rows"].items():
+        assert set(row["metrics"]) == {"accuracy", "f1"}, name
+        for metric, (lo, hi) in row["ci95"].items():
+            assert 0.0 <= lo <= hi <= 1.0, (name, metric)
+        assert row["n_users"] == 2 and row["n_queries"] == 4
+        assert set(row["per_user"]) == {"demo-news-000", "demo-news-001"}
+        assert row["config"]["data_sha256"]["user_top_100_history.json"]
+    assert table["rows"]["OPPU+PAG"]["config"]["data_sha256"]["profile_user_100.json"]
+    assert table["config"]["model_name"] == full_grid["stage"][1]
+    assert [(p["row"], p["baseline"]) for p in table["paired"]] == list(grid.PAIRS)
+    for p in table["paired"]:
+        for d in p["metrics"].values():
+            assert d["gained"] + d["lost"] + d["tied"] == 2 and d["ci95"][0] <= d["ci95"][1]
+    results = full_grid["root"] / "W" / "results" / NEWS.name
+    assert json.loads((results / "table.json").read_text())["rows"].keys() == table["rows"].keys()
+    text = (results / "table.md").read_text()
+    assert all(f"| {name} |" in text for name in grid.PAPER_ROWS) and "**" in text
+
+
+def test_profiles_were_generated_for_the_pag_rows(full_grid):
+    data = full_grid["root"] / "data" / NEWS.name
+    tests = json.loads((data / "profile_user_100.json").read_text())
+    assert [p["user_id"] for p in tests] == ["demo-news-000", "demo-news-001"]
+    assert len(json.loads((data / "profile_user_others.json").read_text())) == 2
+
+
+def test_rerun_skips_finished_rows(full_grid, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row was run again")
+
+    for module, name in (("task_LoRA", "main"), ("OPPU", "main"), ("gen_profile", "main")):
+        monkeypatch.setattr(getattr(grid, module), name, refuse)
+    monkeypatch.setattr(grid.trivial_baselines, "main", refuse)
+    again = run_grid.main([*full_grid["own"], "--", *full_grid["stage"]])
+    assert {n: r["metrics"] for n, r in again["rows"].items()} == {
+        n: r["metrics"] for n, r in full_grid["table"]["rows"].items()
+    }
+    subset = run_grid.main([*full_grid["own"], "--rows", "OPPU,non_personalized", "--", *full_grid["stage"]])
+    assert list(subset["rows"]) == ["OPPU", "non_personalized"] and len(subset["paired"]) == 1
+
+
+def test_changed_stage_flags_rerun_the_rows(full_grid):
+    data, work = full_grid["root"] / "data", full_grid["root"] / "W"
+    same = grid.Grid(NEWS, data, work, tuple(full_grid["stage"]))
+    assert grid.finished_record(same, "OPPU") is not None
+    fewer_users = grid.Grid(NEWS, data, work, (*full_grid["stage"], "--max_users", "1"))
+    assert grid.finished_record(fewer_users, "OPPU") is None
+
+
+def test_bootstrap_matches_numpy_by_hand():
+    """Three users with 1, 2 and 1 queries, correct = [1], [1, 0], [0]: each resample draws 3
+    users with numpy's default_rng(7).integers and takes the accuracy of the pooled queries."""
+    groups = [[0], [1, 2], [3]]
+    golds = ["sports", "crime", "crime", "travel"]
+    preds = ["sports", "crime", "sports", "crime"]
+    statistic = grid.pooled_scorer(NEWS, golds, preds)
+    assert statistic([0, 1, 2, 3])["accuracy"] == 0.5
+    ci = grid.bootstrap_ci(groups, statistic, resamples=200, seed=7)
+    correct = [[1.0], [1.0, 0.0], [0.0]]
+    rng = np.random.default_rng(7)
+    by_hand = []
+    for _ in range(200):
+        pooled = [c for u in rng.integers(0, 3, size=3) for c in correct[u]]
+        by_hand.append(sum(pooled) / len(pooled))
+    assert ci["accuracy"] == pytest.approx(list(np.percentile(by_hand, [2.5, 97.5])))
+    one_user = grid.bootstrap_ci([[0, 1]], statistic, resamples=20, seed=0)
+    assert one_user["accuracy"] == [1.0, 1.0]  # a single user: every resample is that user
+
+
+def test_rouge_bootstrap_averages_per_example_scores():
+    task = get_task("news_headline")
+    statistic = grid.pooled_scorer(task, ["a b", "c d"], ["a b", "x y"])
+    assert statistic([0, 1]) == {"rouge-1": 0.5, "rouge-L": 0.5}
+    assert statistic([0, 0, 1]) == pytest.approx({"rouge-1": 2 / 3, "rouge-L": 2 / 3})
+
+
+def test_paired_difference_counts_users_gained_lost_tied():
+    golds = ["sports", "crime", "crime", "travel"]
+    users, groups = ["u1", "u2", "u3"], [[0], [1, 2], [3]]
+    a = grid.Examples(users, groups, golds, ["sports", "crime", "crime", "crime"])  # u2 both right
+    b = grid.Examples(users, groups, golds, ["crime", "crime", "sports", "crime"])  # u1 wrong, u2 half
+    per_a = {"u1": {"accuracy": 1.0, "f1": 1.0}, "u2": {"accuracy": 1.0, "f1": 1.0}, "u3": {"accuracy": 0.0, "f1": 0.0}}
+    per_b = {"u1": {"accuracy": 0.0, "f1": 0.0}, "u2": {"accuracy": 0.5, "f1": 0.5}, "u3": {"accuracy": 0.0, "f1": 0.0}}
+    diff = grid.paired_difference(NEWS, a, b, per_a, per_b, resamples=100, seed=3)["accuracy"]
+    assert diff["difference"] == pytest.approx(0.75 - 0.25)
+    assert (diff["gained"], diff["lost"], diff["tied"]) == (2, 0, 1)
+    assert diff["ci95"][0] >= 0.0  # a is never worse on any user
+    same = grid.paired_difference(NEWS, a, a, per_a, per_a, resamples=20)["accuracy"]
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["tied"] == 3
+
+
+def test_lower_is_better_for_errors():
+    assert grid.better("MAE", 0.5, 1.0) and not grid.better("accuracy", 0.5, 1.0)
+
+
+def _user(uid: str, scores: list[str], golds: list[str], field: str = "category") -> dict:
+    items = [{"id": f"{uid}h{i}", "text": "t", "title": "", field: s} for i, s in enumerate(scores)]
+    return {
+        "user_id": uid,
+        "profile": items,
+        "query": [{"id": f"{uid}q{i}", "input": "x", "gold": g} for i, g in enumerate(golds)],
+    }
+
+
+def test_trivial_rows_on_a_hand_made_file(tmp_path):
+    """No model: global majority 'crime' (5 of 7 labels seen) and each user's own majority."""
+    folder = tmp_path / "data" / NEWS.name
+    folder.mkdir(parents=True)
+    tests = [_user("a", ["sports", "sports", "crime"], ["sports", "crime"]), _user("b", ["crime"], ["travel"])]
+    (folder / "user_top_100_history.json").write_text(json.dumps(tests))
+    (folder / "user_others.json").write_text(json.dumps([_user("o", ["crime"], ["crime", "crime"])]))
+    argv = ["--task_name", NEWS.name, "--data_dir", str(tmp_path / "data"), "--work_dir", str(tmp_path / "W"),
+            "--rows", "global_majority,user_majority", "--resamples", "10"]  # fmt: skip
+    table = run_grid.main(argv)
+    assert table["rows"]["global_majority"]["metrics"]["accuracy"] == pytest.approx(1 / 3)  # crime right once
+    assert table["rows"]["user_majority"]["metrics"]["accuracy"] == pytest.approx(1 / 3)  # a: sports right once
+    assert table["rows"]["user_majority"]["per_user"]["a"] == {"accuracy": 0.5, "f1": pytest.approx(2 / 3 / 15), "n": 2}
+    assert table["rows"]["global_majority"]["n_queries"] == 3 and table["paired"] == []
+
+
+def test_trivial_ratings_predict_the_mean():
+    task = get_task("product_rating")
+    tests = [_user("a", ["5", "4", "4"], ["5"], field="score")]
+    others = [_user("o", ["1"], ["2", "3"], field="score")]
+    assert trivial_baselines.user_majority_predictions(task, tests) == {"aq0": "4.333"}
+    assert trivial_baselines.majority_predictions(task, tests, others) == {"aq0": "3.167"}  # 19 / 6
+
+
+def test_rows_that_cannot_run_are_left_out_and_unknown_rows_refused():
+    assert "no trivial predictor" in grid.applicable(get_task("news_headline"), "user_majority")
+    assert grid.applicable(NEWS, "OPPU") is None
+    with pytest.raises(UserError, match=re.escape("unknown row 'OPPU+XYZ'")):
+        grid.applicable(NEWS, "OPPU+XYZ")
+
+
+def test_flags_the_grid_sets_are_refused(tmp_path):
+    with pytest.raises(UserError, match="--k: the grid sets this flag"):
+        run_grid.main(["--task_name", NEWS.name, "--work_dir", str(tmp_path), "--", "--k", "2"])
