@@ -17,6 +17,7 @@ and with the least relevant item retrieved; formats = non_personalized, OPPU, OP
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 from oppu import studies
 from oppu.grid import Grid
 from oppu.tasks import get_task
-from utils import run_cli
+from utils import UserError, run_cli
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -37,6 +38,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--task_name", required=True, help="task name or LaMP id, e.g. news_categorize")
     parser.add_argument("--data_dir", default="./data", help="folder holding <task_name>/user_*.json")
     parser.add_argument("--work_dir", required=True, help="the grid's work folder: runs are shared with run_grid.py")
+    # The same stage flags as run_grid.py's: give the same ones to reuse the grid's finished rows.
+    parser.add_argument("--task_lora_flags", default="", help='extra flags for task_LoRA.py only, e.g. "--max_epoch 2"')
+    parser.add_argument("--oppu_flags", default="", help='extra flags for OPPU.py only, e.g. "--max_epoch 1"')
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over users")
     parser.add_argument("--bootstrap_seed", type=int, default=0)
     parser.add_argument("--n_bins", type=int, default=studies.N_BINS, help="activity: groups by history length")
@@ -49,11 +53,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args, stage_flags = parse_args(argv)
+    if args.resamples < 1 or args.n_bins < 1 or args.min_bin_users < 1:
+        raise UserError("--resamples, --n_bins and --min_bin_users must be >= 1")
     grid = Grid(
         get_task(args.task_name),
         Path(args.data_dir),
         Path(args.work_dir),
         tuple(stage_flags),
+        tuple(shlex.split(args.task_lora_flags)),
+        tuple(shlex.split(args.oppu_flags)),
         resamples=args.resamples,
         bootstrap_seed=args.bootstrap_seed,
     )
