@@ -1,0 +1,380 @@
+"""Every speed figure of OPPU on this machine, measured in one run, against the paper's
+configuration of the same pipeline and against the machine's matmul limit; prints a table and
+writes benchmarks/results.json (keys documented in benchmarks/README.md).
+
+Usage:
+    python benchmarks/bench.py --quick          # under 5 minutes: 1 user, short histories
+    python benchmarks/bench.py                  # the full run (under 30 minutes)
+    python benchmarks/bench.py --sections train,decode --output /tmp/results.json
+
+Data: HuffPost authors (news categorization and headlines) made by prepare_data.py from
+../shared/data/huffpost-news into a temporary folder; model: the embedded SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere
+
+import torch  # noqa: E402
+
+from oppu.adapters import TASK_TARGETS, USER_TARGETS, add_adapter, lora_config, save_adapter  # noqa: E402
+from oppu.data import TEST_USERS_FILE, load_users  # noqa: E402
+from oppu.examples import history_pairs, query_prompts  # noqa: E402
+from oppu.generation import DecodeConfig, generate  # noqa: E402
+from oppu.modeling import ModelSpec, load_model  # noqa: E402
+from oppu.tasks import get_task  # noqa: E402
+from oppu.training import IGNORE_INDEX, TrainConfig, encode_pairs, encode_prompt, train  # noqa: E402
+from utils import read_json, run_cli, write_json  # noqa: E402
+
+HUFFPOST = ROOT.parent / "shared" / "data" / "huffpost-news" / "News_Category_Dataset_v3.head9999.jsonl"
+RECORD_FLAGS = {  # prepare_data.py from-records, as docs/run_huffpost.sh
+    "news_categorize": ["--output_field", "category", "--title_field", "headline"],
+    "news_headline": ["--output_field", "headline"],
+}
+# Ours = this repository's defaults; paper = the release's settings (REFERENCE.md §1, §4.7, §4.9).
+OURS_TRAIN = {"batch_size": 8, "micro_batch_size": 8}
+PAPER_TRAIN = {"batch_size": 16, "micro_batch_size": 16, "gradient_checkpointing": True,
+               "group_by_length": False, "shared_prefix": False}  # fmt: skip
+PLAIN_TRAIN = OURS_TRAIN | {"shared_prefix": False}  # ours without the shared prefix: prefix_speedup's base
+PAPER_DECODE = {"do_sample": True, "temperature": 0.1, "max_new_tokens": 200, "batch_size": 1, "shared_prefix": False}
+OURS_OPPU = ["--batch_size", "8", "--micro_batch_size", "8", "--learning_rate", "1e-3"]
+PAPER_OPPU = ["--paper_defaults", "--micro_batch_size", "16", "--gradient_checkpointing", "--no_group_by_length",
+              "--no_shared_prefix", "--do_sample", "--temperature", "0.1", "--max_new_tokens", "200",
+              "--decode_batch_size", "1"]  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 user and short histories (under 5 minutes)")
+    parser.add_argument("--sections", default="matmul,train,decode,serve,e2e", help="comma-separated subset")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--work_dir", default=None, help="data and checkpoints (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    # Sizes: history items trained on per user, users, queries per user decoded, serving users.
+    args.items, args.users, args.queries = (24, 1, 3) if args.quick else (96, 2, 5)
+    args.e2e_items, args.e2e_users = (16, 1) if args.quick else (64, 3)
+    args.serve_users = 8
+    return args
+
+
+# --- the limit ---------------------------------------------------------------------------------
+
+
+def matmul_gflops(n: int = 1536, repeats: int = 6) -> float:
+    """fp32 GFLOP/s of large square matmuls on all the threads torch uses, best of ``repeats``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+# --- FLOP count --------------------------------------------------------------------------------
+
+
+def train_flops(config, length: int, logit_positions: int) -> float:
+    """Model FLOPs of one training example (recomputation by checkpointing not counted).
+
+    Forward multiply-adds: the 7 projections of every layer per token, causal attention (QK^T and
+    AV: d per query-key pair, n(n+1)/2 pairs), and the vocabulary projection only at the logit
+    positions. Backward computes activation gradients only (the base is frozen; LoRA's r=8
+    weight gradients are under 1% and not counted): one matmul per projection, two per attention
+    matmul. So training = 2 x (2 x linear + 3 x attention + 2 x head) multiply-adds.
+    """
+    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
+    linear = layers * (2 * d * d + 2 * d * kv + 3 * d * ff) * length
+    attention = layers * d * length * (length + 1)
+    head = d * config.vocab_size * logit_positions
+    return 2.0 * (2 * linear + 3 * attention + 2 * head)
+
+
+def example_flops(config, encoded) -> float:
+    """Training FLOPs of the examples, each as the plain path computes it without padding."""
+    total = 0.0
+    for e in encoded:
+        first = next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), len(e.labels) - 1)
+        total += train_flops(config, len(e.input_ids), len(e.input_ids) - first + 1)
+    return total
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def make_data(work: Path) -> Path:
+    """HuffPost authors as users of both tasks, as docs/run_huffpost.sh makes them."""
+    import prepare_data
+
+    data = work / "data"
+    for task, flags in RECORD_FLAGS.items():
+        if not (data / task / TEST_USERS_FILE).is_file():
+            prepare_data.main(["from-records", "--input", str(HUFFPOST), "--task_name", task,
+                               "--user_field", "authors", "--input_field", "short_description",
+                               "--time_field", "date", "--queries_per_user", "5", "--min_history", "10",
+                               "--num_test_users", "10", "--output_dir", str(data), *flags])  # fmt: skip
+    return data
+
+
+def lora_args(dropout: float = 0.05) -> argparse.Namespace:
+    return argparse.Namespace(lora_r=8, lora_alpha=8, lora_dropout=dropout)
+
+
+# --- training and decoding ---------------------------------------------------------------------
+
+
+def measure_train(model, tokenizer, encoded, settings: dict, limit: float) -> tuple[dict, object]:
+    """One epoch over ``encoded`` with a fresh user LoRA; the figures and the trained PEFT model."""
+    torch.manual_seed(0)
+    peft = add_adapter(model, lora_config(lora_args(), USER_TARGETS))
+    cfg = TrainConfig(**({"learning_rate": 1e-3, "max_epoch": 1} | settings))
+    warm_up = settings | {"batch_size": 2, "micro_batch_size": 2, "max_epoch": 1}  # first-call costs out of the timing
+    train(peft, tokenizer, encoded[:2], TrainConfig(**warm_up))
+    start = time.perf_counter()
+    fit = train(peft, tokenizer, encoded, cfg)
+    seconds = time.perf_counter() - start
+    flops = example_flops(model.config, encoded)
+    figures = {
+        "examples_per_s": len(encoded) / seconds, "tokens_per_s": fit.tokens / seconds,
+        "mfu": flops / seconds / 1e9 / limit, "padding_fraction": fit.padded_tokens / (fit.padded_tokens + fit.tokens),
+        "shared_prefix_tokens": fit.shared_prefix_tokens, "seconds": seconds, "examples": len(encoded),
+    }  # fmt: skip
+    return figures, peft
+
+
+def measure_decode(model, tokenizer, prompts: list[str], settings: dict) -> dict:
+    cfg = DecodeConfig(**({"max_new_tokens": 32} | settings))
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    outputs = generate(model, tokenizer, prompts, cfg, show=False)
+    seconds = time.perf_counter() - start
+    # New tokens re-counted from the text, plus the EOS that ends an answer shorter than the cap.
+    new = sum(min(len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1, cfg.max_new_tokens) for o in outputs)
+    return {"queries_per_s": len(prompts) / seconds, "new_tokens_per_s": new / seconds, "seconds": seconds,
+            "queries": len(prompts), "new_tokens": new}  # fmt: skip
+
+
+def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float) -> dict:
+    """Training (paper, plain, ours) and decoding (paper, ours) figures on one task's users."""
+    task = get_task(task_name)
+    users = load_users(task, data / task.name / TEST_USERS_FILE)[: args.users]
+    out: dict = {"train": {}, "decode": {}}
+    encoded = [e for u in users for e in encode_pairs(tokenizer, history_pairs(task, u)[: args.items], 2048)]
+    prompts = [p for u in users for p in query_prompts(task, u)[: args.queries]]
+    trained = None
+    for name, settings in (("paper", PAPER_TRAIN), ("plain", PLAIN_TRAIN), ("ours", OURS_TRAIN)):
+        print(f"[{task.name}] training, {name} configuration ({len(encoded)} examples)", flush=True)
+        out["train"][name], peft = measure_train(model, tokenizer, encoded, settings, limit)
+        if name == "ours":
+            trained = peft
+        else:
+            model = peft.unload()
+    for name, settings in (("paper", PAPER_DECODE), ("ours", {"max_new_tokens": task.max_new_tokens})):
+        print(f"[{task.name}] decoding, {name} configuration ({len(prompts)} queries)", flush=True)
+        out["decode"][name] = measure_decode(trained, tokenizer, prompts, settings)
+    trained.unload()
+    return out
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+def bench_serving(model, tokenizer, data: Path, args) -> dict:
+    """8 users' queries with 8 personal LoRAs: one mixed batch (peft's per-row adapter_names,
+    through oppu.serving), one adapter for the whole batch, and user after user. The LoRAs are
+    random (non-zero B) so every row really goes through its own weights. No shared prefix in
+    any of the three: a prefix's keys and values differ per adapter."""
+    from peft import get_peft_model
+
+    task = get_task("news_categorize")
+    users = load_users(task, data / task.name / TEST_USERS_FILE)[: args.serve_users]
+    per_user = 1 if args.quick else 2
+    prompts = [(u["user_id"], p) for u in users for p in query_prompts(task, u)[:per_user]]
+    names = [f"u{i}" for i in range(len(users))]
+    torch.manual_seed(0)
+    peft = get_peft_model(model, lora_config(lora_args(0.0), USER_TARGETS), adapter_name=names[0])
+    for name in names[1:]:
+        peft.add_adapter(name, lora_config(lora_args(0.0), USER_TARGETS))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    peft.eval()
+    owner = {u["user_id"]: name for u, name in zip(users, names)}
+    cfg = DecodeConfig(max_new_tokens=task.max_new_tokens, batch_size=len(prompts), shared_prefix=False)
+    texts = [p for _, p in prompts]
+    rows = [(encode_prompt(tokenizer, p), owner[uid]) for uid, p in prompts]
+    try:
+        from oppu.serving import RowAdapters
+
+        mixed_model, via = RowAdapters(peft, rows), "oppu.serving.RowAdapters"
+    except ImportError:  # measure peft's per-row selection directly
+        mixed_model, via = None, "peft generate(adapter_names=...)"
+    timings = {}
+    start = time.perf_counter()
+    if mixed_model is not None:
+        generate(mixed_model, tokenizer, texts, cfg, show=False)
+    else:
+        enc = tokenizer.pad({"input_ids": [r[0] for r in rows]}, return_tensors="pt", padding_side="left")
+        peft.generate(**enc, adapter_names=[r[1] for r in rows], max_new_tokens=cfg.max_new_tokens, do_sample=False)
+    timings["mixed"] = time.perf_counter() - start
+    peft.set_adapter(names[0])
+    start = time.perf_counter()
+    generate(peft, tokenizer, texts, cfg, show=False)
+    timings["single"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for uid, name in owner.items():
+        peft.set_adapter(name)
+        generate(peft, tokenizer, [p for u, p in prompts if u == uid], cfg, show=False)
+    timings["sequential"] = time.perf_counter() - start
+    peft.unload()
+    qps = {k: len(prompts) / v for k, v in timings.items()}
+    return {"queries": len(prompts), "users": len(users), "via": via, "queries_per_s": qps}
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+def short_histories(data: Path, dest: Path, users: int, items: int) -> Path:
+    """The first ``users`` news_categorize test users with their first ``items`` history items."""
+    task = get_task("news_categorize")
+    (dest / task.name).mkdir(parents=True, exist_ok=True)
+    cut = [u | {"profile": u["profile"][:items]} for u in read_json(data / task.name / TEST_USERS_FILE)[:users]]
+    write_json(dest / task.name / TEST_USERS_FILE, cut)
+    return dest
+
+
+def run_oppu(work: Path, data: Path, task_lora: Path, name: str, flags: list[str]) -> dict:
+    """OPPU.py in a child process: its wall time, peak RSS (wait4), and per-user seconds."""
+    ckpt = work / f"ckpt-{name}"
+    argv = [sys.executable, str(ROOT / "OPPU.py"), "--task_name", "news_categorize", "--data_dir", str(data),
+            "--ckpt_dir", str(ckpt), "--output_dir", str(work / f"output-{name}"), "--task_lora", str(task_lora),
+            "--max_epoch", "2", "--min_steps", "0", *flags]  # fmt: skip
+    print(f"[e2e] OPPU.py, {name} configuration", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"OPPU.py ({name}) failed:\n{log[-3000:]}")
+    manifest = [json.loads(line) for line in next(ckpt.rglob("manifest.jsonl")).read_text().splitlines()]
+    adapter = next(p for p in ckpt.rglob("adapter_model.safetensors"))
+    return {"wall_seconds": seconds, "seconds_per_user": sum(m["seconds"] for m in manifest) / len(manifest),
+            "users": len(manifest), "peak_rss_gb": usage.ru_maxrss / 1024**2,  # ru_maxrss is in KiB on Linux
+            "peft_mb": sum(f.stat().st_size for f in adapter.parent.iterdir()) / 1024**2}  # fmt: skip
+
+
+def bench_e2e(model, data: Path, work: Path, args) -> dict:
+    """OPPU end to end (train + answer per user) in ours and the paper's configuration. The task
+    adapter is a fresh LoRA (B = 0, so merging it changes nothing): speed does not depend on it."""
+    torch.manual_seed(0)
+    peft = add_adapter(model, lora_config(lora_args(), TASK_TARGETS))
+    save_adapter(peft, work / "task_adapter")
+    peft.unload()
+    short = short_histories(data, work / "data-e2e", args.e2e_users, args.e2e_items)
+    return {name: run_oppu(work, short, work / "task_adapter", name, flags)
+            for name, flags in (("ours", OURS_OPPU), ("paper", PAPER_OPPU))}  # fmt: skip
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def headline(r: dict) -> dict:
+    """The top-level figures of results.json (README: benchmarks/README.md)."""
+    out = {"matmul_gflops": r.get("matmul_gflops")}
+    if "train" in r:
+        nc = r["train"]["news_categorize"]["train"]
+        out |= {"train_tokens_per_s": nc["ours"]["tokens_per_s"], "train_mfu": nc["plain"]["mfu"],
+                "prefix_speedup": nc["ours"]["examples_per_s"] / nc["plain"]["examples_per_s"],
+                "padding_fraction": nc["ours"]["padding_fraction"],
+                "train_speedup_vs_paper": nc["ours"]["examples_per_s"] / nc["paper"]["examples_per_s"]}  # fmt: skip
+        dec = r["train"]["news_categorize"]["decode"]
+        out["decode_speedup_vs_paper"] = dec["ours"]["queries_per_s"] / dec["paper"]["queries_per_s"]
+    if "serve" in r:
+        q = r["serve"]["queries_per_s"]
+        out |= {
+            "mixed_vs_single_adapter": q["mixed"] / q["single"],
+            "mixed_vs_sequential": q["mixed"] / q["sequential"],
+        }
+    if "e2e" in r:
+        e = r["e2e"]
+        out |= {"e2e_seconds_per_user": e["ours"]["seconds_per_user"],
+                "e2e_speedup_vs_paper": e["paper"]["seconds_per_user"] / e["ours"]["seconds_per_user"],
+                "peak_rss_gb": e["ours"]["peak_rss_gb"], "peft_mb": e["ours"]["peft_mb"]}  # fmt: skip
+    return out
+
+
+def table(r: dict) -> str:
+    lines = ["| figure | paper config | plain (no shared prefix) | ours |", "|---|---|---|---|"]
+    for task, t in r.get("train", {}).items():
+        for key, fmt in (
+            ("examples_per_s", ".2f"),
+            ("tokens_per_s", ".0f"),
+            ("mfu", ".3f"),
+            ("padding_fraction", ".3f"),
+        ):
+            cells = " | ".join(format(t["train"][c][key], fmt) for c in ("paper", "plain", "ours"))
+            lines.append(f"| {task} train {key} | {cells} |")
+        for key in ("queries_per_s", "new_tokens_per_s"):
+            d = t["decode"]
+            lines.append(f"| {task} decode {key} | {d['paper'][key]:.2f} | | {d['ours'][key]:.2f} |")
+    if "e2e" in r:
+        for key in ("seconds_per_user", "peak_rss_gb", "peft_mb"):
+            lines.append(f"| OPPU end to end {key} | {r['e2e']['paper'][key]:.2f} | | {r['e2e']['ours'][key]:.2f} |")
+    if "serve" in r:
+        q = r["serve"]["queries_per_s"]
+        lines.append(f"| serving queries/s: mixed 8 users / one adapter / user after user | "
+                     f"{q['mixed']:.2f} / {q['single']:.2f} / {q['sequential']:.2f} | | |")  # fmt: skip
+    lines += ["", *(f"- {k}: {v:.3f}" for k, v in r["headline"].items() if v is not None)]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    sections = set(args.sections.split(","))
+    start = time.perf_counter()
+    tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="oppu-bench-")
+    work = Path(args.work_dir or tmp.name)
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                     "config": vars(args) | {"ours_train": OURS_TRAIN, "paper_train": PAPER_TRAIN,
+                                             "paper_decode": PAPER_DECODE, "ours_oppu": OURS_OPPU,
+                                             "paper_oppu": PAPER_OPPU}}  # fmt: skip
+    limit = matmul_gflops()
+    results["matmul_gflops"] = limit
+    print(f"matmul limit: {limit:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)", flush=True)
+    data = make_data(work)
+    model, tokenizer = load_model(ModelSpec())
+    if sections & {"train", "decode"}:
+        results["train"] = {t: bench_task(model, tokenizer, t, data, args, limit) for t in RECORD_FLAGS}
+    if "serve" in sections:
+        results["serve"] = bench_serving(model, tokenizer, data, args)
+    if "e2e" in sections:
+        results["e2e"] = bench_e2e(model, data, work, args)
+    results["headline"] = headline(results)
+    results["seconds"] = time.perf_counter() - start
+    out = results["headline"] | {k: v for k, v in results.items() if k != "headline"}
+    write_json(Path(args.output), out)
+    print(table(results))
+    print(f"wrote {args.output} in {results['seconds']:.0f} s")
+    if tmp:
+        tmp.cleanup()
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
