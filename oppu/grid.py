@@ -192,48 +192,32 @@ def save_record(grid: Grid, name: str, predictions: Path, seconds: float) -> dic
     return record
 
 
+def as_flags(**values: object) -> list[str]:
+    """``--name value`` pairs, in order (keyword names are the flag names without dashes)."""
+    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+
 def stage_argv(grid: Grid, row: Row, flags: Sequence[str], stage_only: Sequence[str]) -> list[str]:
     ckpt, output = run_dirs(grid, flags)
-    argv = [
-        "--task_name",
-        grid.task.name,
-        "--data_dir",
-        str(grid.data_dir),
-        "--ckpt_dir",
-        str(ckpt),
-        "--output_dir",
-        str(output),
-        "--k",
-        str(row.k),
-    ]
+    argv = as_flags(task_name=grid.task.name, data_dir=grid.data_dir, ckpt_dir=ckpt, output_dir=output, k=row.k)
     return argv + (["--add_profile"] if row.profile else []) + [*grid.stage_flags, *stage_only, *flags]
 
 
 def ensure_profiles(grid: Grid) -> None:
     """Write the profile files the PAG rows need (gen_profile resumes; a no-op when complete)."""
     s = grid.settings
-    argv = [
-        "--task_name",
-        grid.task.name,
-        "--data_dir",
-        str(grid.data_dir),
-        "--model_name",
-        s.model_name,
-        "--dtype",
-        s.dtype,
-        "--seed",
-        str(s.seed),
-    ]
-    argv += (["--access_token", s.access_token] if s.access_token else []) + (
-        ["--trust_remote_code"] if s.trust_remote_code else []
+    argv = as_flags(
+        task_name=grid.task.name, data_dir=grid.data_dir, model_name=s.model_name, dtype=s.dtype, seed=s.seed
     )
+    argv += as_flags(access_token=s.access_token) if s.access_token else []
+    argv += ["--trust_remote_code"] if s.trust_remote_code else []
     gen_profile.main(argv + list(grid.profile_flags))
 
 
 def run_trivial(grid: Grid, names: Sequence[str]) -> dict[str, dict]:
     start = time.time()
     written = trivial_baselines.main(
-        ["--task_name", grid.task.name, "--data_dir", str(grid.data_dir), "--output_dir", str(grid.work_dir / "output")]
+        as_flags(task_name=grid.task.name, data_dir=grid.data_dir, output_dir=grid.work_dir / "output")
     )
     return {n: save_record(grid, n, written[ROWS[n].method], time.time() - start) for n in names}
 
@@ -279,11 +263,11 @@ def run_rows(grid: Grid, names: Sequence[str]) -> dict[str, dict]:
     trivial = [n for n in todo if ROWS[n].stage == "trivial"]
     if trivial:
         records |= run_trivial(grid, trivial)
-    settings: dict[tuple, list[str]] = {}
+    calls: dict[tuple, list[str]] = {}
     for n in todo:
         if ROWS[n].stage != "trivial":
-            settings.setdefault((ROWS[n].k, ROWS[n].profile, ROWS[n].flags), []).append(n)
-    for key, group in settings.items():
+            calls.setdefault((ROWS[n].k, ROWS[n].profile, ROWS[n].flags), []).append(n)
+    for key, group in calls.items():
         done, adapter = run_task_lora(grid, group, key)
         records |= done
         for n in group:

@@ -36,8 +36,8 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tokenizer) -> Path:
 def full_grid(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("grid")
     prepare_data.main(["demo", "--tasks", NEWS.name, "--output_dir", str(root / "data")] + SIZES)
-    own = ["--task_name", NEWS.name, "--data_dir", str(root / "data"), "--work_dir", str(root / "W"),
-           "--profile_flags", PROFILE_FLAGS, "--resamples", "50"]  # fmt: skip
+    own = grid.as_flags(task_name=NEWS.name, data_dir=root / "data", work_dir=root / "W", resamples=20)
+    own += ["--profile_flags", PROFILE_FLAGS]
     stage = ["--model_name", str(tiny_model_dir), *QUICK]
     return {"root": root, "own": own, "stage": stage, "table": run_grid.main([*own, "--", *stage])}
 
@@ -128,7 +128,7 @@ def test_paired_difference_counts_users_gained_lost_tied():
     b = grid.Examples(users, groups, golds, ["crime", "crime", "sports", "crime"])  # u1 wrong, u2 half
     per_a = {"u1": {"accuracy": 1.0, "f1": 1.0}, "u2": {"accuracy": 1.0, "f1": 1.0}, "u3": {"accuracy": 0.0, "f1": 0.0}}
     per_b = {"u1": {"accuracy": 0.0, "f1": 0.0}, "u2": {"accuracy": 0.5, "f1": 0.5}, "u3": {"accuracy": 0.0, "f1": 0.0}}
-    diff = grid.paired_difference(NEWS, a, b, per_a, per_b, resamples=100, seed=3)["accuracy"]
+    diff = grid.paired_difference(NEWS, a, b, per_a, per_b, resamples=30, seed=3)["accuracy"]
     assert diff["difference"] == pytest.approx(0.75 - 0.25)
     assert (diff["gained"], diff["lost"], diff["tied"]) == (2, 0, 1)
     assert diff["ci95"][0] >= 0.0  # a is never worse on any user
@@ -156,9 +156,8 @@ def test_trivial_rows_on_a_hand_made_file(tmp_path):
     tests = [_user("a", ["sports", "sports", "crime"], ["sports", "crime"]), _user("b", ["crime"], ["travel"])]
     (folder / "user_top_100_history.json").write_text(json.dumps(tests))
     (folder / "user_others.json").write_text(json.dumps([_user("o", ["crime"], ["crime", "crime"])]))
-    argv = ["--task_name", NEWS.name, "--data_dir", str(tmp_path / "data"), "--work_dir", str(tmp_path / "W"),
-            "--rows", "global_majority,user_majority", "--resamples", "10"]  # fmt: skip
-    table = run_grid.main(argv)
+    argv = grid.as_flags(task_name=NEWS.name, data_dir=tmp_path / "data", work_dir=tmp_path / "W", resamples=10)
+    table = run_grid.main(argv + ["--rows", "global_majority,user_majority"])
     assert table["rows"]["global_majority"]["metrics"]["accuracy"] == pytest.approx(1 / 3)  # crime right once
     assert table["rows"]["user_majority"]["metrics"]["accuracy"] == pytest.approx(1 / 3)  # a: sports right once
     assert table["rows"]["user_majority"]["per_user"]["a"] == {"accuracy": 0.5, "f1": pytest.approx(2 / 3 / 15), "n": 2}
