@@ -169,49 +169,57 @@ def activity_markdown(table: Mapping[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
+# Rows differ by marker, line style, shade and marker fill, so the plot reads in grey scale.
+STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1))), ("P", (0, (3, 1, 1, 1, 1, 1)))]
+GREYS = ["0.0", "0.35", "0.55", "0.2", "0.45", "0.65"]
+
+
+def _draw_row(ax, i: int, n_rows: int, row: str, scores: Sequence[Mapping[str, Any]], metric: str) -> None:
+    """Row ``i``'s line over the bins with its 95% intervals, shifted a little sideways so that
+    the rows' intervals do not hide each other."""
+    marker, line = STYLES[i % len(STYLES)]
+    grey = GREYS[i % len(GREYS)]
+    shift = (i - (n_rows - 1) / 2) * 0.06
+    y = [s["metrics"][metric] for s in scores]
+    low = [v - s["ci95"][metric][0] for v, s in zip(y, scores)]
+    high = [s["ci95"][metric][1] - v for v, s in zip(y, scores)]
+    ax.errorbar(
+        [j + shift for j in range(len(y))],
+        y,
+        yerr=[low, high],
+        marker=marker,
+        linestyle=line,
+        color=grey,
+        capsize=3,
+        markerfacecolor="white" if i % 2 else grey,
+        label=row,
+    )
+
+
 def plot_activity(table: Mapping[str, Any], path: Path, title: str = "") -> Path:
-    """A line plot per metric: score by activity bin, one line per row, with 95% intervals. Rows
-    differ by marker and line style, not colour alone, so the plot reads in grey scale."""
+    """A line plot per metric: score by activity bin, one line per row, with 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = table["rows"]
-    names = list(next(iter(rows.values()))[0]["metrics"])
+    metrics = list(next(iter(rows.values()))[0]["metrics"])
     labels = [f"{b['label']}\n({len(b['users'])} users)" for b in table["bins"]]
-    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1))), ("P", (0, (3, 1, 1, 1, 1, 1)))]
-    greys = ["0.0", "0.35", "0.55", "0.2", "0.45", "0.65"]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, metric in zip(axes[0], names):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         for i, (row, scores) in enumerate(rows.items()):
-            marker, line = styles[i % len(styles)]
-            shift = (i - (len(rows) - 1) / 2) * 0.06  # side by side, so the intervals do not hide each other
-            x = [j + shift for j in range(len(scores))]
-            y = [s["metrics"][metric] for s in scores]
-            err = [
-                [v - s["ci95"][metric][0] for v, s in zip(y, scores)],
-                [s["ci95"][metric][1] - v for v, s in zip(y, scores)],
-            ]
-            ax.errorbar(
-                x,
-                y,
-                yerr=err,
-                marker=marker,
-                linestyle=line,
-                color=greys[i % len(greys)],
-                capsize=3,
-                markerfacecolor="white" if i % 2 else greys[i % len(greys)],
-                label=row,
-            )
+            _draw_row(ax, i, len(rows), row, scores, metric)
         ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlim(-0.5, len(labels) - 0.5)  # a bin's points stay together even with a single bin
         ax.set_xlabel("user activity (history length)")
         ax.set_ylabel(f"{metric} ({'lower' if metric in G.LOWER_IS_BETTER else 'higher'} is better)")
         ax.grid(axis="y", color="0.9")
-    axes[0][0].legend(frameon=False)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(rows), frameon=False)  # below: never over the data
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
