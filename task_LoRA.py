@@ -73,7 +73,7 @@ def reusable_adapter(folder: Path, config: dict) -> bool:
     if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / CONFIG_FILE).is_file():
         return False
     old = {k: v for k, v in read_json(folder / CONFIG_FILE).items() if k != "final_loss"}
-    return not config_differences(old, public_config(config))
+    return not config_differences(training_config(old), public_config(training_config(config)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:

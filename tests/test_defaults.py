@@ -198,7 +198,7 @@ def test_task_adapter_is_reused_across_ways_of_answering(tmp_path):
 
     config = {"task_name": "product_rating", "learning_rate": 1e-3, "answer_mode": "generate", "retrieval": "most"}
     (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"")
-    write_json(tmp_path / CONFIG_FILE, public_config(training_config(config)) | {"final_loss": 0.5})
+    write_json(tmp_path / CONFIG_FILE, public_config(config) | {"final_loss": 0.5})  # as older runs saved it
     for answering in ({"answer_mode": "score"}, {"retrieval": "least"}, {"max_new_tokens": 3, "do_sample": True}):
         assert task_LoRA.reusable_adapter(tmp_path, training_config(config | answering))
     assert not task_LoRA.reusable_adapter(tmp_path, training_config(config | {"learning_rate": 1e-4}))
