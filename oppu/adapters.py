@@ -25,7 +25,8 @@ IA3_FEEDFORWARD = ("down_proj",)
 # examples with AdamW (Lester et al. used 0.3 with Adafactor).
 PEFT_LEARNING_RATES = {"ia3": 3e-3, "prompt_tuning": 3e-2}
 # Prompt tuning starts from the embeddings of this text, repeated to the number of virtual
-# tokens: Lester et al. found initialising from real words trains faster than random vectors.
+# tokens: Lester et al. found real word embeddings a better start than random vectors, most of
+# all for smaller models.
 PROMPT_INIT_TEXT = "Answer the way this user answered their own past items."
 
 
