@@ -204,11 +204,11 @@ def stage_argv(grid: Grid, row: Row, flags: Sequence[str], stage_only: Sequence[
 
 
 def ensure_profiles(grid: Grid) -> None:
-    """Write the profile files the PAG rows need (gen_profile resumes; a no-op when complete)."""
+    """Write the profile files the PAG rows need (gen_profile resumes; a no-op when complete).
+    The stages' model writes them; their --seed is not passed, so that a grid rerun with another
+    seed keeps the profiles (gen_profile refuses to extend files made under other settings)."""
     s = grid.settings
-    argv = as_flags(
-        task_name=grid.task.name, data_dir=grid.data_dir, model_name=s.model_name, dtype=s.dtype, seed=s.seed
-    )
+    argv = as_flags(task_name=grid.task.name, data_dir=grid.data_dir, model_name=s.model_name, dtype=s.dtype)
     argv += as_flags(access_token=s.access_token) if s.access_token else []
     argv += ["--trust_remote_code"] if s.trust_remote_code else []
     gen_profile.main(argv + list(grid.profile_flags))
