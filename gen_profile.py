@@ -85,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     task = get_task(args.task_name)
     spec = cli.model_spec(args)
     check_spec(spec)
-    folder = ensure_writable_dir(Path(args.data_dir) / task.name)
+    folder = Path(args.data_dir) / task.name
     users = {name: load_users(task, folder / name, need_history=False) for name, _ in FILES}
+    ensure_writable_dir(folder)
     existing = {} if args.overwrite else {out: read_aligned(folder / out, users[name]) for name, out in FILES}
     # data_dir is left out: the config file sits in the data folder it describes
     config = {k: v for k, v in public_config(vars(args)).items() if k != "data_dir"} | {"task_name": task.name}
