@@ -201,7 +201,7 @@ def model_card(identity: dict, folder_name: str) -> str:
         f"{t.get('steps')} steps, final loss {t.get('final_loss')}, {t.get('seconds')} s",
         f"- LoRA r={s.get('lora_r')}, alpha={s.get('lora_alpha')}, dropout {s.get('lora_dropout')} on "
         f"{s.get('target_modules')}; lr {s.get('learning_rate')}, batch {s.get('batch_size')}, "
-        f"{s.get('max_epoch')} epochs, seed {s.get('seed')}",
+        f"{t.get('epochs', s.get('max_epoch'))} epochs, seed {s.get('seed')}",
     ]  # fmt: skip
     for i, u in enumerate(identity["updates"], 1):
         lines.append(f"- update {i}: {len(u['new_item_ids'])} new + {len(u['replayed_item_ids'])} replayed items, "

@@ -276,3 +276,17 @@ def test_update_moves_predictions_to_the_new_taste(run, tmp_path, capsys):
               f"(train {update['seconds']} s); retraining: {retrain['train_examples']} examples, "
               f"{retrain['steps']} steps, {retrain_seconds:.1f} s (train {retrain['seconds']} s); "
               f"retrained predictions {sorted(set(retrain['predictions'].values()))}")  # fmt: skip
+
+
+def test_generate_serves_several_users_in_one_batch_as_their_run_did(run, exported, tmp_path):
+    second = tmp_path / "bob"
+    export_user.main(["--oppu_dir", str(run["run_dir"]), "--user_id", "demo-news-001", "--output_dir", str(second)])
+    lines = [{"id": q["id"], "input": q["input"], "peft": str(folder)}
+             for folder, user in ((exported, run["users"][USER]), (second, run["users"]["demo-news-001"]))
+             for q in user["query"]]  # fmt: skip
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run_preds = preds_of(run["predictions"])
+    for bound in ("2", "1"):  # both users in mixed batches; one user at a time
+        out = generate.main(["--inputs", str(requests), "--max_loaded_adapters", bound, "--decode_batch_size", "4"])
+        assert out["predictions"] == run_preds and out["peak_loaded"] == int(bound) and out["loads"] == 2
