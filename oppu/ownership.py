@@ -197,7 +197,7 @@ def model_card(identity: dict, folder_name: str) -> str:
         f"- prompts: task `{identity['task_name']}`, k={identity['k']} retrieved history items, "
         f"profile {'yes' if identity['add_profile'] else 'no'}", "",
         "## How it was trained",
-        f"- {len(identity['trained_item_ids'])} history items, {t.get('train_examples')} examples, "
+        f"- {t.get('history_items')} history items, {t.get('train_examples')} examples, "
         f"{t.get('steps')} steps, final loss {t.get('final_loss')}, {t.get('seconds')} s",
         f"- LoRA r={s.get('lora_r')}, alpha={s.get('lora_alpha')}, dropout {s.get('lora_dropout')} on "
         f"{s.get('target_modules')}; lr {s.get('learning_rate')}, batch {s.get('batch_size')}, "
