@@ -63,8 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default=None, help="data and checkpoints (default: a temporary folder)")
     args = parser.parse_args(argv)
     # Sizes: history items trained on per user, users, queries per user decoded, serving users.
-    args.items, args.users, args.queries = (24, 1, 3) if args.quick else (96, 2, 5)
-    args.e2e_items, args.e2e_users = (16, 1) if args.quick else (64, 3)
+    args.items, args.users, args.queries = (16, 1, 2) if args.quick else (96, 2, 5)
+    args.e2e_items, args.e2e_users = (8, 1) if args.quick else (64, 3)
     args.serve_users = 8
     return args
 
@@ -343,6 +343,15 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def save(results: dict, path: Path, start: float) -> dict:
+    """results.json: the headline figures first, then everything measured so far."""
+    results["headline"] = headline(results)
+    results["seconds"] = time.perf_counter() - start
+    out = results["headline"] | {k: v for k, v in results.items() if k != "headline"}
+    write_json(path, out)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     sections = set(args.sections.split(","))
@@ -359,16 +368,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"matmul limit: {limit:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)", flush=True)
     data = make_data(work)
     model, tokenizer = load_model(ModelSpec())
+    # Written after every section, so a long run stopped half-way keeps what it measured.
     if sections & {"train", "decode"}:
         results["train"] = {t: bench_task(model, tokenizer, t, data, args, limit) for t in RECORD_FLAGS}
+        save(results, Path(args.output), start)
     if "serve" in sections:
         results["serve"] = bench_serving(model, tokenizer, data, args)
+        save(results, Path(args.output), start)
     if "e2e" in sections:
         results["e2e"] = bench_e2e(model, data, work, args)
-    results["headline"] = headline(results)
-    results["seconds"] = time.perf_counter() - start
-    out = results["headline"] | {k: v for k, v in results.items() if k != "headline"}
-    write_json(Path(args.output), out)
+    out = save(results, Path(args.output), start)
     print(table(results))
     print(f"wrote {args.output} in {results['seconds']:.0f} s")
     if tmp:
