@@ -67,8 +67,11 @@ from utils import (
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task_lora", help="the task adapter folder written by task_LoRA.py (required, except "
-                        "with --update, which defaults to the one the PEFT was trained on)")  # fmt: skip
+    parser.add_argument(
+        "--task_lora",
+        help="the task adapter folder written by task_LoRA.py (required, except with --update, which defaults "
+        "to the one the PEFT was trained on)",
+    )
     cli.add_common_args(parser, stage="OPPU", target_modules=USER_TARGETS)
     cli.add_personal_args(parser)
     ownership.add_own_args(parser)
@@ -143,8 +146,8 @@ def train_own(args: argparse.Namespace, task: Task, spec) -> dict[str, Path]:
     model = merge_adapter(model, job.task_lora)
     if args.update:
         done = ownership.update_peft(model, tokenizer, job, args)
-        print(f"updated {job.peft_dir}: {len(done['new_item_ids'])} new + {len(done['replayed_item_ids'])} "
-              f"replayed items, {done['steps']} steps, {done['seconds']} s")  # fmt: skip
+        items = f"{len(done['new_item_ids'])} new + {len(done['replayed_item_ids'])} replayed items"
+        print(f"updated {job.peft_dir}: {items}, {done['steps']} steps, {done['seconds']} s")
         return {"peft_dir": job.peft_dir, "update": done}
     with tempfile.TemporaryDirectory(prefix=".oppu-user-", dir=ensure_writable_dir(job.peft_dir.parent)) as work:
         _, result = train_user(model, tokenizer, task, job.user, job.profile, args, Path(work))
@@ -168,8 +171,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     inputs = [Path(args.data_dir) / task.name / TEST_USERS_FILE]
     if args.add_profile:
         inputs.append(Path(args.data_dir) / task.name / TEST_PROFILES_FILE)
-    config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs),
-                           "task_lora_sha256": ownership.task_adapter_sha(Path(args.task_lora))}  # fmt: skip
+    task_lora_sha256 = ownership.task_adapter_sha(Path(args.task_lora))
+    config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs)}
+    config["task_lora_sha256"] = task_lora_sha256
     fingerprint = config_fingerprint(config)
 
     from accelerate import Accelerator

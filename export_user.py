@@ -51,8 +51,9 @@ def write_merged_base(run_dir: Path, out: Path, args: argparse.Namespace) -> Pat
         if held["task_adapter_sha256"] == ownership.task_adapter_sha(task_lora):
             print(f"{out} already holds this base and task adapter; kept")
             return out
-    spec = ModelSpec(config["model_name"], args.dtype, access_token=args.access_token,
-                     trust_remote_code=config["trust_remote_code"])  # fmt: skip
+    spec = ModelSpec(
+        config["model_name"], args.dtype, access_token=args.access_token, trust_remote_code=config["trust_remote_code"]
+    )
     model, tokenizer = load_model(spec, "cpu")
     model = merge_adapter(model, task_lora)
     return ownership.write_merged_base(model, tokenizer, out, spec, task_lora, args.overwrite)

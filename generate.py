@@ -54,8 +54,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     g.add_argument("--max_new_tokens", type=int, default=None, help="default: the PEFT's training run's")
     g.add_argument("--decode_batch_size", type=int, default=None, help="default: the PEFT's training run's")
-    g.add_argument("--no_shared_prefix", dest="shared_prefix", action="store_false",
-                   help="recompute the prompts' common prefix for every prompt")  # fmt: skip
+    g.add_argument(
+        "--no_shared_prefix",
+        dest="shared_prefix",
+        action="store_false",
+        help="recompute the prompts' common prefix for every prompt",
+    )
     g.add_argument("--do_sample", action="store_true", help="sample as the paper did")
     g.add_argument("--temperature", type=float, default=0.1)
     g.add_argument("--top_k", type=int, default=10)
@@ -111,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     identities = {folder: ownership.read_identity(folder) for folder in dict.fromkeys(r.peft for r in requests)}
     stack = ownership.same_stack(identities)
     task = get_task(stack["task_name"])
-    spec = ModelSpec(args.model_name or stack["base_model"], args.dtype, args.load_in_4bit, args.access_token,
-                     args.trust_remote_code)  # fmt: skip
+    spec = ModelSpec(
+        args.model_name or stack["base_model"], args.dtype, args.load_in_4bit, args.access_token, args.trust_remote_code
+    )
     check_spec(spec)
     decode = decode_settings(args, stack)
     model, tokenizer = serving.load_serving_model(stack, spec, args.task_lora, str(requests[0].peft))
@@ -128,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         for rid, pred in preds.items():
             print(pred if args.input is not None else f"{rid}\t{pred}")
-    print(f"answered {len(requests)} inputs of {len(identities)} users ({pool.loads} adapter loads, "
-          f"at most {pool.peak} in memory)" + (f"; predictions in {args.output_file}" if args.output_file else ""),
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"answered {len(requests)} inputs of {len(identities)} users ({pool.loads} adapter loads, "
+        f"at most {pool.peak} in memory)" + (f"; predictions in {args.output_file}" if args.output_file else ""),
+        file=sys.stderr,
+    )
     return {"predictions": preds, "raw": raw, "loads": pool.loads, "peak_loaded": pool.peak}
 
 

@@ -37,8 +37,15 @@ FORMAT = "oppu-peft/1"
 # two thirds of the update, so a real shift in taste wins (tests/test_ownership.py).
 DEFAULT_REPLAY_FRACTION = 0.5
 # Config fields that say which network a PEFT fits: a same-named model of another shape is refused.
-SIGNATURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads")  # fmt: skip
+SIGNATURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 
 
 def sha256_file(path: Path) -> str:
@@ -76,19 +83,27 @@ def base_signature(spec: ModelSpec) -> dict[str, Any]:
 # --- identity and checks -------------------------------------------------------------------------
 
 
-def make_identity(user_id: str, task: Task, run_config: dict, spec: ModelSpec, task_lora: Path,
-                  trained: dict, profile: str | None) -> dict:  # fmt: skip
+def make_identity(
+    user_id: str, task: Task, run_config: dict, spec: ModelSpec, task_lora: Path, trained: dict, profile: str | None
+) -> dict:
     """Everything a PEFT needs to be used again: what it stacks on, how its prompts are built,
     which history items trained it, and how."""
     settings = {k: v for k, v in public_config(run_config).items() if k not in ("data_dir", "ckpt_dir", "output_dir")}
     return {
-        "format": FORMAT, "user_id": user_id, "task_name": task.name, "k": run_config["k"],
-        "add_profile": bool(run_config["add_profile"]), "profile": profile,
-        "base_model": run_config["model_name"], "base_signature": base_signature(spec),
+        "format": FORMAT,
+        "user_id": user_id,
+        "task_name": task.name,
+        "k": run_config["k"],
+        "add_profile": bool(run_config["add_profile"]),
+        "profile": profile,
+        "base_model": run_config["model_name"],
+        "base_signature": base_signature(spec),
         "task_adapter": {"path": str(Path(task_lora).resolve()), "sha256": task_adapter_sha(task_lora)},
-        "trained_item_ids": trained.pop("trained_item_ids"), "training": trained, "settings": settings,
+        "trained_item_ids": trained.pop("trained_item_ids"),
+        "training": trained,
+        "settings": settings,
         "updates": [],
-    }  # fmt: skip
+    }
 
 
 def prompt_setting(identity: dict, key: str):
@@ -96,8 +111,9 @@ def prompt_setting(identity: dict, key: str):
     defaults of runs from before the flag existed)."""
     if key in identity:
         return identity[key]
-    return identity["settings"].get(key, {"retrieval": "most", "history_format": "query", "peft_type": "lora",
-                                          "answer_mode": "generate"}.get(key))  # fmt: skip
+    return identity["settings"].get(
+        key, {"retrieval": "most", "history_format": "query", "peft_type": "lora", "answer_mode": "generate"}.get(key)
+    )
 
 
 def read_identity(folder: Path) -> dict:
@@ -187,33 +203,40 @@ def model_card(identity: dict, folder_name: str) -> str:
     t, a = identity["training"], identity["task_adapter"]
     s = identity["settings"]
     lines = [
-        f"# Personal PEFT of user `{identity['user_id']}` ({identity['task_name']})", "",
+        f"# Personal PEFT of user `{identity['user_id']}` ({identity['task_name']})",
+        "",
         "A LoRA trained by OPPU (One PEFT Per User) on this user's history alone. It stacks on a shared",
         "base: the base model with the task adapter merged in. Keep `history.json` to yourself: a server",
-        "needs only `adapter_model.safetensors` and `adapter_config.json`.", "",
+        "needs only `adapter_model.safetensors` and `adapter_config.json`.",
+        "",
         "## What it stacks on",
         f"- base model: `{identity['base_model']}`",
         f"- task adapter: `{a['path']}` (sha256 `{a['sha256']}`)",
         f"- prompts: task `{identity['task_name']}`, k={identity['k']} retrieved history items, "
-        f"profile {'yes' if identity['add_profile'] else 'no'}", "",
+        f"profile {'yes' if identity['add_profile'] else 'no'}",
+        "",
         "## How it was trained",
         f"- {t.get('history_items')} history items, {t.get('train_examples')} examples, "
         f"{t.get('steps')} steps, final loss {t.get('final_loss')}, {t.get('seconds')} s",
         f"- LoRA r={s.get('lora_r')}, alpha={s.get('lora_alpha')}, dropout {s.get('lora_dropout')} on "
         f"{s.get('target_modules')}; lr {s.get('learning_rate')}, batch {s.get('batch_size')}, "
         f"{t.get('epochs', s.get('max_epoch'))} epochs, seed {s.get('seed')}",
-    ]  # fmt: skip
+    ]
     for i, u in enumerate(identity["updates"], 1):
-        lines.append(f"- update {i}: {len(u['new_item_ids'])} new + {len(u['replayed_item_ids'])} replayed items, "
-                     f"{u['steps']} steps, {u['seconds']} s")  # fmt: skip
+        lines.append(
+            f"- update {i}: {len(u['new_item_ids'])} new + {len(u['replayed_item_ids'])} replayed items, "
+            f"{u['steps']} steps, {u['seconds']} s"
+        )
     lines += [
-        "", "## How to use it",
+        "",
+        "## How to use it",
         "```bash",
         f'python generate.py --peft {folder_name} --input "..."',
         f"python generate.py --peft {folder_name} --inputs queries.jsonl --output_file preds.json",
         f"python OPPU.py --update --peft_dir {folder_name} --user_file my_history.json --task_name {identity['task_name']}",
-        "```", "",
-    ]  # fmt: skip
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -229,8 +252,14 @@ def load_user_file(task: Task, path: Path) -> User:
     return validate_users(task, users, path, need_gold=False)[0]
 
 
-def export_from_run(run_dir: Path, user_id: str, out: Path, overwrite: bool, data_dir: str | None = None,
-                    access_token: str | None = None) -> Path:  # fmt: skip
+def export_from_run(
+    run_dir: Path,
+    user_id: str,
+    out: Path,
+    overwrite: bool,
+    data_dir: str | None = None,
+    access_token: str | None = None,
+) -> Path:
     """Export one user's PEFT from a finished OPPU run folder."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
@@ -275,14 +304,25 @@ def _manifest_line(result: dict, user: User) -> dict:
 def add_own_args(parser: argparse.ArgumentParser) -> None:
     """OPPU.py's flags for training one user's PEFT from their own file, and updating it."""
     g = parser.add_argument_group("own your PEFT (docs/ownership.md)")
-    g.add_argument("--user_file", help="train only this user (a per-user-format file holding one user, queries "
-                   "optional) against --task_lora and write their self-contained PEFT folder")  # fmt: skip
+    g.add_argument(
+        "--user_file",
+        help="train only this user (a per-user-format file holding one user, queries "
+        "optional) against --task_lora and write their self-contained PEFT folder",
+    )
     g.add_argument("--peft_dir", help="the user's PEFT folder (default <ckpt_dir>/peft/<task_name>/<user>)")
     g.add_argument("--profile_file", help='with --add_profile: the user\'s profile, [{"output": text}]')
-    g.add_argument("--update", action="store_true", help="continue the PEFT in --peft_dir on the history items of "
-                   "--user_file it was not trained on yet (plus a replay of older ones) instead of retraining")  # fmt: skip
-    g.add_argument("--replay_fraction", type=float, default=DEFAULT_REPLAY_FRACTION,
-                   help="--update: replay ceil(F x new items) older items, seeded (default 0.5: one per two new)")  # fmt: skip
+    g.add_argument(
+        "--update",
+        action="store_true",
+        help="continue the PEFT in --peft_dir on the history items of "
+        "--user_file it was not trained on yet (plus a replay of older ones) instead of retraining",
+    )
+    g.add_argument(
+        "--replay_fraction",
+        type=float,
+        default=DEFAULT_REPLAY_FRACTION,
+        help="--update: replay ceil(F x new items) older items, seeded (default 0.5: one per two new)",
+    )
 
 
 @dataclass
@@ -309,8 +349,13 @@ def plan_own(args: argparse.Namespace, task: Task) -> OwnJob:
     if args.update:
         identity = read_identity(peft_dir)
         where = str(peft_dir)
-        for key, have in (("task_name", task.name), ("k", args.k), ("add_profile", args.add_profile),
-                          ("user_id", user["user_id"]), ("peft_type", args.peft_type)):  # fmt: skip
+        for key, have in (
+            ("task_name", task.name),
+            ("k", args.k),
+            ("add_profile", args.add_profile),
+            ("user_id", user["user_id"]),
+            ("peft_type", args.peft_type),
+        ):
             if prompt_setting(identity, key) != have:
                 raise UserError(
                     f"{where}: this PEFT has {key} {prompt_setting(identity, key)!r}; the command gives {have!r}"
@@ -342,10 +387,18 @@ def _own_profile(args: argparse.Namespace, user: User, identity: dict | None) ->
 def export_trained(job: OwnJob, args: argparse.Namespace, run_dir: Path, result: dict) -> Path:
     """After OPPU.train_user ran on the job's user in ``run_dir``: write the PEFT folder."""
     config = vars(args) | {"task_name": job.task.name, "stage": "OPPU", "task_lora": str(job.task_lora)}
-    identity = make_identity(job.user["user_id"], job.task, config, cli.model_spec(args), job.task_lora,
-                             _manifest_line(result, job.user), job.profile)  # fmt: skip
-    return write_export(job.peft_dir, user_result_dir(run_dir, job.user["user_id"]) / "adapter", identity,
-                        job.user, overwrite=True)  # fmt: skip
+    identity = make_identity(
+        job.user["user_id"],
+        job.task,
+        config,
+        cli.model_spec(args),
+        job.task_lora,
+        _manifest_line(result, job.user),
+        job.profile,
+    )
+    return write_export(
+        job.peft_dir, user_result_dir(run_dir, job.user["user_id"]) / "adapter", identity, job.user, overwrite=True
+    )
 
 
 def update_plan(identity: dict, user: User, replay_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -371,8 +424,14 @@ def update_peft(model, tokenizer, job: OwnJob, args: argparse.Namespace) -> dict
         raise UserError(
             f"{args.user_file}: no history items since the PEFT was trained (every item id is in its manifest)"
         )
-    pairs = history_pairs(job.task, user, identity["k"], job.profile, prompt_setting(identity, "retrieval"),
-                          prompt_setting(identity, "history_format"))  # fmt: skip
+    pairs = history_pairs(
+        job.task,
+        user,
+        identity["k"],
+        job.profile,
+        prompt_setting(identity, "retrieval"),
+        prompt_setting(identity, "history_format"),
+    )
     encoded = encode_pairs(tokenizer, [pairs[i] for i in sorted(new + replay)], args.cut_off)
     # The same rule as a first training (oppu/defaults.py): small models get a floor of steps.
     epochs = epochs_for_min_steps(len(encoded), args.batch_size, args.max_epoch, args.min_steps)
@@ -381,14 +440,26 @@ def update_peft(model, tokenizer, job: OwnJob, args: argparse.Namespace) -> dict
     peft_model = PeftModel.from_pretrained(model, str(job.peft_dir), is_trainable=True, use_safetensors=True)
     fit = train(peft_model, tokenizer, encoded, cfg, desc=f"update {user['user_id']}")
     record = {
-        "new_item_ids": [user["profile"][i]["id"] for i in new], "replayed_item_ids": [user["profile"][i]["id"] for i in replay],
-        "train_examples": len(encoded), "train_tokens": fit.tokens, "steps": fit.steps, "final_loss": fit.final_loss,
-        "seconds": round(time.time() - start, 2), "replay_fraction": args.replay_fraction, "seed": seed,
-        "epochs": epochs, "settings": {k: getattr(args, k) for k in ("learning_rate", "batch_size", "max_epoch", "min_steps", "max_step")},
+        "new_item_ids": [user["profile"][i]["id"] for i in new],
+        "replayed_item_ids": [user["profile"][i]["id"] for i in replay],
+        "train_examples": len(encoded),
+        "train_tokens": fit.tokens,
+        "steps": fit.steps,
+        "final_loss": fit.final_loss,
+        "seconds": round(time.time() - start, 2),
+        "replay_fraction": args.replay_fraction,
+        "seed": seed,
+        "epochs": epochs,
+        "settings": {
+            k: getattr(args, k) for k in ("learning_rate", "batch_size", "max_epoch", "min_steps", "max_step")
+        },
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
-    updated = identity | {"trained_item_ids": identity["trained_item_ids"] + record["new_item_ids"],
-                          "updates": identity["updates"] + [record], "profile": job.profile}  # fmt: skip
+    }
+    updated = identity | {
+        "trained_item_ids": identity["trained_item_ids"] + record["new_item_ids"],
+        "updates": identity["updates"] + [record],
+        "profile": job.profile,
+    }
     staging = job.peft_dir.with_name(f".{job.peft_dir.name}.adapter{os.getpid()}")
     save_adapter(peft_model, staging)
     write_export(job.peft_dir, staging, updated, user, overwrite=True)
@@ -407,8 +478,12 @@ def write_merged_base(model, tokenizer, out: Path, spec: ModelSpec, task_lora: P
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    record = {"base_model": spec.name, "base_signature": base_signature(spec),
-              "task_adapter_path": str(Path(task_lora).resolve()), "task_adapter_sha256": task_adapter_sha(task_lora)}  # fmt: skip
+    record = {
+        "base_model": spec.name,
+        "base_signature": base_signature(spec),
+        "task_adapter_path": str(Path(task_lora).resolve()),
+        "task_adapter_sha256": task_adapter_sha(task_lora),
+    }
     write_json(tmp / MERGED_FILE, record)
     if out.exists():
         shutil.rmtree(out)

@@ -100,8 +100,9 @@ class RowAdapters:
         if len(set(names)) == 1:  # one user: the plain single-adapter path
             self.peft_model.set_adapter(names[0])
             return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names,
-                                        **kwargs)  # fmt: skip
+        return self.peft_model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, adapter_names=names, **kwargs
+        )
 
 
 def plan_waves(folders: Sequence[Path], max_loaded: int) -> list[list[int]]:
@@ -130,8 +131,16 @@ def build_prompts(requests: Sequence[Request], identities: dict[Path, dict]) -> 
     return prompts
 
 
-def answer(model, tokenizer, requests: Sequence[Request], identities: dict[Path, dict], cfg: DecodeConfig,
-           max_loaded: int, mode: str | None = None, show: bool = True) -> tuple[list[str], AdapterPool]:  # fmt: skip
+def answer(
+    model,
+    tokenizer,
+    requests: Sequence[Request],
+    identities: dict[Path, dict],
+    cfg: DecodeConfig,
+    max_loaded: int,
+    mode: str | None = None,
+    show: bool = True,
+) -> tuple[list[str], AdapterPool]:
     """The raw answer to every request, in order, each with its user's PEFT on ``model`` (the
     base with the task adapter merged in), and the pool that held the adapters. LoRA PEFTs that
     generate are batched across users; other kinds (and --answer_mode score) go user by user.
@@ -153,8 +162,16 @@ def answer(model, tokenizer, requests: Sequence[Request], identities: dict[Path,
         else:  # one user: exactly the path their training run answered with
             pool.model.set_adapter(names[0])
             serving, wave_cfg = pool.model, cfg
-        texts = answers.answer(serving, tokenizer, task, [prompts[i] for i in wave], wave_cfg, mode,
-                               desc=f"answer (users group {w + 1}/{len(waves)})", show=show)  # fmt: skip
+        texts = answers.answer(
+            serving,
+            tokenizer,
+            task,
+            [prompts[i] for i in wave],
+            wave_cfg,
+            mode,
+            desc=f"answer (users group {w + 1}/{len(waves)})",
+            show=show,
+        )
         for i, text in zip(wave, texts):
             outputs[i] = text
     return outputs, pool

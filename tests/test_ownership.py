@@ -32,8 +32,20 @@ from utils import UserError, read_json, write_json
 
 TASK = "news_categorize"
 SIZES = ["--num_test_users", "2", "--num_other_users", "2", "--history_len", "6", "--queries_per_user", "3"]
-TRAIN = ["--batch_size", "4", "--micro_batch_size", "4", "--max_epoch", "1", "--min_steps", "0",
-         "--learning_rate", "1e-2", "--max_new_tokens", "4"]  # fmt: skip
+TRAIN = [
+    "--batch_size",
+    "4",
+    "--micro_batch_size",
+    "4",
+    "--max_epoch",
+    "1",
+    "--min_steps",
+    "0",
+    "--learning_rate",
+    "1e-2",
+    "--max_new_tokens",
+    "4",
+]
 USER = "demo-news-000"
 
 
@@ -59,13 +71,30 @@ def run(tmp_path_factory, tiny_model, tokenizer) -> dict:
     base = save_tiny(tiny_model, tokenizer, root / "tiny-base")
     data = root / "data"
     prepare_data.main(["demo", "--tasks", TASK, "--output_dir", str(data)] + SIZES)
-    common = ["--task_name", TASK, "--data_dir", str(data), "--ckpt_dir", str(root / "ckpt"),
-              "--output_dir", str(root / "output"), "--model_name", str(base)] + TRAIN  # fmt: skip
+    common = [
+        "--task_name",
+        TASK,
+        "--data_dir",
+        str(data),
+        "--ckpt_dir",
+        str(root / "ckpt"),
+        "--output_dir",
+        str(root / "output"),
+        "--model_name",
+        str(base),
+    ] + TRAIN
     stage1 = task_LoRA.main(common + ["--max_step", "2"])
     stage2 = OPPU.main(common + ["--task_lora", str(stage1["adapter"])])
     users = json.loads((data / TASK / "user_top_100_history.json").read_text())
-    return {"root": root, "base": base, "data": data, "common": common, "task_lora": stage1["adapter"], **stage2,
-            "users": {u["user_id"]: u for u in users}}  # fmt: skip
+    return {
+        "root": root,
+        "base": base,
+        "data": data,
+        "common": common,
+        "task_lora": stage1["adapter"],
+        **stage2,
+        "users": {u["user_id"]: u for u in users},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +140,9 @@ def test_export_default_folder_is_sanitised(run, monkeypatch, tmp_path):
 def test_generate_with_export_equals_training_run(run, exported, tmp_path, capsys):
     user = run["users"][USER]
     out = tmp_path / "preds.json"
-    generate.main(["--peft", str(exported), "--inputs", str(write_inputs(tmp_path / "q.jsonl", user)),
-                   "--output_file", str(out)])  # fmt: skip
+    generate.main(
+        ["--peft", str(exported), "--inputs", str(write_inputs(tmp_path / "q.jsonl", user)), "--output_file", str(out)]
+    )
     run_preds = preds_of(run["predictions"])
     assert preds_of(out) == {q["id"]: run_preds[q["id"]] for q in user["query"]}
     assert (tmp_path / "preds.config.json").is_file()
@@ -162,8 +192,18 @@ def test_user_file_training_equals_full_run(run, tmp_path):
 
 def test_merged_base_reloads_with_equal_greedy_outputs(run, exported, tmp_path, tokenizer):
     merged_dir = tmp_path / "merged"
-    export_user.main(["--oppu_dir", str(run["run_dir"]), "--user_id", USER, "--output_dir", str(tmp_path / "p"),
-                      "--merged_base", str(merged_dir)])  # fmt: skip
+    export_user.main(
+        [
+            "--oppu_dir",
+            str(run["run_dir"]),
+            "--user_id",
+            USER,
+            "--output_dir",
+            str(tmp_path / "p"),
+            "--merged_base",
+            str(merged_dir),
+        ]
+    )
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / MERGED_FILE).is_file()
     assert not list(merged_dir.glob("*.bin"))
     in_memory, tok = load_model(ModelSpec(str(run["base"])))
@@ -177,8 +217,18 @@ def test_merged_base_reloads_with_equal_greedy_outputs(run, exported, tmp_path, 
     # generate.py takes the merged base in place of base + task adapter, with the same answers
     user = run["users"][USER]
     out = tmp_path / "preds.json"
-    generate.main(["--peft", str(exported), "--model_name", str(merged_dir), "--output_file", str(out),
-                   "--inputs", str(write_inputs(tmp_path / "q.jsonl", user))])  # fmt: skip
+    generate.main(
+        [
+            "--peft",
+            str(exported),
+            "--model_name",
+            str(merged_dir),
+            "--output_file",
+            str(out),
+            "--inputs",
+            str(write_inputs(tmp_path / "q.jsonl", user)),
+        ]
+    )
     run_preds = preds_of(run["predictions"])
     assert preds_of(out) == {q["id"]: run_preds[q["id"]] for q in user["query"]}
 
@@ -215,18 +265,35 @@ def test_adapter_files_fit_vllm_lora_loader(exported):
 
 
 # --- update: a user's taste changes ---------------------------------------------------------------
-TOPICS = ["a stadium opening", "a new bus line", "a school board meeting", "a museum night", "a harbour festival",
-          "a bakery award", "a city budget", "a river cleanup"]  # fmt: skip
+TOPICS = [
+    "a stadium opening",
+    "a new bus line",
+    "a school board meeting",
+    "a museum night",
+    "a harbour festival",
+    "a bakery award",
+    "a city budget",
+    "a river cleanup",
+]
 
 
 def taste_user(old: int, new: int, queries: int = 4) -> dict:
     """A user who labelled every ambiguous article 'travel' and now labels them 'crime' (labels
     of one token each: the tiny model learns them in a few steps)."""
     task = get_task(TASK)
-    items = [{"id": f"h{i}", "title": f"Story {i}", "text": f"{TOPICS[i % len(TOPICS)]} number {i}",
-              "category": "travel" if i < old else "crime"} for i in range(old + new)]  # fmt: skip
-    qs = [{"id": f"q{j}", "input": render_query_input(task, text=f"{TOPICS[(j * 3) % len(TOPICS)]} number {100 + j}")}
-          for j in range(queries)]  # fmt: skip
+    items = [
+        {
+            "id": f"h{i}",
+            "title": f"Story {i}",
+            "text": f"{TOPICS[i % len(TOPICS)]} number {i}",
+            "category": "travel" if i < old else "crime",
+        }
+        for i in range(old + new)
+    ]
+    qs = [
+        {"id": f"q{j}", "input": render_query_input(task, text=f"{TOPICS[(j * 3) % len(TOPICS)]} number {100 + j}")}
+        for j in range(queries)
+    ]
     return {"user_id": "taste", "profile": items, "query": qs}
 
 
@@ -243,8 +310,22 @@ def test_update_moves_predictions_to_the_new_taste(run, tmp_path, capsys):
     # Answers scored among the labels: a 2-layer random model learns which label a user prefers
     # long before it learns to spell it out. On q and v alone its LoRA hardly moves the output in
     # 18 steps (loss 10.4 -> 6.7); with o_proj and down_proj it writes into the residual stream.
-    taste = ["--batch_size", "4", "--micro_batch_size", "4", "--max_epoch", "3", "--min_steps", "0",
-             "--learning_rate", "1e-1", "--answer_mode", "score", "--target_modules", "q_proj,v_proj,o_proj,down_proj"]  # fmt: skip
+    taste = [
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "4",
+        "--max_epoch",
+        "3",
+        "--min_steps",
+        "0",
+        "--learning_rate",
+        "1e-1",
+        "--answer_mode",
+        "score",
+        "--target_modules",
+        "q_proj,v_proj,o_proj,down_proj",
+    ]
     common = run["common"][: run["common"].index("--batch_size")] + taste + ["--task_lora", str(run["task_lora"])]
     old_file, full_file = tmp_path / "old.json", tmp_path / "full.json"
     write_json(old_file, taste_user(24, 0))
@@ -272,18 +353,22 @@ def test_update_moves_predictions_to_the_new_taste(run, tmp_path, capsys):
     retrain_seconds = time.time() - start
     assert update["steps"] * 2 < retrain["steps"]  # 12 examples against 32, at the same batch and epochs
     with capsys.disabled():
-        print(f"\nupdate: {update['train_examples']} examples, {update['steps']} steps, {update_seconds:.1f} s "
-              f"(train {update['seconds']} s); retraining: {retrain['train_examples']} examples, "
-              f"{retrain['steps']} steps, {retrain_seconds:.1f} s (train {retrain['seconds']} s); "
-              f"retrained predictions {sorted(set(retrain['predictions'].values()))}")  # fmt: skip
+        print(
+            f"\nupdate: {update['train_examples']} examples, {update['steps']} steps, {update_seconds:.1f} s "
+            f"(train {update['seconds']} s); retraining: {retrain['train_examples']} examples, "
+            f"{retrain['steps']} steps, {retrain_seconds:.1f} s (train {retrain['seconds']} s); "
+            f"retrained predictions {sorted(set(retrain['predictions'].values()))}"
+        )
 
 
 def test_generate_serves_several_users_in_one_batch_as_their_run_did(run, exported, tmp_path):
     second = tmp_path / "bob"
     export_user.main(["--oppu_dir", str(run["run_dir"]), "--user_id", "demo-news-001", "--output_dir", str(second)])
-    lines = [{"id": q["id"], "input": q["input"], "peft": str(folder)}
-             for folder, user in ((exported, run["users"][USER]), (second, run["users"]["demo-news-001"]))
-             for q in user["query"]]  # fmt: skip
+    lines = [
+        {"id": q["id"], "input": q["input"], "peft": str(folder)}
+        for folder, user in ((exported, run["users"][USER]), (second, run["users"]["demo-news-001"]))
+        for q in user["query"]
+    ]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
     run_preds = preds_of(run["predictions"])

@@ -21,8 +21,15 @@ ARTICLES = ["a harbour festival", "a stadium opening", "a vote on school prayer"
 
 def identity(**settings) -> dict:
     """What serving reads of an exported PEFT's oppu_peft.json (k=0: no history is needed)."""
-    return {"task_name": TASK.name, "base_model": "tiny", "k": 0, "add_profile": False, "profile": None,
-            "task_adapter": {"sha256": "same"}, "settings": settings}  # fmt: skip
+    return {
+        "task_name": TASK.name,
+        "base_model": "tiny",
+        "k": 0,
+        "add_profile": False,
+        "profile": None,
+        "task_adapter": {"sha256": "same"},
+        "settings": settings,
+    }
 
 
 @pytest.fixture(scope="module")
