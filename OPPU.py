@@ -171,9 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     inputs = [Path(args.data_dir) / task.name / TEST_USERS_FILE]
     if args.add_profile:
         inputs.append(Path(args.data_dir) / task.name / TEST_PROFILES_FILE)
-    task_lora_sha256 = ownership.task_adapter_sha(Path(args.task_lora))
     config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs)}
-    config["task_lora_sha256"] = task_lora_sha256
+    config["task_lora_sha256"] = ownership.task_adapter_sha(Path(args.task_lora))  # a retrained one invalidates results
     fingerprint = config_fingerprint(config)
 
     from accelerate import Accelerator
