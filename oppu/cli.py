@@ -179,9 +179,10 @@ def validate(args: argparse.Namespace) -> tuple[Task, ModelSpec]:
         raise UserError(f"--answer_mode score needs a task with fixed answers; {task.name} is free generation")
     args.defaults = chosen["defaults"]
     print(
-        f"{args.stage}: {chosen['defaults']} defaults for {model_size(chosen['model_parameters'])}: learning_rate "
-        f"{args.learning_rate:g}, batch_size {args.batch_size}, max_epoch {args.max_epoch}, min_steps {args.min_steps}"
-        + ("" if args.paper_defaults else " (--paper_defaults for the paper's)")
+        f"{args.stage}: learning_rate {args.learning_rate:g}, batch_size {args.batch_size}, max_epoch "
+        f"{args.max_epoch}, min_steps {args.min_steps} (flags not given: {chosen['defaults']} defaults for "
+        f"{model_size(chosen['model_parameters'])}"
+        + (")" if args.paper_defaults else "; --paper_defaults for the paper's)")
     )
     return task, spec
 

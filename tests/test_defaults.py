@@ -82,8 +82,8 @@ def test_validate_prints_and_the_config_records_the_resolved_values(capsys):
     args = OPPU.parse_args(["--task_name", "news_categorize", "--task_lora", "x"])
     cli.validate(args)
     line = capsys.readouterr().out
-    assert "OPPU: small-model defaults for 135M parameters: learning_rate 0.001, batch_size 8" in line
-    assert "--paper_defaults" in line
+    assert line.startswith("OPPU: learning_rate 0.001, batch_size 8, max_epoch 2, min_steps 24")
+    assert "small-model defaults for 135M parameters; --paper_defaults for the paper's" in line
     assert {"learning_rate": 1e-3, "batch_size": 8, "max_epoch": 2, "min_steps": 24}.items() <= vars(args).items()
     assert vars(args)["defaults"] == "small-model"
 
