@@ -36,7 +36,7 @@ from oppu.data import (
     User,
     load_users,
 )
-from oppu.runs import file_fingerprint, safe_dirname
+from oppu.runs import ANSWER_ONLY, file_fingerprint, safe_dirname
 from oppu.tasks import Task
 from utils import UserError, read_json, write_json
 
@@ -73,6 +73,9 @@ ROWS: dict[str, Row] = {
     "RAG[least]": Row("task_LoRA", k=1, flags=("--retrieval", "least")),
     "OPPU+RAG[least]": Row("OPPU", k=1, flags=("--retrieval", "least")),
     "OPPU[plain]": Row("OPPU", user_flags=("--history_format", "plain")),
+    # answers by scoring the task's labels or ratings (--answer_mode score) instead of generating
+    "non_personalized[score]": Row("task_LoRA", flags=("--answer_mode", "score")),
+    "OPPU[score]": Row("OPPU", flags=("--answer_mode", "score")),
 }
 # The paper's main table: run_grid.py's default rows.
 PAPER_ROWS = (
@@ -197,8 +200,19 @@ def as_flags(**values: object) -> list[str]:
     return [item for name, value in values.items() for item in (f"--{name}", str(value))]
 
 
-def stage_argv(grid: Grid, row: Row, flags: Sequence[str], stage_only: Sequence[str]) -> list[str]:
+def answer_only(flags: Sequence[str]) -> bool:
+    """Whether ``flags`` change only how queries are answered (runs.ANSWER_ONLY), so that a task
+    adapter trained without them serves."""
+    return all(f[2:].split("=")[0] in ANSWER_ONLY for f in flags if f.startswith("--"))
+
+
+def stage_argv(grid: Grid, row: Row, flags: Sequence[str], stage_only: Sequence[str],
+               share_adapter: bool = False) -> list[str]:  # fmt: skip
+    """A stage's command line; with ``share_adapter`` (task stage, answer-only flags) checkpoints go
+    to the plain folder, where task_LoRA.py reuses the adapter trained without the flags."""
     ckpt, output = run_dirs(grid, flags)
+    if share_adapter and answer_only(flags):
+        ckpt = run_dirs(grid, ())[0]
     argv = as_flags(task_name=grid.task.name, data_dir=grid.data_dir, ckpt_dir=ckpt, output_dir=output, k=row.k)
     return argv + (["--add_profile"] if row.profile else []) + [*grid.stage_flags, *stage_only, *flags]
 
@@ -228,7 +242,8 @@ def run_task_lora(grid: Grid, names: Sequence[str], key: tuple) -> tuple[dict[st
     k, profile, flags = key
     base = ["--predict_base"] if any(r.method == "base" for r in rows) else []
     start = time.time()
-    out = task_LoRA.main(stage_argv(grid, Row("task_LoRA", k, profile), flags, [*grid.task_lora_flags, *base]))
+    argv = stage_argv(grid, Row("task_LoRA", k, profile), flags, [*grid.task_lora_flags, *base], share_adapter=True)
+    out = task_LoRA.main(argv)
     seconds = time.time() - start
     files = {"base": out.get("base_predictions"), "task_LoRA": out["predictions"]}
     records = {n: save_record(grid, n, files[ROWS[n].output()], seconds) for n in names if ROWS[n].stage == "task_LoRA"}

@@ -182,3 +182,16 @@ def test_rows_that_cannot_run_are_left_out_and_unknown_rows_refused():
 def test_flags_the_grid_sets_are_refused(tmp_path):
     with pytest.raises(UserError, match="--k: the grid sets this flag"):
         run_grid.main(["--task_name", NEWS.name, "--work_dir", str(tmp_path), "--", "--k", "2"])
+
+
+def test_answer_only_rows_reuse_the_plain_task_adapter_but_write_their_own_predictions(tmp_path):
+    g = grid.Grid(NEWS, tmp_path / "data", tmp_path / "W")
+    assert grid.answer_only(("--answer_mode", "score")) and grid.answer_only(("--retrieval", "least"))
+    assert not grid.answer_only(("--learning_rate", "1e-3")) and grid.answer_only(())
+    flags = grid.ROWS["OPPU[score]"].flags
+    task_argv = grid.stage_argv(g, grid.ROWS["non_personalized[score]"], flags, [], share_adapter=True)
+    oppu_argv = grid.stage_argv(g, grid.ROWS["OPPU[score]"], flags, [])
+    value = dict(zip(task_argv[::2], task_argv[1::2]))
+    assert value["--ckpt_dir"] == str(tmp_path / "W" / "ckpt")  # the plain task adapter
+    assert value["--output_dir"] != str(tmp_path / "W" / "output") and "variants" in value["--output_dir"]
+    assert "variants" in dict(zip(oppu_argv[::2], oppu_argv[1::2]))["--ckpt_dir"]  # OPPU's own run folder
