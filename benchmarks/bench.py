@@ -45,14 +45,31 @@ RECORD_FLAGS = {  # prepare_data.py from-records, as docs/run_huffpost.sh
 }
 # Ours = this repository's defaults; paper = the release's settings (REFERENCE.md §1, §4.7, §4.9).
 OURS_TRAIN = {"batch_size": 8, "micro_batch_size": 8}
-PAPER_TRAIN = {"batch_size": 16, "micro_batch_size": 16, "gradient_checkpointing": True,
-               "group_by_length": False, "shared_prefix": False}  # fmt: skip
+PAPER_TRAIN = {
+    "batch_size": 16,
+    "micro_batch_size": 16,
+    "gradient_checkpointing": True,
+    "group_by_length": False,
+    "shared_prefix": False,
+}
 PLAIN_TRAIN = OURS_TRAIN | {"shared_prefix": False}  # ours without the shared prefix: prefix_speedup's base
 PAPER_DECODE = {"do_sample": True, "temperature": 0.1, "max_new_tokens": 200, "batch_size": 1, "shared_prefix": False}
 OURS_OPPU = ["--batch_size", "8", "--micro_batch_size", "8", "--learning_rate", "1e-3"]
-PAPER_OPPU = ["--paper_defaults", "--micro_batch_size", "16", "--gradient_checkpointing", "--no_group_by_length",
-              "--no_shared_prefix", "--do_sample", "--temperature", "0.1", "--max_new_tokens", "200",
-              "--decode_batch_size", "1"]  # fmt: skip
+PAPER_OPPU = [
+    "--paper_defaults",
+    "--micro_batch_size",
+    "16",
+    "--gradient_checkpointing",
+    "--no_group_by_length",
+    "--no_shared_prefix",
+    "--do_sample",
+    "--temperature",
+    "0.1",
+    "--max_new_tokens",
+    "200",
+    "--decode_batch_size",
+    "1",
+]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -122,10 +139,30 @@ def make_data(work: Path) -> Path:
     data = work / "data"
     for task, flags in RECORD_FLAGS.items():
         if not (data / task / TEST_USERS_FILE).is_file():
-            prepare_data.main(["from-records", "--input", str(HUFFPOST), "--task_name", task,
-                               "--user_field", "authors", "--input_field", "short_description",
-                               "--time_field", "date", "--queries_per_user", "5", "--min_history", "10",
-                               "--num_test_users", "10", "--output_dir", str(data), *flags])  # fmt: skip
+            prepare_data.main(
+                [
+                    "from-records",
+                    "--input",
+                    str(HUFFPOST),
+                    "--task_name",
+                    task,
+                    "--user_field",
+                    "authors",
+                    "--input_field",
+                    "short_description",
+                    "--time_field",
+                    "date",
+                    "--queries_per_user",
+                    "5",
+                    "--min_history",
+                    "10",
+                    "--num_test_users",
+                    "10",
+                    "--output_dir",
+                    str(data),
+                    *flags,
+                ]
+            )
     return data
 
 
@@ -148,10 +185,14 @@ def measure_train(model, tokenizer, encoded, settings: dict, limit: float) -> tu
     seconds = time.perf_counter() - start
     flops = example_flops(model.config, encoded)
     figures = {
-        "examples_per_s": len(encoded) / seconds, "tokens_per_s": fit.tokens / seconds,
-        "mfu": flops / seconds / 1e9 / limit, "padding_fraction": fit.padded_tokens / (fit.padded_tokens + fit.tokens),
-        "shared_prefix_tokens": fit.shared_prefix_tokens, "seconds": seconds, "examples": len(encoded),
-    }  # fmt: skip
+        "examples_per_s": len(encoded) / seconds,
+        "tokens_per_s": fit.tokens / seconds,
+        "mfu": flops / seconds / 1e9 / limit,
+        "padding_fraction": fit.padded_tokens / (fit.padded_tokens + fit.tokens),
+        "shared_prefix_tokens": fit.shared_prefix_tokens,
+        "seconds": seconds,
+        "examples": len(encoded),
+    }
     return figures, peft
 
 
@@ -163,8 +204,13 @@ def measure_decode(model, tokenizer, prompts: list[str], settings: dict) -> dict
     seconds = time.perf_counter() - start
     # New tokens re-counted from the text, plus the EOS that ends an answer shorter than the cap.
     new = sum(min(len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1, cfg.max_new_tokens) for o in outputs)
-    return {"queries_per_s": len(prompts) / seconds, "new_tokens_per_s": new / seconds, "seconds": seconds,
-            "queries": len(prompts), "new_tokens": new}  # fmt: skip
+    return {
+        "queries_per_s": len(prompts) / seconds,
+        "new_tokens_per_s": new / seconds,
+        "seconds": seconds,
+        "queries": len(prompts),
+        "new_tokens": new,
+    }
 
 
 def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float) -> dict:
@@ -262,9 +308,25 @@ def short_histories(data: Path, dest: Path, users: int, items: int) -> Path:
 def run_oppu(work: Path, data: Path, task_lora: Path, name: str, flags: list[str]) -> dict:
     """OPPU.py in a child process: its wall time, peak RSS (wait4), and per-user seconds."""
     ckpt = work / f"ckpt-{name}"
-    argv = [sys.executable, str(ROOT / "OPPU.py"), "--task_name", "news_categorize", "--data_dir", str(data),
-            "--ckpt_dir", str(ckpt), "--output_dir", str(work / f"output-{name}"), "--task_lora", str(task_lora),
-            "--max_epoch", "2", "--min_steps", "0", *flags]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(ROOT / "OPPU.py"),
+        "--task_name",
+        "news_categorize",
+        "--data_dir",
+        str(data),
+        "--ckpt_dir",
+        str(ckpt),
+        "--output_dir",
+        str(work / f"output-{name}"),
+        "--task_lora",
+        str(task_lora),
+        "--max_epoch",
+        "2",
+        "--min_steps",
+        "0",
+        *flags,
+    ]
     print(f"[e2e] OPPU.py, {name} configuration", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -275,9 +337,13 @@ def run_oppu(work: Path, data: Path, task_lora: Path, name: str, flags: list[str
         raise RuntimeError(f"OPPU.py ({name}) failed:\n{log[-3000:]}")
     manifest = [json.loads(line) for line in next(ckpt.rglob("manifest.jsonl")).read_text().splitlines()]
     adapter = next(p for p in ckpt.rglob("adapter_model.safetensors"))
-    return {"wall_seconds": seconds, "seconds_per_user": sum(m["seconds"] for m in manifest) / len(manifest),
-            "users": len(manifest), "peak_rss_gb": usage.ru_maxrss / 1024**2,  # ru_maxrss is in KiB on Linux
-            "peft_mb": sum(f.stat().st_size for f in adapter.parent.iterdir()) / 1024**2}  # fmt: skip
+    return {
+        "wall_seconds": seconds,
+        "seconds_per_user": sum(m["seconds"] for m in manifest) / len(manifest),
+        "users": len(manifest),
+        "peak_rss_gb": usage.ru_maxrss / 1024**2,  # ru_maxrss is in KiB on Linux
+        "peft_mb": sum(f.stat().st_size for f in adapter.parent.iterdir()) / 1024**2,
+    }
 
 
 def bench_e2e(model, data: Path, work: Path, args) -> dict:
@@ -288,8 +354,10 @@ def bench_e2e(model, data: Path, work: Path, args) -> dict:
     save_adapter(peft, work / "task_adapter")
     peft.unload()
     short = short_histories(data, work / "data-e2e", args.e2e_users, args.e2e_items)
-    return {name: run_oppu(work, short, work / "task_adapter", name, flags)
-            for name, flags in (("ours", OURS_OPPU), ("paper", PAPER_OPPU))}  # fmt: skip
+    return {
+        name: run_oppu(work, short, work / "task_adapter", name, flags)
+        for name, flags in (("ours", OURS_OPPU), ("paper", PAPER_OPPU))
+    }
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -300,10 +368,13 @@ def headline(r: dict) -> dict:
     out = {"matmul_gflops": r.get("matmul_gflops")}
     if "train" in r:
         nc = r["train"]["news_categorize"]["train"]
-        out |= {"train_tokens_per_s": nc["ours"]["tokens_per_s"], "train_mfu": nc["plain"]["mfu"],
-                "prefix_speedup": nc["ours"]["examples_per_s"] / nc["plain"]["examples_per_s"],
-                "padding_fraction": nc["ours"]["padding_fraction"],
-                "train_speedup_vs_paper": nc["ours"]["examples_per_s"] / nc["paper"]["examples_per_s"]}  # fmt: skip
+        out |= {
+            "train_tokens_per_s": nc["ours"]["tokens_per_s"],
+            "train_mfu": nc["plain"]["mfu"],
+            "prefix_speedup": nc["ours"]["examples_per_s"] / nc["plain"]["examples_per_s"],
+            "padding_fraction": nc["ours"]["padding_fraction"],
+            "train_speedup_vs_paper": nc["ours"]["examples_per_s"] / nc["paper"]["examples_per_s"],
+        }
         dec = r["train"]["news_categorize"]["decode"]
         out["decode_speedup_vs_paper"] = dec["ours"]["queries_per_s"] / dec["paper"]["queries_per_s"]
     if "serve" in r:
@@ -314,9 +385,12 @@ def headline(r: dict) -> dict:
         }
     if "e2e" in r:
         e = r["e2e"]
-        out |= {"e2e_seconds_per_user": e["ours"]["seconds_per_user"],
-                "e2e_speedup_vs_paper": e["paper"]["seconds_per_user"] / e["ours"]["seconds_per_user"],
-                "peak_rss_gb": e["ours"]["peak_rss_gb"], "peft_mb": e["ours"]["peft_mb"]}  # fmt: skip
+        out |= {
+            "e2e_seconds_per_user": e["ours"]["seconds_per_user"],
+            "e2e_speedup_vs_paper": e["paper"]["seconds_per_user"] / e["ours"]["seconds_per_user"],
+            "peak_rss_gb": e["ours"]["peak_rss_gb"],
+            "peft_mb": e["ours"]["peft_mb"],
+        }
     return out
 
 
@@ -339,8 +413,10 @@ def table(r: dict) -> str:
             lines.append(f"| OPPU end to end {key} | {r['e2e']['paper'][key]:.2f} | | {r['e2e']['ours'][key]:.2f} |")
     if "serve" in r:
         q = r["serve"]["queries_per_s"]
-        lines.append(f"| serving queries/s: mixed 8 users / one adapter / user after user | "
-                     f"{q['mixed']:.2f} / {q['single']:.2f} / {q['sequential']:.2f} | | |")  # fmt: skip
+        lines.append(
+            f"| serving queries/s: mixed 8 users / one adapter / user after user | "
+            f"{q['mixed']:.2f} / {q['single']:.2f} / {q['sequential']:.2f} | | |"
+        )
     lines += ["", *(f"- {k}: {v:.3f}" for k, v in r["headline"].items() if v is not None)]
     return "\n".join(lines)
 
@@ -360,11 +436,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="oppu-bench-")
     work = Path(args.work_dir or tmp.name)
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-                     "config": vars(args) | {"ours_train": OURS_TRAIN, "paper_train": PAPER_TRAIN,
-                                             "paper_decode": PAPER_DECODE, "ours_oppu": OURS_OPPU,
-                                             "paper_oppu": PAPER_OPPU}}  # fmt: skip
+    results: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "config": vars(args)
+        | {
+            "ours_train": OURS_TRAIN,
+            "paper_train": PAPER_TRAIN,
+            "paper_decode": PAPER_DECODE,
+            "ours_oppu": OURS_OPPU,
+            "paper_oppu": PAPER_OPPU,
+        },
+    }
     limit = matmul_gflops()
     results["matmul_gflops"] = limit
     print(f"matmul limit: {limit:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)", flush=True)
