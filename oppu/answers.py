@@ -22,8 +22,16 @@ def candidates(task: Task) -> tuple[str, ...]:
     return task.labels if task.is_classification else RATING_ANSWERS
 
 
-def answer(model, tokenizer, task: Task, prompts: Sequence[str], decode: DecodeConfig, mode: str = "generate",
-           desc: str = "answer", show: bool = True) -> list[str]:  # fmt: skip
+def answer(
+    model,
+    tokenizer,
+    task: Task,
+    prompts: Sequence[str],
+    decode: DecodeConfig,
+    mode: str = "generate",
+    desc: str = "answer",
+    show: bool = True,
+) -> list[str]:
     """The model's raw answer to every prompt: its generation, or (``mode`` "score") the
     candidate answer it finds most likely."""
     if mode == "score":
@@ -61,8 +69,9 @@ def answer_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[str]
     return scores
 
 
-def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], desc: str = "score",
-                  show: bool = True) -> list[str]:  # fmt: skip
+def score_answers(
+    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], desc: str = "score", show: bool = True
+) -> list[str]:
     """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer)."""
     chosen = []
     for prompt in tqdm(prompts, desc=desc, leave=False, disable=not show):

@@ -58,18 +58,25 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
 
     g = parser.add_argument_group("training (unset values follow the model's size: see --paper_defaults)")
-    g.add_argument("--paper_defaults", action="store_true",
-                   help="the paper's lr 1e-4, batch 16, 3/2 epochs, no step floor, whatever the model's size "
-                   "(the default for models of 1B parameters and more; smaller ones get lr 1e-3, batch 8, and "
-                   "at least 24 steps per user)")  # fmt: skip
+    g.add_argument(
+        "--paper_defaults",
+        action="store_true",
+        help="the paper's lr 1e-4, batch 16, 3/2 epochs, no step floor, whatever the model's size "
+        "(the default for models of 1B parameters and more; smaller ones get lr 1e-3, batch 8, and "
+        "at least 24 steps per user)",
+    )
     g.add_argument("--learning_rate", type=float, default=None, help="default: by model size (1e-4 paper, 1e-3 small)")
     g.add_argument(
         "--batch_size", type=int, default=None, help="examples per optimiser step (default 16 paper, 8 small)"
     )
     g.add_argument("--micro_batch_size", type=int, default=4, help="examples per forward pass (memory only)")
     g.add_argument("--max_epoch", type=int, default=None, help="default: 3 (task adapter) / 2 (personal)")
-    g.add_argument("--min_steps", type=int, default=None,
-                   help="personal adapters: more epochs until a user gets this many optimiser steps (default 0 paper, 24 small)")  # fmt: skip
+    g.add_argument(
+        "--min_steps",
+        type=int,
+        default=None,
+        help="personal adapters: more epochs until a user gets this many optimiser steps (default 0 paper, 24 small)",
+    )
     g.add_argument("--max_step", type=int, default=-1, help="stop after N optimiser steps; -1 = no cap")
     g.add_argument("--cut_off", type=int, default=2048, help="max tokens per training example")
     g.add_argument("--lora_r", type=int, default=8)
@@ -77,17 +84,29 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument("--lora_dropout", type=float, default=0.05)
     g.add_argument("--target_modules", default=",".join(target_modules), help="comma-separated module names to adapt")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
-    g.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
-                   help="the paper's plain shuffle instead of batches of similar length (more padding)")  # fmt: skip
-    g.add_argument("--no_shared_prefix", dest="shared_prefix", action="store_false",
-                   help="recompute the prompt prefix every example shares (chat template, instruction, labels) for "
-                   "each example, in training and decoding, as the paper's code does")  # fmt: skip
+    g.add_argument(
+        "--no_group_by_length",
+        dest="group_by_length",
+        action="store_false",
+        help="the paper's plain shuffle instead of batches of similar length (more padding)",
+    )
+    g.add_argument(
+        "--no_shared_prefix",
+        dest="shared_prefix",
+        action="store_false",
+        help="recompute the prompt prefix every example shares (chat template, instruction, labels) for "
+        "each example, in training and decoding, as the paper's code does",
+    )
     g.add_argument("--seed", type=int, default=42)
 
     g = parser.add_argument_group("decoding (greedy unless --do_sample)")
-    g.add_argument("--answer_mode", choices=("generate", "score"), default="generate",
-                   help="generate (the paper's way) or score: answer the label (or rating 1-5) the model finds "
-                   "most likely, one forward pass per query (classification and rating tasks only)")  # fmt: skip
+    g.add_argument(
+        "--answer_mode",
+        choices=("generate", "score"),
+        default="generate",
+        help="generate (the paper's way) or score: answer the label (or rating 1-5) the model finds "
+        "most likely, one forward pass per query (classification and rating tasks only)",
+    )
     g.add_argument("--max_new_tokens", type=int, default=None, help="default: per task (short for labels)")
     g.add_argument("--decode_batch_size", type=int, default=8)
     g.add_argument("--do_sample", action="store_true", help="sample as the paper did")

@@ -206,8 +206,9 @@ def answer_only(flags: Sequence[str]) -> bool:
     return all(f[2:].split("=")[0] in ANSWER_ONLY for f in flags if f.startswith("--"))
 
 
-def stage_argv(grid: Grid, row: Row, flags: Sequence[str], stage_only: Sequence[str],
-               share_adapter: bool = False) -> list[str]:  # fmt: skip
+def stage_argv(
+    grid: Grid, row: Row, flags: Sequence[str], stage_only: Sequence[str], share_adapter: bool = False
+) -> list[str]:
     """A stage's command line; with ``share_adapter`` (task stage, answer-only flags) checkpoints go
     to the plain folder, where task_LoRA.py reuses the adapter trained without the flags."""
     ckpt, output = run_dirs(grid, flags)
