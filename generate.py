@@ -44,10 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g = parser.add_argument_group("model (default: what the PEFT records)")
     g.add_argument("--model_name", help="the base model, or a merged base written by export_user.py --merged_base")
     g.add_argument("--task_lora", help="the task adapter folder (its SHA-256 must match the PEFT's record)")
-    g.add_argument("--access_token", default=None, help="hub token for gated models (never logged or saved)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 base weights (bitsandbytes, CUDA only)")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
+    cli.add_loading_args(g)
     g = parser.add_argument_group("decoding (greedy unless --do_sample)")
     g.add_argument(
         "--answer_mode", choices=("generate", "score"), default=None, help="default: the PEFT's training run's"

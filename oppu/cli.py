@@ -27,6 +27,16 @@ from prompts import HISTORY_FORMATS
 from utils import UserError
 
 
+def add_loading_args(group: argparse._ArgumentGroup) -> None:
+    """How the base model is loaded: the same flags wherever a model is (token, dtype, 4-bit, remote code)."""
+    group.add_argument("--access_token", default=None, help="hub token for gated models (never logged or saved)")
+    group.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    group.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 base weights (bitsandbytes, CUDA only)")
+    group.add_argument(
+        "--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)"
+    )
+
+
 def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules: tuple[str, ...]) -> None:
     """The flags of both stages; ``stage`` ("task_LoRA" or "OPPU") picks its training defaults."""
     parser.set_defaults(stage=stage)
@@ -52,10 +62,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g = parser.add_argument_group("model")
     g.add_argument("--model_name", default=EMBEDDED_MODEL,
                    help=f"{EMBEDDED_MODEL} (embedded, default), a hub id such as meta-llama/Llama-2-7b-hf, or a local folder")  # fmt: skip
-    g.add_argument("--access_token", default=None, help="hub token for gated models (never logged or saved)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 base weights (bitsandbytes, CUDA only)")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
+    add_loading_args(g)
 
     g = parser.add_argument_group("training (unset values follow the model's size: see --paper_defaults)")
     g.add_argument(
