@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere
 import torch  # noqa: E402
 
 from oppu.adapters import TASK_TARGETS, USER_TARGETS, add_adapter, lora_config, save_adapter  # noqa: E402
+from oppu.cost import train_flops  # noqa: E402
 from oppu.data import TEST_USERS_FILE, load_users  # noqa: E402
 from oppu.examples import history_pairs, query_prompts  # noqa: E402
 from oppu.generation import DecodeConfig, generate  # noqa: E402
@@ -101,23 +102,6 @@ def matmul_gflops(n: int = 1536, repeats: int = 6) -> float:
 
 
 # --- FLOP count --------------------------------------------------------------------------------
-
-
-def train_flops(config, length: int, logit_positions: int) -> float:
-    """Model FLOPs of one training example (recomputation by checkpointing not counted).
-
-    Forward multiply-adds: the 7 projections of every layer per token, causal attention (QK^T and
-    AV: d per query-key pair, n(n+1)/2 pairs), and the vocabulary projection only at the logit
-    positions. Backward computes activation gradients only (the base is frozen; LoRA's r=8
-    weight gradients are under 1% and not counted): one matmul per projection, two per attention
-    matmul. So training = 2 x (2 x linear + 3 x attention + 2 x head) multiply-adds.
-    """
-    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
-    linear = layers * (2 * d * d + 2 * d * kv + 3 * d * ff) * length
-    attention = layers * d * length * (length + 1)
-    head = d * config.vocab_size * logit_positions
-    return 2.0 * (2 * linear + 3 * attention + 2 * head)
 
 
 def example_flops(config, encoded) -> float:

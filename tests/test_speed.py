@@ -154,7 +154,7 @@ def test_shared_prefix_decoding_gives_the_same_greedy_answers(tiny_model, tokeni
 def test_training_flop_count_on_a_hand_computed_case():
     from types import SimpleNamespace
 
-    from benchmarks.bench import train_flops
+    from oppu.cost import train_flops
 
     config = SimpleNamespace(hidden_size=4, num_hidden_layers=1, intermediate_size=8, num_attention_heads=2,
                              num_key_value_heads=1, head_dim=2, vocab_size=10)  # fmt: skip

@@ -1,0 +1,293 @@
+"""OPPU's cost model (oppu/cost.py) applied: per-user training FLOPs and seconds, storage per
+personal PEFT and serving throughput, for the embedded model on this machine and for Llama-2-7b
+on one GPU and on many; then its predictions for this machine checked against the figures of
+the last bench run (benchmarks/results.json). Writes benchmarks/cost.json; docs/cost.md reads it.
+
+Usage:
+    python benchmarks/cost_model.py                   # after python benchmarks/bench.py [--quick]
+    python benchmarks/cost_model.py --results other.json --min_history 20
+
+Workload: the HuffPost news-categorization authors of docs/results.md's data (prepare_data.py
+from ../shared/data/huffpost-news), tokenized with the embedded model's tokenizer; the
+machine's matmul limit and the bench's workload come from results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere
+
+import torch  # noqa: E402
+
+from oppu.adapters import USER_TARGETS  # noqa: E402
+from oppu.cost import (  # noqa: E402
+    History,
+    Machine,
+    Shape,
+    decode_seconds,
+    lora_parameters,
+    train_seconds,
+    user_train_flops,
+    users_wall_seconds,
+)
+from oppu.data import TEST_USERS_FILE, load_users  # noqa: E402
+from oppu.examples import history_pairs, query_prompts  # noqa: E402
+from oppu.modeling import EMBEDDED_MODEL, ModelSpec, load_tokenizer, resolve_model_path  # noqa: E402
+from oppu.tasks import get_task  # noqa: E402
+from oppu.training import IGNORE_INDEX, common_prefix_length, encode_pairs, encode_prompt  # noqa: E402
+from utils import read_json, run_cli, write_json  # noqa: E402
+
+# Llama-2-7b's config (meta-llama/Llama-2-7b-hf config.json): all the cost model reads from it.
+LLAMA2_7B = Shape(hidden=4096, layers=32, intermediate=11008, kv=4096, vocab=32000, parameters=6.74e9)
+# Datasheet peaks (dense bf16 matmul, memory bandwidth); the efficiencies are assumptions, stated
+# in docs/cost.md: 35% MFU for LoRA training of a 7B model with transformers, half the peak for
+# the prompt pass of decoding.
+GPUS = {
+    "A100-80GB": Machine("A100-80GB", 312.0, 0.35, 2039.0, 2),
+    "H200": Machine("H200", 989.0, 0.35, 4800.0, 2),
+}
+CPU_EFFICIENCY = 0.40  # the profile: matmul is 46% of a training step at fp32 (benchmarks/README.md)
+CPU_DECODE_EFFICIENCY = 0.40
+# The pipeline's two configurations (benchmarks/README.md): ours = the defaults, paper = the release's.
+OURS = {"batch_size": 8, "shared_prefix": True, "padding": 0.006, "recompute": False}
+PAPER = {"batch_size": 16, "shared_prefix": False, "padding": 0.094, "recompute": True}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results.json"), help="a bench run's figures")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "cost.json"))
+    parser.add_argument("--min_history", type=int, default=20, help="authors with at least this many articles")
+    parser.add_argument("--epochs", type=int, default=2, help="the paper's epochs over the full history")
+    parser.add_argument("--gpus", type=int, default=8, help="processes for the many-GPU row")
+    return parser.parse_args(argv)
+
+
+def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy (read + write), best of ``repeats``."""
+    a = torch.empty(mb * 2**20 // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def history_of(tokenizer, task, user: dict, items: int | None = None) -> History:
+    """A user's personal training examples (the first ``items``) as the cost model's averages."""
+    encoded = encode_pairs(tokenizer, history_pairs(task, user)[:items], 2048)
+    answers = [sum(x != IGNORE_INDEX for x in e.labels) for e in encoded]
+    return History(
+        items=len(encoded),
+        tokens=statistics.fmean(len(e.input_ids) for e in encoded),
+        answer_tokens=statistics.fmean(answers),
+        prefix=common_prefix_length([e.input_ids for e in encoded]),
+    )
+
+
+def user_figures(shape: Shape, machine: Machine, h: History, config: dict, epochs: int, queries: int, q: dict) -> dict:
+    flops = user_train_flops(
+        shape,
+        h if config["shared_prefix"] else History(h.items, h.tokens, h.answer_tokens),
+        epochs=epochs,
+        batch_size=config["batch_size"],
+        padding=config["padding"],
+        recompute=config["recompute"],
+    )
+    decode = decode_seconds(
+        shape,
+        machine,
+        queries=queries,
+        prompt_tokens=q["prompt_tokens"],
+        new_tokens=q["new_tokens"] if config is OURS else 200,
+        batch=8 if config is OURS else 1,
+    )
+    return {"train_flops": flops, "train_seconds": train_seconds(flops, machine), "answer_seconds": decode}
+
+
+def predict(shape: Shape, machine: Machine, histories: list[History], queries: list[int], q: dict, epochs: int) -> dict:
+    out = {}
+    for name, config in (("ours", OURS), ("paper", PAPER)):
+        per_user = [user_figures(shape, machine, h, config, epochs, n, q) for h, n in zip(histories, queries)]
+        seconds = [u["train_seconds"] + u["answer_seconds"] for u in per_user]
+        out[name] = {
+            "train_tflops_per_user": statistics.fmean(u["train_flops"] for u in per_user) / 1e12,
+            "seconds_per_user": statistics.fmean(seconds),
+            "all_users_seconds": sum(seconds),
+            "per_user_seconds": seconds,
+        }
+    return out
+
+
+def serving_queries_per_s(shape: Shape, machine: Machine, q: dict, batch: int) -> float:
+    return batch / decode_seconds(
+        shape, machine, queries=batch, prompt_tokens=q["prompt_tokens"], new_tokens=q["new_tokens"], batch=batch
+    )
+
+
+def check_against_bench(shape: Shape, machine: Machine, tokenizer, data: Path, bench: dict) -> dict:
+    """The cost model's seconds for the bench's own workload next to the bench's measured ones."""
+    task = get_task("news_categorize")
+    cfg = bench["config"]
+    users = load_users(task, data / task.name / TEST_USERS_FILE)
+    rows = {}
+    train = bench.get("train", {}).get(task.name)
+    if train:
+        h = [history_of(tokenizer, task, u, cfg["items"]) for u in users[: cfg["users"]]]
+        for name, config in (("paper", PAPER), ("plain", OURS | {"shared_prefix": False}), ("ours", OURS)):
+            flops = sum(
+                user_train_flops(
+                    shape,
+                    x if config["shared_prefix"] else History(x.items, x.tokens, x.answer_tokens),
+                    epochs=1,
+                    batch_size=config["batch_size"],
+                    padding=config["padding"],
+                    recompute=config["recompute"],
+                )
+                for x in h
+            )
+            rows[f"train {name} (s)"] = (train_seconds(flops, machine), train["train"][name]["seconds"])
+        prompts = [p for u in users[: cfg["users"]] for p in query_prompts(task, u)[: cfg["queries"]]]
+        dec = train["decode"]["ours"]
+        predicted = decode_seconds(
+            shape,
+            machine,
+            queries=len(prompts),
+            prompt_tokens=statistics.fmean(len(encode_prompt(tokenizer, p)) for p in prompts),
+            new_tokens=dec["new_tokens"] / dec["queries"],
+            batch=8,
+        )
+        rows["decode ours (s)"] = (predicted, dec["seconds"])
+    e2e = bench.get("e2e", {}).get("ours")
+    if e2e:
+        h = [history_of(tokenizer, task, u, cfg["e2e_items"]) for u in users[: cfg["e2e_users"]]]
+        q = query_stats(tokenizer, task, users[: cfg["e2e_users"]])
+        pred = predict(shape, machine, h, [len(u["query"]) for u in users[: cfg["e2e_users"]]], q, 2)
+        rows["OPPU end to end per user (s)"] = (pred["ours"]["seconds_per_user"], e2e["seconds_per_user"])
+    return {k: {"predicted": p, "measured": m, "predicted_over_measured": p / m} for k, (p, m) in rows.items()}
+
+
+def query_stats(tokenizer, task, users: list[dict]) -> dict:
+    prompts = [p for u in users for p in query_prompts(task, u)]
+    return {"prompt_tokens": statistics.fmean(len(encode_prompt(tokenizer, p)) for p in prompts), "new_tokens": 4.0}
+
+
+def make_authors(work: Path, min_history: int) -> Path:
+    """Every HuffPost author with at least ``min_history`` + 5 articles: 5 queries, the rest history."""
+    import prepare_data
+    from benchmarks.bench import HUFFPOST
+
+    prepare_data.main(
+        ["from-records", "--input", str(HUFFPOST), "--task_name", "news_categorize", "--user_field", "authors"]
+        + ["--input_field", "short_description", "--output_field", "category", "--title_field", "headline"]
+        + ["--time_field", "date", "--queries_per_user", "5", "--min_history", str(min_history)]
+        + ["--num_test_users", "1000", "--output_dir", str(work)]
+    )
+    return work
+
+
+def table(out: dict) -> str:
+    lines = [
+        "| model, machine | config | training TFLOPs per user | seconds per user | all users (min) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, p in out["predictions"].items():
+        for name in ("ours", "paper"):
+            r = p[name]
+            lines.append(
+                f"| {key} | {name} | {r['train_tflops_per_user']:.2f} | {r['seconds_per_user']:.1f} | "
+                f"{r['all_users_seconds'] / 60:.1f} |"
+            )
+    lines += ["", "| storage per personal LoRA (r=8, q and v) | MB |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in out["peft_mb"].items()]
+    lines += ["", "| serving (mixed batch of 32 users' queries) | queries/s |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in out["serving_queries_per_s"].items()]
+    lines += ["", "| check against the bench (this machine) | predicted | measured | ratio |", "|---|---|---|---|"]
+    lines += [
+        f"| {k} | {v['predicted']:.1f} | {v['measured']:.1f} | {v['predicted_over_measured']:.2f} |"
+        for k, v in out["check"].items()
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    bench = read_json(Path(args.results))
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(ModelSpec())
+    config = AutoConfig.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
+    small = Shape.from_config(config)
+    cpu = Machine(
+        "this machine (fp32)",
+        bench["matmul_gflops"] / 1000,
+        CPU_EFFICIENCY,
+        measure_bandwidth_gbs(),
+        4,
+        CPU_DECODE_EFFICIENCY,
+    )
+    task = get_task("news_categorize")
+    with tempfile.TemporaryDirectory(prefix="oppu-cost-") as tmp:
+        data = make_authors(Path(tmp) / "authors", args.min_history)
+        users = load_users(task, data / task.name / TEST_USERS_FILE)
+        histories = [history_of(tokenizer, task, u) for u in users]
+        queries = [len(u["query"]) for u in users]
+        q = query_stats(tokenizer, task, users)
+        with tempfile.TemporaryDirectory(prefix="oppu-cost-bench-") as btmp:
+            from benchmarks.bench import make_data
+
+            check = check_against_bench(small, cpu, tokenizer, make_data(Path(btmp)), bench)
+    predictions = {f"SmolLM2-135M, {cpu.name}": predict(small, cpu, histories, queries, q, args.epochs)}
+    for name, gpu in GPUS.items():
+        predictions[f"Llama-2-7b, 1 x {name}"] = predict(LLAMA2_7B, gpu, histories, queries, q, args.epochs)
+    many = predict(LLAMA2_7B, GPUS["H200"], histories, queries, q, args.epochs)
+    for config in many.values():
+        config["all_users_seconds"] = users_wall_seconds(config["per_user_seconds"], args.gpus)
+    predictions[f"Llama-2-7b, {args.gpus} x H200 (accelerate)"] = many
+    lora = {
+        "SmolLM2-135M": lora_parameters(small, 8, USER_TARGETS),
+        "Llama-2-7b": lora_parameters(LLAMA2_7B, 8, USER_TARGETS),
+    }
+    out = {
+        "machine": {"cpu_matmul_gflops": bench["matmul_gflops"], "cpu_bandwidth_gbs": cpu.memory_gbs},
+        "workload": {
+            "users": len(users),
+            "history_items": [h.items for h in histories],
+            "mean_example_tokens": statistics.fmean(h.tokens for h in histories),
+            "mean_prefix_tokens": statistics.fmean(h.prefix for h in histories),
+            "queries": sum(queries),
+            "epochs": args.epochs,
+            "query": q,
+        },
+        "assumptions": {"cpu_efficiency": CPU_EFFICIENCY, "gpus": {k: vars(v) for k, v in GPUS.items()}},
+        "predictions": predictions,
+        "lora_parameters": lora,
+        "peft_mb": {
+            "SmolLM2-135M (fp32)": lora["SmolLM2-135M"] * 4 / 2**20,
+            "Llama-2-7b (bf16)": lora["Llama-2-7b"] * 2 / 2**20,
+            "Llama-2-7b (fp32)": lora["Llama-2-7b"] * 4 / 2**20,
+        },
+        "serving_queries_per_s": {
+            f"SmolLM2-135M, {cpu.name}": serving_queries_per_s(small, cpu, q, 32),
+            **{f"Llama-2-7b, {k}": serving_queries_per_s(LLAMA2_7B, g, q, 32) for k, g in GPUS.items()},
+        },
+        "check": check,
+    }
+    write_json(Path(args.output), out)
+    print(table(out))
+    print(f"wrote {args.output}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,156 @@
+"""OPPU's cost model: FLOPs, seconds, storage and serving throughput of personal PEFTs.
+
+One place for the FLOP count that ``benchmarks/bench.py`` uses for model FLOPs utilisation, and
+the predictions of ``benchmarks/cost_model.py`` (docs/cost.md): per-user training FLOPs and
+seconds from a user's history, the size of one personal LoRA, and queries/s of decoding, on a
+machine described by its matmul peak, the fraction of it training reaches, and its memory
+bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from oppu.defaults import epochs_for_min_steps, estimate_parameters
+
+# The projections LoRA adapts in each layer, and their output widths (d: hidden, kv: key/value).
+LORA_OUTPUTS = {"q_proj": "d", "k_proj": "kv", "v_proj": "kv", "o_proj": "d"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the cost depends on in a decoder-only transformer's config."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    kv: int  # key/value width: key-value heads x head dim
+    vocab: int
+    parameters: float  # all weights, embeddings included (read once per decoding step)
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        d, ff = config.hidden_size, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+        kv = config.num_key_value_heads * head_dim
+        return cls(d, config.num_hidden_layers, ff, kv, config.vocab_size, float(estimate_parameters(config)))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine as the cost model sees it. ``efficiency`` is model FLOPs utilisation of training
+    (model FLOPs / s over ``matmul_tflops``), ``decode_efficiency`` the same for the prompt pass."""
+
+    name: str
+    matmul_tflops: float  # dense matmul peak in the dtype used
+    efficiency: float
+    memory_gbs: float  # memory bandwidth: a decoding step reads every weight once
+    bytes_per_param: int  # 4 for fp32, 2 for bf16
+    decode_efficiency: float = 0.5
+
+
+def linear_flops(shape: Shape, tokens: int) -> float:
+    """Forward multiply-adds of the 7 projections of every layer for ``tokens`` tokens."""
+    d, kv, ff = shape.hidden, shape.kv, shape.intermediate
+    return shape.layers * (2 * d * d + 2 * d * kv + 3 * d * ff) * tokens
+
+
+def attention_flops(shape: Shape, length: int, prefix: int = 0) -> float:
+    """Forward multiply-adds of causal attention (QK^T and AV, d per query-key pair) for the
+    query positions after ``prefix`` of a sequence of ``length``."""
+    pairs = length * (length + 1) // 2 - prefix * (prefix + 1) // 2
+    return shape.layers * shape.hidden * 2 * pairs
+
+
+def train_flops(config, length: int, logit_positions: int) -> float:
+    """Model FLOPs of one training example (recomputation by checkpointing not counted).
+
+    Forward multiply-adds: the 7 projections of every layer per token, causal attention (QK^T and
+    AV: d per query-key pair, n(n+1)/2 pairs), and the vocabulary projection only at the logit
+    positions. Backward computes activation gradients only (the base is frozen; LoRA's r=8
+    weight gradients are under 1% and not counted): one matmul per projection, two per attention
+    matmul. So training = 2 x (2 x linear + 3 x attention + 2 x head) multiply-adds.
+    """
+    shape = config if isinstance(config, Shape) else Shape.from_config(config)
+    linear = linear_flops(shape, length)
+    attention = attention_flops(shape, length)
+    head = shape.hidden * shape.vocab * logit_positions
+    return 2.0 * (2 * linear + 3 * attention + 2 * head)
+
+
+def batch_train_flops(shape: Shape, length: int, logit_positions: int, batch: int, prefix: int = 0) -> float:
+    """Model FLOPs of one batch of ``batch`` examples of ``length`` tokens whose first ``prefix``
+    tokens are the same: with a shared prefix, those tokens' projections and attention are
+    computed once per batch (forward and backward) instead of once per example."""
+    linear = linear_flops(shape, prefix + batch * (length - prefix))
+    attention = attention_flops(shape, prefix) + batch * attention_flops(shape, length, prefix)
+    head = shape.hidden * shape.vocab * logit_positions * batch
+    return 2.0 * (2 * linear + 3 * attention + 2 * head)
+
+
+@dataclass(frozen=True)
+class History:
+    """One user's personal training as the cost model sees it (averages over the items)."""
+
+    items: int
+    tokens: float  # prompt + answer tokens of one training example
+    answer_tokens: float  # positions whose logits the loss needs
+    prefix: int = 0  # tokens every example of the user starts with (0: no shared prefix)
+
+
+def user_train_flops(
+    shape: Shape,
+    history: History,
+    *,
+    epochs: int,
+    batch_size: int,
+    min_steps: int = 0,
+    padding: float = 0.0,
+    recompute: bool = False,
+) -> float:
+    """Model FLOPs of one user's personal training: ``epochs`` (raised to reach ``min_steps``
+    optimiser steps, as OPPU.py does) over the history in batches of ``batch_size``. ``padding``
+    is the fraction of computed positions that are padding; ``recompute`` adds the extra forward
+    pass of gradient checkpointing (training = 2 forwards' worth, so one more is x1.5)."""
+    epochs = epochs_for_min_steps(history.items, batch_size, epochs, min_steps)
+    examples = history.items * epochs
+    length, answer = round(history.tokens), max(1, round(history.answer_tokens))
+    per_batch = batch_train_flops(shape, length, answer + 1, batch_size, min(history.prefix, length - answer))
+    flops = per_batch * examples / batch_size / (1.0 - padding)
+    return flops * (1.5 if recompute else 1.0)
+
+
+def train_seconds(flops: float, machine: Machine) -> float:
+    return flops / (machine.matmul_tflops * 1e12 * machine.efficiency)
+
+
+def decode_seconds(
+    shape: Shape, machine: Machine, *, queries: int, prompt_tokens: float, new_tokens: float, batch: int
+) -> float:
+    """Greedy decoding of ``queries`` in batches of ``batch``: the prompt pass is compute-bound
+    (2 FLOPs per parameter and token at ``decode_efficiency`` of the peak); each new-token step
+    costs the larger of reading every weight once and its compute."""
+    peak = machine.matmul_tflops * 1e12
+    prompt = 2 * shape.parameters * prompt_tokens * queries / (peak * machine.decode_efficiency)
+    weights = shape.parameters * machine.bytes_per_param / (machine.memory_gbs * 1e9)
+    steps = math.ceil(queries / batch) * new_tokens
+    step = max(weights, 2 * shape.parameters * batch / (peak * machine.decode_efficiency))
+    return prompt + steps * step
+
+
+def lora_parameters(shape: Shape, rank: int, targets: Sequence[str]) -> int:
+    """Trainable parameters of a LoRA of ``rank`` on ``targets`` (A: d x r, B: r x out) in every layer."""
+    widths = {"d": shape.hidden, "kv": shape.kv}
+    unknown = sorted(set(targets) - set(LORA_OUTPUTS))
+    if unknown:
+        raise ValueError(f"cost model knows LoRA on {sorted(LORA_OUTPUTS)}, not {unknown}")
+    per_layer = sum(rank * (shape.hidden + widths[LORA_OUTPUTS[t]]) for t in targets)
+    return shape.layers * per_layer
+
+
+def users_wall_seconds(per_user: Sequence[float], processes: int, load_seconds: float = 0.0) -> float:
+    """Wall time of users split over ``processes`` as OPPU.py splits them (user i to process
+    i mod N): the slowest process, plus loading the model once per process."""
+    return max(sum(per_user[rank::processes]) for rank in range(processes)) + load_seconds

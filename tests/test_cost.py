@@ -1,0 +1,94 @@
+"""The cost model (oppu/cost.py) on hand-computed cases."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from oppu.cost import (
+    History,
+    Machine,
+    Shape,
+    batch_train_flops,
+    decode_seconds,
+    lora_parameters,
+    train_flops,
+    train_seconds,
+    user_train_flops,
+    users_wall_seconds,
+)
+
+TINY = SimpleNamespace(hidden_size=4, num_hidden_layers=1, intermediate_size=8, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=2, vocab_size=10)  # fmt: skip
+
+
+def test_shape_of_llama_2_7b_from_its_config():
+    config = SimpleNamespace(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
+    shape = Shape.from_config(config)
+    assert (shape.hidden, shape.kv, shape.layers) == (4096, 4096, 32)
+    assert shape.parameters == pytest.approx(6.74e9, rel=0.001)
+
+
+def test_a_batch_of_one_without_prefix_is_one_example():
+    shape = Shape.from_config(TINY)
+    assert batch_train_flops(shape, 3, 2, batch=1) == train_flops(TINY, 3, 2) == 2336
+
+
+def test_a_shared_prefix_is_computed_once_per_batch():
+    shape = Shape.from_config(TINY)
+    # 2 examples of 3 tokens sharing 2: projections for 2 + 2 x 1 = 4 tokens (144 each: 576);
+    # attention: the prefix's 1 + 2 pairs once, each example's third position 3 pairs, x 8
+    # (d 4 x 2 matmuls): (3 + 2 x 3) x 8 = 72; head 4 x 10 x 2 positions x 2 examples = 160.
+    # Training: 2 x (2 x 576 + 3 x 72 + 2 x 160) = 3376, against 2 x 2336 = 4672 without it.
+    assert batch_train_flops(shape, 3, 2, batch=2, prefix=2) == 3376
+    assert batch_train_flops(shape, 3, 2, batch=2) == 2 * 2336
+
+
+def test_user_flops_follow_min_steps_padding_and_recomputation():
+    shape = Shape.from_config(TINY)
+    h = History(items=4, tokens=3, answer_tokens=1)  # 1 answer token: 2 logit positions
+    one_epoch = 4 * 2336
+    assert user_train_flops(shape, h, epochs=1, batch_size=2) == one_epoch
+    # 4 items at batch 2 are 2 steps an epoch: 6 steps need 3 epochs
+    assert user_train_flops(shape, h, epochs=1, batch_size=2, min_steps=6) == 3 * one_epoch
+    assert user_train_flops(shape, h, epochs=1, batch_size=2, padding=0.5) == 2 * one_epoch
+    assert user_train_flops(shape, h, epochs=1, batch_size=2, recompute=True) == 1.5 * one_epoch
+
+
+def test_seconds_from_peak_and_efficiency():
+    machine = Machine("m", matmul_tflops=1.0, efficiency=0.5, memory_gbs=1.0, bytes_per_param=4)
+    assert train_seconds(1e12, machine) == 2.0
+
+
+def test_decoding_is_bound_by_reading_the_weights_or_by_compute():
+    shape = Shape(hidden=4, layers=1, intermediate=8, kv=2, vocab=10, parameters=1e9)
+    slow_memory = Machine("m", 1000.0, 0.5, memory_gbs=1.0, bytes_per_param=2, decode_efficiency=0.5)
+    # prompt: 2 x 1e9 x 10 tokens x 4 queries / (1e15 x 0.5) = 1.6e-4 s; steps: 2 batches x 5 tokens,
+    # each reading 2 GB at 1 GB/s
+    seconds = decode_seconds(shape, slow_memory, queries=4, prompt_tokens=10, new_tokens=5, batch=2)
+    assert seconds == pytest.approx(1.6e-4 + 10 * 2.0)
+    slow_compute = Machine("m", 0.001, 0.5, memory_gbs=1e6, bytes_per_param=2, decode_efficiency=0.5)
+    step = 2 * 1e9 * 2 / (1e9 * 0.5)  # 8 s a step for a batch of 2
+    seconds = decode_seconds(shape, slow_compute, queries=4, prompt_tokens=0, new_tokens=5, batch=2)
+    assert seconds == pytest.approx(10 * step)
+
+
+def test_lora_parameters_and_a_clear_error_for_unknown_targets():
+    shape = Shape.from_config(TINY)
+    # q: 8 x (4 + 4), v: 8 x (4 + 2)
+    assert lora_parameters(shape, 8, ["q_proj", "v_proj"]) == 112
+    with pytest.raises(ValueError, match="gate_proj"):
+        lora_parameters(shape, 8, ["gate_proj"])
+
+
+def test_users_split_round_robin_over_processes():
+    # user i to process i mod 2: [1, 3, 5] and [2, 4]
+    assert users_wall_seconds([1, 2, 3, 4, 5], 2, load_seconds=10) == 19
+    assert users_wall_seconds([1, 2, 3], 1) == 6
