@@ -49,7 +49,7 @@ from oppu.runs import (
     public_config,
     read_user_result,
     staging_dir,
-)  # fmt: skip
+)
 from oppu.tasks import Task
 from oppu.training import encode_pairs, train
 from prompts import parse_prediction
@@ -91,8 +91,16 @@ def check_task_lora(path: Path, args: argparse.Namespace, task: Task) -> None:
             raise UserError(f"{path}: task adapter was trained with {key} {trained[key]!r}, not {want!r}")
 
 
-def train_user(model, tokenizer, task: Task, user: User, profile: str | None, args: argparse.Namespace,
-               run_dir: Path, fingerprint: str = "") -> tuple[object, dict]:  # fmt: skip
+def train_user(
+    model,
+    tokenizer,
+    task: Task,
+    user: User,
+    profile: str | None,
+    args: argparse.Namespace,
+    run_dir: Path,
+    fingerprint: str = "",
+) -> tuple[object, dict]:
     """One user: a fresh personal adapter (--peft_type) on the clean merged model, trained on this user's history only,
     saved, and used to answer the user's queries. Returns the clean model and the result."""
     start = time.time()
@@ -111,21 +119,31 @@ def train_user(model, tokenizer, task: Task, user: User, profile: str | None, ar
     staging = staging_dir(run_dir, user["user_id"])
     save_adapter(peft_model, staging / "adapter")
     result = {
-        "user_id": user["user_id"], "history_items": len(user["profile"]), "train_examples": len(encoded),
+        "user_id": user["user_id"],
+        "history_items": len(user["profile"]),
+        "train_examples": len(encoded),
         "trained_item_ids": [item["id"] for item in user["profile"]],
-        "peft_type": args.peft_type, "trainable_params": trainable_parameters(peft_model),
+        "peft_type": args.peft_type,
+        "trainable_params": trainable_parameters(peft_model),
         "adapter_bytes": (staging / "adapter" / ADAPTER_WEIGHTS).stat().st_size,
-        "train_tokens": fit.tokens, "truncated_examples": sum(e.truncated for e in encoded), "epochs": epochs,
-        "steps": fit.steps, "final_loss": fit.final_loss, "seconds": round(time.time() - start, 2),
-        "invalid_fraction": invalid_fraction(task, predictions), "config": fingerprint, "predictions": predictions,
+        "train_tokens": fit.tokens,
+        "truncated_examples": sum(e.truncated for e in encoded),
+        "epochs": epochs,
+        "steps": fit.steps,
+        "final_loss": fit.final_loss,
+        "seconds": round(time.time() - start, 2),
+        "invalid_fraction": invalid_fraction(task, predictions),
+        "config": fingerprint,
+        "predictions": predictions,
         "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
-    }  # fmt: skip
+    }
     commit_user_result(run_dir, user["user_id"], staging, result)
     return remove_adapter(peft_model), result
 
 
-def merge_outputs(run_dir: Path, task: Task, users: list[User], pred_file: Path, model_name: str,
-                  fingerprint: str) -> dict[str, str]:  # fmt: skip
+def merge_outputs(
+    run_dir: Path, task: Task, users: list[User], pred_file: Path, model_name: str, fingerprint: str
+) -> dict[str, str]:
     """Gather every user's result, in user order, into the predictions file and the manifest."""
     results = [read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]], fingerprint) for u in users]
     missing = [u["user_id"] for u, r in zip(users, results) if r is None]

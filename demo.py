@@ -57,8 +57,18 @@ def run_task(name: str, work: Path, args: argparse.Namespace) -> dict[str, dict[
         preds = predictions_path(work / "output", task, 0, EMBEDDED_MODEL, False, method)
         golds = preds.with_suffix(".golds.json")
         result = work / "results" / f"{task.name}-{method}.json"
-        scores[method] = eval_task.main(["--golds_json", str(golds), "--preds_json", str(preds),
-                                         "--task_name", task.lamp_id, "--output_file", str(result)])  # fmt: skip
+        scores[method] = eval_task.main(
+            [
+                "--golds_json",
+                str(golds),
+                "--preds_json",
+                str(preds),
+                "--task_name",
+                task.lamp_id,
+                "--output_file",
+                str(result),
+            ]
+        )
     return scores
 
 
@@ -77,8 +87,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.time()
     work = Path(args.work_dir)
-    sizes = ["--num_test_users", str(args.num_test_users), "--num_other_users", str(args.num_other_users),
-             "--history_len", str(args.history_len), "--queries_per_user", str(args.queries_per_user)]  # fmt: skip
+    sizes = [
+        "--num_test_users",
+        str(args.num_test_users),
+        "--num_other_users",
+        str(args.num_other_users),
+        "--history_len",
+        str(args.history_len),
+        "--queries_per_user",
+        str(args.queries_per_user),
+    ]
     prepare_data.main(
         ["demo", "--output_dir", str(work / "data"), "--tasks", args.tasks, "--seed", str(args.seed)] + sizes
     )

@@ -65,9 +65,11 @@ def _summary(task: Task, folder: Path, test: list[User], others: list[User]) -> 
     def count(users: list[User], key: str) -> int:
         return sum(len(u[key]) for u in users)
 
-    return (f"{task.name}: {len(test)} test users ({count(test, 'profile')} history items, "
-            f"{count(test, 'query')} queries), {len(others)} other users ({count(others, 'query')} "
-            f"queries) -> {folder}")  # fmt: skip
+    return (
+        f"{task.name}: {len(test)} test users ({count(test, 'profile')} history items, "
+        f"{count(test, 'query')} queries), {len(others)} other users ({count(others, 'query')} "
+        f"queries) -> {folder}"
+    )
 
 
 def write_split(task: Task, output_dir: str, users: list[User], num_test_users: int) -> Path:
@@ -103,8 +105,9 @@ def demo(args: argparse.Namespace) -> list[Path]:
     folders = []
     for name in args.tasks.split(","):
         task = get_task(name.strip())
-        test, others = demo_split(task, args.num_test_users, args.num_other_users, args.history_len,
-                                  args.queries_per_user, args.seed)  # fmt: skip
+        test, others = demo_split(
+            task, args.num_test_users, args.num_other_users, args.history_len, args.queries_per_user, args.seed
+        )
         folder = write_user_split(task, args.output_dir, test, others)
         print(_summary(task, folder, test, others))
         folders.append(folder)

@@ -37,13 +37,23 @@ from utils import ensure_writable_dir, read_json, run_cli, set_seed, write_json
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(parser, stage="task_LoRA", target_modules=TASK_TARGETS)
-    parser.add_argument("--predict_base", action="store_true",
-                        help="also answer the test queries with the base model (no adapter)")  # fmt: skip
+    parser.add_argument(
+        "--predict_base", action="store_true", help="also answer the test queries with the base model (no adapter)"
+    )
     return parser.parse_args(argv)
 
 
-def predict_users(model, tokenizer, task: Task, users: list[User], profiles: list, k: int,
-                  decode: DecodeConfig, mode: str = "generate", retrieval: str = "most") -> dict[str, str]:  # fmt: skip
+def predict_users(
+    model,
+    tokenizer,
+    task: Task,
+    users: list[User],
+    profiles: list,
+    k: int,
+    decode: DecodeConfig,
+    mode: str = "generate",
+    retrieval: str = "most",
+) -> dict[str, str]:
     """Answer every query of ``users``; returns {query id: parsed prediction} in user order."""
     prompts, ids = [], []
     for user, profile in zip(users, profiles):
@@ -53,9 +63,18 @@ def predict_users(model, tokenizer, task: Task, users: list[User], profiles: lis
     return {qid: parse_prediction(task, text) for qid, text in zip(ids, raw)}
 
 
-def predict_shared(accelerator, model, tokenizer, task: Task, users: list[User], profiles: list, k: int,
-                   decode: DecodeConfig, mode: str = "generate",
-                   retrieval: str = "most") -> dict[str, str]:  # fmt: skip
+def predict_shared(
+    accelerator,
+    model,
+    tokenizer,
+    task: Task,
+    users: list[User],
+    profiles: list,
+    k: int,
+    decode: DecodeConfig,
+    mode: str = "generate",
+    retrieval: str = "most",
+) -> dict[str, str]:
     """Answer the users' queries with the users split over the processes (user i on process
     i mod N); every process gets all predictions back, in user order."""
     from accelerate.utils import gather_object

@@ -66,8 +66,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     others = load_users(task, folder / OTHER_USERS_FILE, need_history=False)
     out = Path(args.output_dir) / task.name
     written = {}
-    for name, preds in (("majority", majority_predictions(task, tests, others)),
-                        ("user_majority", user_majority_predictions(task, tests))):  # fmt: skip
+    for name, preds in (
+        ("majority", majority_predictions(task, tests, others)),
+        ("user_majority", user_majority_predictions(task, tests)),
+    ):
         written[name] = out / f"trivial-{name}.json"
         write_json(written[name], predictions_json(task, preds, f"trivial: {name}"))
         print(f"wrote {written[name]}")

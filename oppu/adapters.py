@@ -33,8 +33,14 @@ PROMPT_INIT_TEXT = "Answer the way this user answered their own past items."
 def lora_config(args: argparse.Namespace, targets: tuple[str, ...]):
     from peft import LoraConfig
 
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      bias="none", task_type="CAUSAL_LM", target_modules=list(targets))  # fmt: skip
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=list(targets),
+    )
 
 
 def add_adapter(model, config):

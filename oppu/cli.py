@@ -60,8 +60,11 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     )
 
     g = parser.add_argument_group("model")
-    g.add_argument("--model_name", default=EMBEDDED_MODEL,
-                   help=f"{EMBEDDED_MODEL} (embedded, default), a hub id such as meta-llama/Llama-2-7b-hf, or a local folder")  # fmt: skip
+    g.add_argument(
+        "--model_name",
+        default=EMBEDDED_MODEL,
+        help=f"{EMBEDDED_MODEL} (embedded, default), a hub id such as meta-llama/Llama-2-7b-hf, or a local folder",
+    )
     add_loading_args(g)
 
     g = parser.add_argument_group("training (unset values follow the model's size: see --paper_defaults)")
@@ -178,18 +181,26 @@ def personal_configs(args: argparse.Namespace, task: Task) -> tuple[TrainConfig,
 
 def check_args(args: argparse.Namespace) -> None:
     """Every numeric flag checked at once, before anything is read or loaded."""
-    problems = [f"--{name} must be {rule}" for name, bad, rule in (
-        ("k", args.k < 0, ">= 0"), ("batch_size", args.batch_size < 1, ">= 1"),
-        ("micro_batch_size", args.micro_batch_size < 1, ">= 1"), ("max_epoch", args.max_epoch < 1, ">= 1"),
-        ("min_steps", args.min_steps < 0, ">= 0"),
-        ("cut_off", args.cut_off < 8, ">= 8"), ("learning_rate", args.learning_rate <= 0, "> 0"),
-        ("decode_batch_size", args.decode_batch_size < 1, ">= 1"), ("lora_r", args.lora_r < 1, ">= 1"),
-        ("max_step", args.max_step < 1 and args.max_step != -1, "-1 (no cap) or >= 1"),
-        ("max_users", args.max_users < -1, "-1 (all) or >= 0"),
-        ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
-        ("temperature", args.do_sample and args.temperature <= 0, "> 0 with --do_sample"),
-        ("top_p", args.do_sample and not 0 < args.top_p <= 1, "in (0, 1] with --do_sample"),
-    ) if bad]  # fmt: skip
+    problems = [
+        f"--{name} must be {rule}"
+        for name, bad, rule in (
+            ("k", args.k < 0, ">= 0"),
+            ("batch_size", args.batch_size < 1, ">= 1"),
+            ("micro_batch_size", args.micro_batch_size < 1, ">= 1"),
+            ("max_epoch", args.max_epoch < 1, ">= 1"),
+            ("min_steps", args.min_steps < 0, ">= 0"),
+            ("cut_off", args.cut_off < 8, ">= 8"),
+            ("learning_rate", args.learning_rate <= 0, "> 0"),
+            ("decode_batch_size", args.decode_batch_size < 1, ">= 1"),
+            ("lora_r", args.lora_r < 1, ">= 1"),
+            ("max_step", args.max_step < 1 and args.max_step != -1, "-1 (no cap) or >= 1"),
+            ("max_users", args.max_users < -1, "-1 (all) or >= 0"),
+            ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
+            ("temperature", args.do_sample and args.temperature <= 0, "> 0 with --do_sample"),
+            ("top_p", args.do_sample and not 0 < args.top_p <= 1, "in (0, 1] with --do_sample"),
+        )
+        if bad
+    ]
     if problems:
         raise UserError("; ".join(problems))
 
@@ -232,19 +243,28 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        learning_rate=args.learning_rate, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-        max_epoch=args.max_epoch, max_step=args.max_step, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing, group_by_length=args.group_by_length,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        max_epoch=args.max_epoch,
+        max_step=args.max_step,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        group_by_length=args.group_by_length,
         shared_prefix=args.shared_prefix,
-    )  # fmt: skip
+    )
 
 
 def decode_config(args: argparse.Namespace, task: Task) -> DecodeConfig:
     return DecodeConfig(
-        max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens, batch_size=args.decode_batch_size,
-        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        batch_size=args.decode_batch_size,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         shared_prefix=args.shared_prefix,
-    )  # fmt: skip
+    )
 
 
 def load_test_users(args: argparse.Namespace, task: Task) -> tuple[list[User], list[str | None]]:

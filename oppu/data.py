@@ -205,8 +205,10 @@ def load_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path) 
             raise UserError(
                 f"{outputs_path}: no gold output for question id {qid!r} (question {i} of {questions_path})"
             )
-        profile = [validate_history_item(task, it, f"{questions_path}: question {i} profile item {j}")
-                   for j, it in enumerate(q["profile"])]  # fmt: skip
+        profile = [
+            validate_history_item(task, it, f"{questions_path}: question {i} profile item {j}")
+            for j, it in enumerate(q["profile"])
+        ]
         merged.append({"id": qid, "input": q["input"], "gold": golds[qid], "profile": profile})
     return merged
 

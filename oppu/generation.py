@@ -50,8 +50,9 @@ def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], kv) -> dict
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: str = "generate",
-             show: bool = True) -> list[str]:  # fmt: skip
+def generate(
+    model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: str = "generate", show: bool = True
+) -> list[str]:
     """Decode every prompt and return only the new text, in the prompts' order.
 
     Prompts are batched by length (less padding); the tokenizer pads on the left so every
@@ -74,9 +75,13 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: 
         if shared:
             enc = with_prefix(enc, encoded[0][:shared], kv)
         out = model.generate(
-            **enc, max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, use_cache=cfg.use_cache, **(sampling if cfg.do_sample else greedy),
-        )  # fmt: skip
+            **enc,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=cfg.use_cache,
+            **(sampling if cfg.do_sample else greedy),
+        )
         new = out[:, enc["input_ids"].shape[1] :]
         for i, ids in zip(batch, new):
             outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)

@@ -98,8 +98,14 @@ def resolve_dtype(dtype: str):
 
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    choices = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in choices:
         raise UserError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
     return choices[dtype]
@@ -139,8 +145,11 @@ def load_model(spec: ModelSpec, device=None):
 
     check_spec(spec)
     path = resolve_model_path(spec.name)
-    kwargs = {"dtype": resolve_dtype(spec.dtype), "token": spec.access_token,
-              "trust_remote_code": spec.trust_remote_code}  # fmt: skip
+    kwargs = {
+        "dtype": resolve_dtype(spec.dtype),
+        "token": spec.access_token,
+        "trust_remote_code": spec.trust_remote_code,
+    }
     if spec.load_in_4bit:
         from transformers import BitsAndBytesConfig
 

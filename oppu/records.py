@@ -118,7 +118,7 @@ def records_to_users(
 
     Returns the users (those with at least ``min_history`` history items) and a counter of
     what was skipped and why.
-    """  # fmt: skip
+    """
     _check_fields(records, f, path)
     skipped: Counter = Counter()
     by_user: dict[str, list[tuple[dict, str]]] = defaultdict(list)

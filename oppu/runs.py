@@ -49,8 +49,9 @@ def oppu_dir(ckpt_dir: str | Path, task: Task, k: int, model_name: str, add_prof
     return Path(ckpt_dir) / task.name / f"{run_name(task, k, model_name, add_profile)}-OPPU"
 
 
-def predictions_path(output_dir: str | Path, task: Task, k: int, model_name: str, add_profile: bool,
-                     method: str) -> Path:  # fmt: skip
+def predictions_path(
+    output_dir: str | Path, task: Task, k: int, model_name: str, add_profile: bool, method: str
+) -> Path:
     """``<output_dir>/<task>/<run name>-<method>.json`` for method base, task_LoRA or OPPU."""
     return Path(output_dir) / task.name / f"{run_name(task, k, model_name, add_profile)}-{method}.json"
 

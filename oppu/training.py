@@ -192,8 +192,9 @@ def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tupl
     return loss, prefix
 
 
-def train(model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accelerator=None,
-          desc: str = "train") -> TrainResult:  # fmt: skip
+def train(
+    model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accelerator=None, desc: str = "train"
+) -> TrainResult:
     """Train the model's trainable parameters with AdamW, linear warmup and decay, and
     gradient-norm clipping. Under an ``accelerate`` launch (``accelerator`` given) each step's
     batch is split across processes and gradients are averaged, as the HF Trainer does."""

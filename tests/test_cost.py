@@ -17,8 +17,15 @@ from oppu.cost import (
     users_wall_seconds,
 )
 
-TINY = SimpleNamespace(hidden_size=4, num_hidden_layers=1, intermediate_size=8, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=2, vocab_size=10)  # fmt: skip
+TINY = SimpleNamespace(
+    hidden_size=4,
+    num_hidden_layers=1,
+    intermediate_size=8,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=2,
+    vocab_size=10,
+)
 
 
 def test_shape_of_llama_2_7b_from_its_config():

@@ -181,9 +181,16 @@ def lamp_files(tmp_path: Path, task: str = "LaMP_2N", drop_gold: str | None = No
     write(tmp_path / "dev_questions.json", questions)
     write(tmp_path / "dev_outputs.json", {"task": task, "golds": golds})
     return [
-        "from-lamp", "--task_name", "LaMP_2N", "--questions", str(tmp_path / "dev_questions.json"),
-        "--outputs", str(tmp_path / "dev_outputs.json"), "--output_dir", str(tmp_path / "data"),
-    ]  # fmt: skip
+        "from-lamp",
+        "--task_name",
+        "LaMP_2N",
+        "--questions",
+        str(tmp_path / "dev_questions.json"),
+        "--outputs",
+        str(tmp_path / "dev_outputs.json"),
+        "--output_dir",
+        str(tmp_path / "data"),
+    ]
 
 
 def read(path: Path):
@@ -243,11 +250,28 @@ def huffpost_args(tmp_path: Path, task: str, output_field: str) -> list[str]:
     if not HUFFPOST.is_file():
         pytest.skip(f"the HuffPost records file is not there: {HUFFPOST}")
     args = [
-        "from-records", "--input", str(HUFFPOST), "--task_name", task, "--user_field", "authors",
-        "--input_field", "short_description", "--output_field", output_field, "--time_field", "date",
-        "--queries_per_user", "5", "--min_history", "10", "--num_test_users", "10",
-        "--output_dir", str(tmp_path / "data"),
-    ]  # fmt: skip
+        "from-records",
+        "--input",
+        str(HUFFPOST),
+        "--task_name",
+        task,
+        "--user_field",
+        "authors",
+        "--input_field",
+        "short_description",
+        "--output_field",
+        output_field,
+        "--time_field",
+        "date",
+        "--queries_per_user",
+        "5",
+        "--min_history",
+        "10",
+        "--num_test_users",
+        "10",
+        "--output_dir",
+        str(tmp_path / "data"),
+    ]
     return args + (["--title_field", "headline"] if task == "news_categorize" else [])
 
 
@@ -327,11 +351,31 @@ def test_from_records_product_rating_csv_rounds_ratings(tmp_path, capsys):
     path = tmp_path / "reviews.csv"
     with path.open("w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([("user", "review", "rating", "when"), *rows])
-    (folder,) = prepare_data.main([
-        "from-records", "--input", str(path), "--task_name", "LaMP_3", "--user_field", "user",
-        "--input_field", "review", "--output_field", "rating", "--time_field", "when",
-        "--queries_per_user", "1", "--min_history", "2", "--num_test_users", "1", "--output_dir", str(tmp_path / "d"),
-    ])  # fmt: skip
+    (folder,) = prepare_data.main(
+        [
+            "from-records",
+            "--input",
+            str(path),
+            "--task_name",
+            "LaMP_3",
+            "--user_field",
+            "user",
+            "--input_field",
+            "review",
+            "--output_field",
+            "rating",
+            "--time_field",
+            "when",
+            "--queries_per_user",
+            "1",
+            "--min_history",
+            "2",
+            "--num_test_users",
+            "1",
+            "--output_dir",
+            str(tmp_path / "d"),
+        ]
+    )
     (ann,) = read(folder / TEST_USERS_FILE)
     assert ann["user_id"] == "ann"
     assert [it["score"] for it in ann["profile"]] == ["5", "2", "1", "3"]
@@ -350,9 +394,20 @@ def test_from_records_missing_field_names_file_record_and_field(tmp_path):
     lines = [{"who": "a", "text": "t", "label": "sports"}, {"who": "a", "label": "sports"}]
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n", encoding="utf-8")
     args = [
-        "from-records", "--input", str(path), "--task_name", "news_categorize", "--user_field", "who",
-        "--input_field", "text", "--output_field", "label", "--output_dir", str(tmp_path / "d"),
-    ]  # fmt: skip
+        "from-records",
+        "--input",
+        str(path),
+        "--task_name",
+        "news_categorize",
+        "--user_field",
+        "who",
+        "--input_field",
+        "text",
+        "--output_field",
+        "label",
+        "--output_dir",
+        str(tmp_path / "d"),
+    ]
     message = user_error(prepare_data.main, args)
     assert message == f"{path}: record 1: missing field 'text'"
 
@@ -361,9 +416,20 @@ def test_from_records_malformed_jsonl_names_the_line(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"who": "a"}\n\n{"who": \n', encoding="utf-8")
     args = [
-        "from-records", "--input", str(path), "--task_name", "news_headline", "--user_field", "who",
-        "--input_field", "text", "--output_field", "label", "--output_dir", str(tmp_path / "d"),
-    ]  # fmt: skip
+        "from-records",
+        "--input",
+        str(path),
+        "--task_name",
+        "news_headline",
+        "--user_field",
+        "who",
+        "--input_field",
+        "text",
+        "--output_field",
+        "label",
+        "--output_dir",
+        str(tmp_path / "d"),
+    ]
     message = user_error(prepare_data.main, args)
     assert str(path) in message and "line 3" in message
 
@@ -374,11 +440,29 @@ def test_skipped_reasons_are_counted(tmp_path, capsys):
     rows += [{"who": "a", "text": "t", "label": "weird news"}]
     path = tmp_path / "records.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    prepare_data.main([
-        "from-records", "--input", str(path), "--task_name", "news_categorize", "--user_field", "who",
-        "--input_field", "text", "--output_field", "label", "--queries_per_user", "1", "--min_history", "3",
-        "--num_test_users", "1", "--output_dir", str(tmp_path / "d"),
-    ])  # fmt: skip
+    prepare_data.main(
+        [
+            "from-records",
+            "--input",
+            str(path),
+            "--task_name",
+            "news_categorize",
+            "--user_field",
+            "who",
+            "--input_field",
+            "text",
+            "--output_field",
+            "label",
+            "--queries_per_user",
+            "1",
+            "--min_history",
+            "3",
+            "--num_test_users",
+            "1",
+            "--output_dir",
+            str(tmp_path / "d"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "7 records, 4 kept for 1 users" in out
     assert Counter(out.split("skipped: ")[1].split("\n")[0].split(", ")) == Counter(
@@ -392,11 +476,31 @@ def test_records_with_numeric_times_are_ordered_by_value(tmp_path):
     times = ["10", "9", "11", "100", "8"]
     with path.open("w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([("user", "review", "rating", "step"), *[("ann", f"r{t}", "3", t) for t in times]])
-    (folder,) = prepare_data.main([
-        "from-records", "--input", str(path), "--task_name", "product_rating", "--user_field", "user",
-        "--input_field", "review", "--output_field", "rating", "--time_field", "step",
-        "--queries_per_user", "1", "--min_history", "1", "--num_test_users", "1", "--output_dir", str(tmp_path / "d"),
-    ])  # fmt: skip
+    (folder,) = prepare_data.main(
+        [
+            "from-records",
+            "--input",
+            str(path),
+            "--task_name",
+            "product_rating",
+            "--user_field",
+            "user",
+            "--input_field",
+            "review",
+            "--output_field",
+            "rating",
+            "--time_field",
+            "step",
+            "--queries_per_user",
+            "1",
+            "--min_history",
+            "1",
+            "--num_test_users",
+            "1",
+            "--output_dir",
+            str(tmp_path / "d"),
+        ]
+    )
     (ann,) = read(folder / TEST_USERS_FILE)
     assert [it["text"] for it in ann["profile"]] == ["r8", "r9", "r10", "r11"]
     assert ann["query"][0]["input"].endswith("review: r100")
@@ -405,8 +509,16 @@ def test_records_with_numeric_times_are_ordered_by_value(tmp_path):
 def test_records_to_users_edge_cases():
     rating, headline = TASKS["product_rating"], TASKS["news_headline"]
     assert [normalize_output(rating, v) for v in [4.5, "2.4", 0.5, 7, "-3", "x", None, "inf", "nan"]] == [
-        "5", "2", "1", "5", "1", None, None, None, None,
-    ]  # fmt: skip
+        "5",
+        "2",
+        "1",
+        "5",
+        "1",
+        None,
+        None,
+        None,
+        None,
+    ]
     assert normalize_output(headline, None) is None  # a JSON null is no headline "None"
     assert normalize_output(headline, "  Big News ") == "Big News"
     fields = RecordFields("u", "x", "y")

@@ -52,9 +52,15 @@ def test_texts_are_short_natural_sentences_in_the_lamp_query_form(task):
         head, text = split_query_input(task, query["input"])
         assert head or task.name == "citation"
         assert "{" not in query["input"] and "}" not in query["input"]
-    field = {"news_categorize": "text", "movie_tagging": "description", "product_rating": "text",
-             "news_headline": "text", "scholarly_title": "abstract", "citation": "abstract",
-             "tweet_paraphrase": "text"}[task.name]  # fmt: skip
+    field = {
+        "news_categorize": "text",
+        "movie_tagging": "description",
+        "product_rating": "text",
+        "news_headline": "text",
+        "scholarly_title": "abstract",
+        "citation": "abstract",
+        "tweet_paraphrase": "text",
+    }[task.name]
     lengths = [len(it[field].split()) for u in users for it in u["profile"]]
     upper = 20 if task.name == "tweet_paraphrase" else 40
     assert max(lengths) <= upper and (task.name == "tweet_paraphrase" or min(lengths) >= 15)

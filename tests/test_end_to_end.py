@@ -20,8 +20,18 @@ TOKEN = "hf_SECRET_token_never_written"
 
 
 def stage_args(root: Path, data: Path) -> list[str]:
-    return ["--task_name", TASK, "--data_dir", str(data), "--ckpt_dir", str(root / "ckpt"),
-            "--output_dir", str(root / "output"), "--access_token", TOKEN] + QUICK  # fmt: skip
+    return [
+        "--task_name",
+        TASK,
+        "--data_dir",
+        str(data),
+        "--ckpt_dir",
+        str(root / "ckpt"),
+        "--output_dir",
+        str(root / "output"),
+        "--access_token",
+        TOKEN,
+    ] + QUICK
 
 
 def read_preds(path: Path) -> dict[str, str]:
@@ -47,8 +57,20 @@ def test_pipeline_writes_scorable_predictions(pipeline):
     for preds in (pipeline["base_predictions"], pipeline["predictions"], pipeline["oppu"]["predictions"]):
         golds = preds.with_suffix(".golds.json")
         out = pipeline["root"] / f"{preds.stem}-scores.json"
-        result = eval_task.main(["--golds_json", str(golds), "--preds_json", str(preds), "--task_name", "LaMP_2N",
-                                 "--output_file", str(out), "--per_user", str(pipeline["data"] / TASK / "user_top_100_history.json")])  # fmt: skip
+        result = eval_task.main(
+            [
+                "--golds_json",
+                str(golds),
+                "--preds_json",
+                str(preds),
+                "--task_name",
+                "LaMP_2N",
+                "--output_file",
+                str(out),
+                "--per_user",
+                str(pipeline["data"] / TASK / "user_top_100_history.json"),
+            ]
+        )
         assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["f1"] <= 1.0
         assert set(result["per_user"]) == {"demo-news-000", "demo-news-001"}
         assert json.loads(out.read_text())["accuracy"] == result["accuracy"]

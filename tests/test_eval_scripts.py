@@ -30,12 +30,16 @@ def write(path: Path, obj: object) -> Path:
 
 def run_task(tmp_path: Path, golds: object, preds: object, *extra: str) -> dict:
     argv = [
-        "--golds_json", str(write(tmp_path / "golds.json", golds)),
-        "--preds_json", str(write(tmp_path / "preds.json", preds)),
-        "--task_name", "LaMP_2M",
-        "--output_file", str(tmp_path / "out" / "result.json"),
+        "--golds_json",
+        str(write(tmp_path / "golds.json", golds)),
+        "--preds_json",
+        str(write(tmp_path / "preds.json", preds)),
+        "--task_name",
+        "LaMP_2M",
+        "--output_file",
+        str(tmp_path / "out" / "result.json"),
         *extra,
-    ]  # fmt: skip
+    ]
     return eval_task.main(argv)
 
 
@@ -47,21 +51,28 @@ def test_eval_task_writes_and_returns_the_metrics(tmp_path: Path):
 
 def test_eval_task_accepts_the_task_name_and_files_without_a_task_field(tmp_path: Path):
     argv = [
-        "--golds_json", str(write(tmp_path / "g.json", {"golds": outputs("", GOLDS)["golds"]})),
-        "--preds_json", str(write(tmp_path / "p.json", outputs("movie_tagging", PREDS))),
-        "--task_name", "movie_tagging",
-        "--output_file", str(tmp_path / "r.json"),
-    ]  # fmt: skip
+        "--golds_json",
+        str(write(tmp_path / "g.json", {"golds": outputs("", GOLDS)["golds"]})),
+        "--preds_json",
+        str(write(tmp_path / "p.json", outputs("movie_tagging", PREDS))),
+        "--task_name",
+        "movie_tagging",
+        "--output_file",
+        str(tmp_path / "r.json"),
+    ]
     assert eval_task.main(argv)["accuracy"] == pytest.approx(2 / 3)
 
 
 def test_eval_task_per_user(tmp_path: Path):
     users = [
-        {"user_id": "u1", "profile": [], "query": [{"id": "1", "input": "", "gold": "comedy"},
-                                                   {"id": "2", "input": "", "gold": "action"}]},
+        {
+            "user_id": "u1",
+            "profile": [],
+            "query": [{"id": "1", "input": "", "gold": "comedy"}, {"id": "2", "input": "", "gold": "action"}],
+        },
         {"user_id": 7, "profile": [], "query": [{"id": "3", "input": "", "gold": "sci-fi"}]},
         {"user_id": "empty", "profile": [], "query": []},
-    ]  # fmt: skip
+    ]
     users_file = str(write(tmp_path / "users.json", users))
     golds, preds = outputs("LaMP_2M", GOLDS), outputs("LaMP_2M", PREDS)
     per_user = run_task(tmp_path, golds, preds, "--per_user", users_file)["per_user"]
@@ -113,8 +124,16 @@ def test_eval_task_bad_predictions(tmp_path: Path, preds: object, message: str):
 def test_eval_task_unreadable_golds(tmp_path: Path, content: bytes, message: str):
     golds = tmp_path / "golds.json"
     golds.write_bytes(content)
-    argv = ["--golds_json", str(golds), "--preds_json", str(write(tmp_path / "p.json", {})),
-            "--task_name", "LaMP_2M", "--output_file", str(tmp_path / "r.json")]  # fmt: skip
+    argv = [
+        "--golds_json",
+        str(golds),
+        "--preds_json",
+        str(write(tmp_path / "p.json", {})),
+        "--task_name",
+        "LaMP_2M",
+        "--output_file",
+        str(tmp_path / "r.json"),
+    ]
     with pytest.raises(UserError, match=message) as err:
         eval_task.main(argv)
     assert str(golds) in str(err.value)
@@ -122,10 +141,15 @@ def test_eval_task_unreadable_golds(tmp_path: Path, content: bytes, message: str
 
 def test_eval_task_rating_golds_must_be_numbers(tmp_path: Path):
     argv = [
-        "--golds_json", str(write(tmp_path / "g.json", outputs("LaMP_3", {"1": "five"}))),
-        "--preds_json", str(write(tmp_path / "p.json", outputs("LaMP_3", {"1": "5"}))),
-        "--task_name", "LaMP_3", "--output_file", str(tmp_path / "r.json"),
-    ]  # fmt: skip
+        "--golds_json",
+        str(write(tmp_path / "g.json", outputs("LaMP_3", {"1": "five"}))),
+        "--preds_json",
+        str(write(tmp_path / "p.json", outputs("LaMP_3", {"1": "5"}))),
+        "--task_name",
+        "LaMP_3",
+        "--output_file",
+        str(tmp_path / "r.json"),
+    ]
     with pytest.raises(UserError, match=re.escape("g.json: id '1': gold 'five' is not a number")):
         eval_task.main(argv)
 
@@ -139,8 +163,10 @@ def test_eval_task_per_user_query_without_gold(tmp_path: Path):
 
 
 def test_eval_task_per_user_leaves_out_users_not_scored(tmp_path: Path):
-    users = [{"user_id": "in", "profile": [], "query": [{"id": i, "input": ""} for i in GOLDS]},
-             {"user_id": "not run", "profile": [], "query": [{"id": "404", "input": ""}]}]  # fmt: skip
+    users = [
+        {"user_id": "in", "profile": [], "query": [{"id": i, "input": ""} for i in GOLDS]},
+        {"user_id": "not run", "profile": [], "query": [{"id": "404", "input": ""}]},
+    ]
     golds, preds = outputs("LaMP_2M", GOLDS), outputs("LaMP_2M", PREDS)
     result = run_task(tmp_path, golds, preds, "--per_user", str(write(tmp_path / "users.json", users)))
     assert list(result["per_user"]) == ["in"] and result["per_user"]["in"]["n"] == 3
@@ -149,9 +175,18 @@ def test_eval_task_per_user_leaves_out_users_not_scored(tmp_path: Path):
 def test_eval_task_command_line_error_is_one_line_with_status_2(tmp_path: Path):
     golds = write(tmp_path / "golds.json", outputs("LaMP_2M", GOLDS))
     preds = write(tmp_path / "preds.json", outputs("LaMP_2M", {"1": "comedy"}))
-    command = [sys.executable, "eval/eval_task.py", "--golds_json", str(golds),
-               "--preds_json", str(preds), "--task_name", "LaMP_2M",
-               "--output_file", str(tmp_path / "r.json")]  # fmt: skip
+    command = [
+        sys.executable,
+        "eval/eval_task.py",
+        "--golds_json",
+        str(golds),
+        "--preds_json",
+        str(preds),
+        "--task_name",
+        "LaMP_2M",
+        "--output_file",
+        str(tmp_path / "r.json"),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
@@ -167,19 +202,33 @@ def make_zip(path: Path, members: dict[str, object]) -> Path:
 
 
 def test_eval_all_matches_files_by_task(tmp_path: Path):
-    golds = make_zip(tmp_path / "golds.zip", {
-        "a/b/movies.json": outputs("LaMP_2M", GOLDS),
-        "ratings.json": outputs("LaMP_3", {"1": "2", "2": "4"}),
-        "headlines.json": outputs("LaMP_4", {"1": "a b"}),  # no predictions: not scored
-    })  # fmt: skip
-    preds = make_zip(tmp_path / "preds.zip", {
-        "x.json": outputs("LaMP_3", {"2": "3", "1": "oops"}),  # oops -> 5: errors 3 and -1
-        "deep/er/y.json": outputs("LaMP_2M", PREDS),
-        "__MACOSX/deep/er/._y.json": "",
-    })  # fmt: skip
+    golds = make_zip(
+        tmp_path / "golds.zip",
+        {
+            "a/b/movies.json": outputs("LaMP_2M", GOLDS),
+            "ratings.json": outputs("LaMP_3", {"1": "2", "2": "4"}),
+            "headlines.json": outputs("LaMP_4", {"1": "a b"}),  # no predictions: not scored
+        },
+    )
+    preds = make_zip(
+        tmp_path / "preds.zip",
+        {
+            "x.json": outputs("LaMP_3", {"2": "3", "1": "oops"}),  # oops -> 5: errors 3 and -1
+            "deep/er/y.json": outputs("LaMP_2M", PREDS),
+            "__MACOSX/deep/er/._y.json": "",
+        },
+    )
     out = tmp_path / "result.json"
-    argv = ["--golds_zip", str(golds), "--preds_zip", str(preds), "--output_file", str(out),
-            "--temp_dir", str(tmp_path / "unused")]  # fmt: skip
+    argv = [
+        "--golds_zip",
+        str(golds),
+        "--preds_zip",
+        str(preds),
+        "--output_file",
+        str(out),
+        "--temp_dir",
+        str(tmp_path / "unused"),
+    ]
     result = eval_all.main(argv)
     assert list(result) == ["LaMP_2M", "LaMP_3"]
     movies = {"task": "LaMP_2M", "n": 3, "accuracy": 2 / 3, "f1": 2 / 15}
@@ -214,9 +263,14 @@ def test_eval_all_matches_files_by_task(tmp_path: Path):
     ],
 )
 def test_eval_all_errors(tmp_path: Path, golds: dict, preds: dict, message: str):
-    argv = ["--golds_zip", str(make_zip(tmp_path / "golds.zip", golds)),
-            "--preds_zip", str(make_zip(tmp_path / "preds.zip", preds)),
-            "--output_file", str(tmp_path / "r.json")]  # fmt: skip
+    argv = [
+        "--golds_zip",
+        str(make_zip(tmp_path / "golds.zip", golds)),
+        "--preds_zip",
+        str(make_zip(tmp_path / "preds.zip", preds)),
+        "--output_file",
+        str(tmp_path / "r.json"),
+    ]
     with pytest.raises(UserError) as err:
         eval_all.main(argv)
     assert message in str(err.value)
@@ -224,7 +278,6 @@ def test_eval_all_errors(tmp_path: Path, golds: dict, preds: dict, message: str)
 
 def test_eval_all_rejects_a_file_that_is_not_a_zip(tmp_path: Path):
     not_zip = write(tmp_path / "golds.zip", {})
-    argv = ["--golds_zip", str(not_zip), "--preds_zip", str(not_zip),
-            "--output_file", str(tmp_path / "r.json")]  # fmt: skip
+    argv = ["--golds_zip", str(not_zip), "--preds_zip", str(not_zip), "--output_file", str(tmp_path / "r.json")]
     with pytest.raises(UserError, match=re.escape("golds.zip: cannot open as a zip file")):
         eval_all.main(argv)

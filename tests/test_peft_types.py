@@ -19,8 +19,14 @@ from prompts import render_query_input
 from utils import UserError
 
 TYPES = ("lora", "ia3", "prompt_tuning")
-TOY = [("a bank robbery", " crime"), ("the final match", " sports"), ("a cheap flight", " travel"),
-       ("the new senate", " politics"), ("a merger deal", " business"), ("the old temple", " religion")]  # fmt: skip
+TOY = [
+    ("a bank robbery", " crime"),
+    ("the final match", " sports"),
+    ("a cheap flight", " travel"),
+    ("the new senate", " politics"),
+    ("a merger deal", " business"),
+    ("the old temple", " religion"),
+]
 QUERIES = ["Short one.\nAnswer:", "A much longer prompt about the harbour, the storm and the town council.\nAnswer:"]
 # The tiny model: 2 layers, hidden 32, 4 heads of 8 (2 key/value heads: k and v give 16), MLP 64.
 TRAINABLE = {
@@ -135,8 +141,10 @@ def test_prompt_tuning_generation_returns_exactly_the_new_tokens(tiny_model, tok
 
 def news_user(user_id: str, word: str) -> dict:
     task = get_task("news_categorize")
-    items = [{"id": f"{user_id}-h{j}", "title": f"{word} {j}", "category": c, "text": f"The {word} story {j}."}
-             for j, c in enumerate(["sports", "travel", "crime"])]  # fmt: skip
+    items = [
+        {"id": f"{user_id}-h{j}", "title": f"{word} {j}", "category": c, "text": f"The {word} story {j}."}
+        for j, c in enumerate(["sports", "travel", "crime"])
+    ]
     query = {"id": f"{user_id}-q0", "input": render_query_input(task, text=f"Another {word} report."), "gold": "sports"}
     return {"user_id": user_id, "profile": items, "query": [query]}
 
@@ -144,8 +152,22 @@ def news_user(user_id: str, word: str) -> dict:
 @pytest.mark.parametrize("peft_type", TYPES)
 def test_base_is_bit_identical_after_every_user(tiny_model, tokenizer, make_args, tmp_path, peft_type):
     task = get_task("news_categorize")
-    args = make_args("--peft_type", peft_type, "--k", "1", "--max_epoch", "1", "--batch_size", "2",
-                     "--max_new_tokens", "3", "--cut_off", "256", "--learning_rate", "1e-2")  # fmt: skip
+    args = make_args(
+        "--peft_type",
+        peft_type,
+        "--k",
+        "1",
+        "--max_epoch",
+        "1",
+        "--batch_size",
+        "2",
+        "--max_new_tokens",
+        "3",
+        "--cut_off",
+        "256",
+        "--learning_rate",
+        "1e-2",
+    )
     base = tiny_model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     attributes = set(vars(base))

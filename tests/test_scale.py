@@ -29,9 +29,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = load_tokenizer(ModelSpec())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -46,10 +54,37 @@ def setup(tmp_path_factory, tiny_model_dir) -> dict:
 
     root = tmp_path_factory.mktemp("scale")
     data = root / "data"
-    prepare_data.main(["demo", "--tasks", TASK, "--output_dir", str(data), "--num_test_users", "3",
-                       "--num_other_users", "2", "--history_len", "4", "--queries_per_user", "2"])  # fmt: skip
-    common = ["--task_name", TASK, "--data_dir", str(data), "--model_name", str(tiny_model_dir),
-              "--max_step", "2", "--batch_size", "2", "--max_new_tokens", "6"]  # fmt: skip
+    prepare_data.main(
+        [
+            "demo",
+            "--tasks",
+            TASK,
+            "--output_dir",
+            str(data),
+            "--num_test_users",
+            "3",
+            "--num_other_users",
+            "2",
+            "--history_len",
+            "4",
+            "--queries_per_user",
+            "2",
+        ]
+    )
+    common = [
+        "--task_name",
+        TASK,
+        "--data_dir",
+        str(data),
+        "--model_name",
+        str(tiny_model_dir),
+        "--max_step",
+        "2",
+        "--batch_size",
+        "2",
+        "--max_new_tokens",
+        "6",
+    ]
     out = task_LoRA.main(common + ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output")])
     return {"root": root, "common": common + ["--task_lora", str(out["adapter"])]}
 
@@ -66,8 +101,20 @@ def predictions(setup: dict, name: str) -> list[dict]:
 
 
 # accelerate starts several CPU processes (gloo) only this way; `--cpu --num_processes 2` runs one.
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 CPU_ENV = os.environ | {"ACCELERATE_USE_CPU": "1"}
 
 
@@ -89,8 +136,15 @@ def test_task_adapter_trains_data_parallel_on_two_processes(setup):
     common = setup["common"][: setup["common"].index("--task_lora")]
     # 4 examples in steps of 3: the second step has 1 example, so process 1 gets none (and must not hang);
     # gradient checkpointing must be switched on before the model is wrapped for DDP
-    dirs = ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output"), "--batch_size", "3",
-            "--gradient_checkpointing"]  # fmt: skip
+    dirs = [
+        "--ckpt_dir",
+        str(root / "ckpt"),
+        "--output_dir",
+        str(root / "output"),
+        "--batch_size",
+        "3",
+        "--gradient_checkpointing",
+    ]
     done = run(LAUNCH + ["task_LoRA.py", *common, *dirs])
     assert done.stdout.count("task adapter: 2 steps on 4 examples") == 1  # the main process reports (and saves) once
     (adapter,) = (root / "ckpt" / TASK).glob("*-task_LoRA_ckpt")

@@ -22,10 +22,14 @@ from oppu.training import (
 )
 
 INSTRUCTION = "Which category does this article relate to among the following categories? Just answer with the category name. article: "
-ARTICLES = [("a bank robbery downtown", " crime"), ("the final match of the cup", " sports"),
-            ("a cheap flight to Lisbon and a week of sun on the beaches", " travel"),
-            ("the new senate", " politics"), ("a quantum chip beats the record", " science & technology"),
-            ("a vegan bakery", " food & drink")]  # fmt: skip
+ARTICLES = [
+    ("a bank robbery downtown", " crime"),
+    ("the final match of the cup", " sports"),
+    ("a cheap flight to Lisbon and a week of sun on the beaches", " travel"),
+    ("the new senate", " politics"),
+    ("a quantum chip beats the record", " science & technology"),
+    ("a vegan bakery", " food & drink"),
+]
 
 
 def shared_examples(tokenizer):
@@ -156,8 +160,15 @@ def test_training_flop_count_on_a_hand_computed_case():
 
     from oppu.cost import train_flops
 
-    config = SimpleNamespace(hidden_size=4, num_hidden_layers=1, intermediate_size=8, num_attention_heads=2,
-                             num_key_value_heads=1, head_dim=2, vocab_size=10)  # fmt: skip
+    config = SimpleNamespace(
+        hidden_size=4,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=2,
+        vocab_size=10,
+    )
     # per token: q, o 4x4 + k, v 4x2 + gate, up, down 4x8 = 144 multiply-adds, x 3 tokens = 432;
     # attention 4 x (1 + 2 + 3) pairs x 2 matmuls = 48; head 4 x 10 x 2 logit positions = 80.
     # Training: 2 FLOPs x (2 x 432 + 3 x 48 + 2 x 80) = 2336.

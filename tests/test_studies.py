@@ -44,12 +44,15 @@ def test_small_bins_join_their_neighbour():
 # A hand-made per-user score file, as eval/eval_task.py --per_user writes it (one per row).
 PER_USER = {
     "OPPU": {
-        "a": {"accuracy": 1.0, "f1": 1.0, "n": 2}, "b": {"accuracy": 0.5, "f1": 0.25, "n": 2},
-        "c": {"accuracy": 0.0, "f1": 0.0, "n": 4}, "d": {"accuracy": 1.0, "f1": 1.0, "n": 1},
-        "e": {"accuracy": 0.5, "f1": 0.5, "n": 2}, "f": {"accuracy": 1.0, "f1": 1.0, "n": 3},
+        "a": {"accuracy": 1.0, "f1": 1.0, "n": 2},
+        "b": {"accuracy": 0.5, "f1": 0.25, "n": 2},
+        "c": {"accuracy": 0.0, "f1": 0.0, "n": 4},
+        "d": {"accuracy": 1.0, "f1": 1.0, "n": 1},
+        "e": {"accuracy": 0.5, "f1": 0.5, "n": 2},
+        "f": {"accuracy": 1.0, "f1": 1.0, "n": 3},
     },
     "non_personalized": {u: {"accuracy": 0.5, "f1": 0.2, "n": n} for u, n in zip("abcdef", [2, 2, 4, 1, 2, 3])},
-}  # fmt: skip
+}
 SIX = {u: LENGTHS[u] for u in "abcdef"}  # bins: a, b (3 items) | c, d (4-5) | e, f (8)
 
 

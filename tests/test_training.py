@@ -36,9 +36,16 @@ from oppu.training import (
 from prompts import render_query_input
 
 PROMPT = "Which category does this article relate to? article: The storm flooded the harbour town overnight.\nAnswer:"
-TOY = [("a bank robbery", " crime"), ("the final match", " sports"), ("a cheap flight", " travel"),
-       ("the new senate", " politics"), ("a quantum chip", " science & technology"), ("a vegan bakery", " food & drink"),
-       ("the old temple", " religion"), ("a merger deal", " business")]  # fmt: skip
+TOY = [
+    ("a bank robbery", " crime"),
+    ("the final match", " sports"),
+    ("a cheap flight", " travel"),
+    ("the new senate", " politics"),
+    ("a quantum chip", " science & technology"),
+    ("a vegan bakery", " food & drink"),
+    ("the old temple", " religion"),
+    ("a merger deal", " business"),
+]
 
 
 def target_ids(tokenizer, target: str) -> list[int]:
@@ -181,8 +188,11 @@ def test_task_adapter_wraps_q_k_v_and_o_of_every_layer_and_only_lora_trains(tiny
     assert all("lora_" in n for n in trainable)
 
 
-QUERIES = ["Short one.\nAnswer:", "A much longer prompt about the harbour, the storm and the town council.\nAnswer:",
-           "Medium prompt on sports.\nAnswer:"]  # fmt: skip
+QUERIES = [
+    "Short one.\nAnswer:",
+    "A much longer prompt about the harbour, the storm and the town council.\nAnswer:",
+    "Medium prompt on sports.\nAnswer:",
+]
 DECODE = DecodeConfig(max_new_tokens=5, batch_size=3)
 
 
@@ -211,9 +221,15 @@ def test_saved_adapter_reloads_and_merges_to_the_same_predictions(tiny_model, to
 def news_user(user_id: str, word: str) -> dict:
     """A news_categorize user whose every history item and query mentions ``word``."""
     task = get_task("news_categorize")
-    items = [{"id": f"{user_id}-h{j}", "title": f"{word} news {j}", "category": c,
-              "text": f"The {word} story number {j} about {word} habits."}
-             for j, c in enumerate(["sports", "travel", "crime"])]  # fmt: skip
+    items = [
+        {
+            "id": f"{user_id}-h{j}",
+            "title": f"{word} news {j}",
+            "category": c,
+            "text": f"The {word} story number {j} about {word} habits.",
+        }
+        for j, c in enumerate(["sports", "travel", "crime"])
+    ]
     query = {"id": f"{user_id}-q0", "input": render_query_input(task, text=f"Another {word} report."), "gold": "sports"}
     return {"user_id": user_id, "profile": items, "query": [query]}
 
@@ -222,8 +238,20 @@ def test_every_user_trains_a_fresh_lora_on_own_history_from_a_clean_base(
     tiny_model, tokenizer, make_args, tmp_path, monkeypatch
 ):
     task = get_task("news_categorize")
-    args = make_args("--k", "1", "--max_epoch", "1", "--batch_size", "2", "--max_new_tokens", "3",
-                     "--cut_off", "256", "--learning_rate", "1e-2")  # fmt: skip
+    args = make_args(
+        "--k",
+        "1",
+        "--max_epoch",
+        "1",
+        "--batch_size",
+        "2",
+        "--max_new_tokens",
+        "3",
+        "--cut_off",
+        "256",
+        "--learning_rate",
+        "1e-2",
+    )
     users = [news_user("u-zebra", "zebra"), news_user("u-quokka", "quokka")]
     for user, other in ((users[0], "quokka"), (users[1], "zebra")):
         prompts = [p for p, _ in history_pairs(task, user, k=1)]
