@@ -157,7 +157,8 @@ def check_against_bench(shape: Shape, machine: Machine, tokenizer, data: Path, b
                 for x in h
             )
             rows[f"train {name} (s)"] = (train_seconds(flops, machine), train["train"][name]["seconds"])
-        prompts = [p for u in users[: cfg["users"]] for p in query_prompts(task, u)[: cfg["queries"]]]
+        decoded = users[: cfg.get("decode_users", cfg["users"])]
+        prompts = [p for u in decoded for p in query_prompts(task, u)[: cfg["queries"]]]
         dec = train["decode"]["ours"]
         predicted = decode_seconds(
             shape,

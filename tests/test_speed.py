@@ -173,3 +173,13 @@ def test_training_flop_count_on_a_hand_computed_case():
     # attention 4 x (1 + 2 + 3) pairs x 2 matmuls = 48; head 4 x 10 x 2 logit positions = 80.
     # Training: 2 FLOPs x (2 x 432 + 3 x 48 + 2 x 80) = 2336.
     assert train_flops(config, length=3, logit_positions=2) == 2336
+
+
+def test_planned_padding_on_a_hand_made_case():
+    from benchmarks.bench import planned_padding
+
+    settings = {"batch_size": 2, "micro_batch_size": 2, "group_by_length": True}
+    # one user, two examples of 3 and 5 tokens in one batch each epoch: 2 pads per 8 tokens
+    assert planned_padding([[3, 5]], settings, epochs=2) == pytest.approx(2 / 10)
+    # micro-batches of one pad nothing
+    assert planned_padding([[3, 5]], settings | {"micro_batch_size": 1}) == 0.0
