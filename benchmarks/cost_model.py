@@ -57,8 +57,14 @@ GPUS = {
 CPU_EFFICIENCY = 0.40  # the profile: matmul is 46% of a training step at fp32 (benchmarks/README.md)
 CPU_DECODE_EFFICIENCY = 0.40
 # The pipeline's two configurations (benchmarks/README.md): ours = the defaults, paper = the release's.
-OURS = {"batch_size": 8, "shared_prefix": True, "padding": 0.006, "recompute": False}
-PAPER = {"batch_size": 16, "shared_prefix": False, "padding": 0.094, "recompute": True}
+# Padding: the bench's planned padding when results.json has it, else these (measured earlier).
+OURS = {"batch_size": 8, "shared_prefix": True, "padding": 0.006, "recompute": False, "decode_batch": 8}
+PAPER = {"batch_size": 16, "shared_prefix": False, "padding": 0.094, "recompute": True, "decode_batch": 1}
+
+
+def configurations(bench: dict) -> dict[str, dict]:
+    planned = bench.get("train", {}).get("news_categorize", {}).get("planned_padding", {})
+    return {name: c | {"padding": planned.get(name, c["padding"])} for name, c in (("ours", OURS), ("paper", PAPER))}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -104,20 +110,21 @@ def user_figures(shape: Shape, machine: Machine, h: History, config: dict, epoch
         padding=config["padding"],
         recompute=config["recompute"],
     )
+    # A user's queries share their prefix once per call; both configurations stop at the answer's EOS.
+    prompt = q["prompt_tokens"]
+    if config["shared_prefix"]:
+        prompt -= q["prefix_tokens"] * (1 - 1 / queries)
     decode = decode_seconds(
-        shape,
-        machine,
-        queries=queries,
-        prompt_tokens=q["prompt_tokens"],
-        new_tokens=q["new_tokens"] if config is OURS else 200,
-        batch=8 if config is OURS else 1,
+        shape, machine, queries=queries, prompt_tokens=prompt, new_tokens=q["new_tokens"], batch=config["decode_batch"]
     )
     return {"train_flops": flops, "train_seconds": train_seconds(flops, machine), "answer_seconds": decode}
 
 
-def predict(shape: Shape, machine: Machine, histories: list[History], queries: list[int], q: dict, epochs: int) -> dict:
+def predict(
+    shape: Shape, machine: Machine, histories: list[History], queries: list[int], q: dict, epochs: int, configs: dict
+) -> dict:
     out = {}
-    for name, config in (("ours", OURS), ("paper", PAPER)):
+    for name, config in configs.items():
         per_user = [user_figures(shape, machine, h, config, epochs, n, q) for h, n in zip(histories, queries)]
         seconds = [u["train_seconds"] + u["answer_seconds"] for u in per_user]
         out[name] = {
@@ -144,27 +151,30 @@ def check_against_bench(shape: Shape, machine: Machine, tokenizer, data: Path, b
     train = bench.get("train", {}).get(task.name)
     if train:
         h = [history_of(tokenizer, task, u, cfg["items"]) for u in users[: cfg["users"]]]
-        for name, config in (("paper", PAPER), ("plain", OURS | {"shared_prefix": False}), ("ours", OURS)):
+        configs = configurations(bench)
+        plain = configs["ours"] | {"shared_prefix": False}
+        for name, config in (("paper", configs["paper"]), ("plain", plain), ("ours", configs["ours"])):
             flops = sum(
                 user_train_flops(
                     shape,
                     x if config["shared_prefix"] else History(x.items, x.tokens, x.answer_tokens),
                     epochs=1,
                     batch_size=config["batch_size"],
-                    padding=config["padding"],
+                    padding=train["train"][name]["padding_fraction"],  # as measured on these examples
                     recompute=config["recompute"],
                 )
                 for x in h
             )
             rows[f"train {name} (s)"] = (train_seconds(flops, machine), train["train"][name]["seconds"])
         decoded = users[: cfg.get("decode_users", cfg["users"])]
-        prompts = [p for u in decoded for p in query_prompts(task, u)[: cfg["queries"]]]
+        encoded = [encode_prompt(tokenizer, p) for u in decoded for p in query_prompts(task, u)[: cfg["queries"]]]
         dec = train["decode"]["ours"]
+        shared = common_prefix_length(encoded)  # computed once for the whole call
         predicted = decode_seconds(
             shape,
             machine,
-            queries=len(prompts),
-            prompt_tokens=statistics.fmean(len(encode_prompt(tokenizer, p)) for p in prompts),
+            queries=len(encoded),
+            prompt_tokens=statistics.fmean(len(e) for e in encoded) - shared * (1 - 1 / len(encoded)),
             new_tokens=dec["new_tokens"] / dec["queries"],
             batch=8,
         )
@@ -172,15 +182,23 @@ def check_against_bench(shape: Shape, machine: Machine, tokenizer, data: Path, b
     e2e = bench.get("e2e", {}).get("ours")
     if e2e:
         h = [history_of(tokenizer, task, u, cfg["e2e_items"]) for u in users[: cfg["e2e_users"]]]
-        q = query_stats(tokenizer, task, users[: cfg["e2e_users"]])
-        pred = predict(shape, machine, h, [len(u["query"]) for u in users[: cfg["e2e_users"]]], q, 2)
+        q = query_stats(tokenizer, task, users[: cfg["e2e_users"]], bench)
+        n = [len(u["query"]) for u in users[: cfg["e2e_users"]]]
+        pred = predict(shape, machine, h, n, q, 2, configurations(bench))
         rows["OPPU end to end per user (s)"] = (pred["ours"]["seconds_per_user"], e2e["seconds_per_user"])
     return {k: {"predicted": p, "measured": m, "predicted_over_measured": p / m} for k, (p, m) in rows.items()}
 
 
-def query_stats(tokenizer, task, users: list[dict]) -> dict:
-    prompts = [p for u in users for p in query_prompts(task, u)]
-    return {"prompt_tokens": statistics.fmean(len(encode_prompt(tokenizer, p)) for p in prompts), "new_tokens": 4.0}
+def query_stats(tokenizer, task, users: list[dict], bench: dict) -> dict:
+    """Mean prompt tokens of a query, mean prefix a user's queries share, and new tokens per answer
+    (the bench's trained adapter's: a label and its EOS; 5 when results.json has none)."""
+    encoded = [[encode_prompt(tokenizer, p) for p in query_prompts(task, u)] for u in users]
+    dec = bench.get("train", {}).get(task.name, {}).get("decode", {}).get("ours")
+    return {
+        "prompt_tokens": statistics.fmean(len(e) for user in encoded for e in user),
+        "prefix_tokens": statistics.fmean(common_prefix_length(user) for user in encoded),
+        "new_tokens": dec["new_tokens"] / dec["queries"] if dec else 5.0,
+    }
 
 
 def make_authors(work: Path, min_articles: int) -> Path:
@@ -239,27 +257,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
         CPU_DECODE_EFFICIENCY,
     )
     task = get_task("news_categorize")
+    configs = configurations(bench)
     with tempfile.TemporaryDirectory(prefix="oppu-cost-") as tmp:
         data = make_authors(Path(tmp) / "authors", args.min_articles)
         users = load_users(task, data / task.name / TEST_USERS_FILE)
         histories = [history_of(tokenizer, task, u) for u in users]
         queries = [len(u["query"]) for u in users]
-        q = query_stats(tokenizer, task, users)
+        q = query_stats(tokenizer, task, users, bench)
         with tempfile.TemporaryDirectory(prefix="oppu-cost-bench-") as btmp:
             from benchmarks.bench import make_data
 
             check = check_against_bench(small, cpu, tokenizer, make_data(Path(btmp)), bench)
-    predictions = {f"SmolLM2-135M, {cpu.name}": predict(small, cpu, histories, queries, q, args.epochs)}
+    predictions = {f"SmolLM2-135M, {cpu.name}": predict(small, cpu, histories, queries, q, args.epochs, configs)}
     # The bench's limit is for its torch threads: the machine's other cores can run more processes.
     processes = max(1, (bench["machine"]["cores"] or 1) // bench["machine"]["torch_threads"])
     if processes > 1:
-        split = predict(small, cpu, histories, queries, q, args.epochs)
+        split = predict(small, cpu, histories, queries, q, args.epochs, configs)
         for config in split.values():
             config["all_users_seconds"] = users_wall_seconds(config["per_user_seconds"], processes)
         predictions[f"SmolLM2-135M, this machine, {processes} processes"] = split
     for name, gpu in GPUS.items():
-        predictions[f"Llama-2-7b, 1 x {name}"] = predict(LLAMA2_7B, gpu, histories, queries, q, args.epochs)
-    many = predict(LLAMA2_7B, GPUS["H200"], histories, queries, q, args.epochs)
+        predictions[f"Llama-2-7b, 1 x {name}"] = predict(LLAMA2_7B, gpu, histories, queries, q, args.epochs, configs)
+    many = predict(LLAMA2_7B, GPUS["H200"], histories, queries, q, args.epochs, configs)
     for config in many.values():
         config["all_users_seconds"] = users_wall_seconds(config["per_user_seconds"], args.gpus)
     predictions[f"Llama-2-7b, {args.gpus} x H200 (accelerate)"] = many
