@@ -22,6 +22,7 @@ from oppu.generation import DecodeConfig
 from oppu.modeling import load_model
 from oppu.runs import (
     CONFIG_FILE,
+    PERSONAL_ONLY,
     config_differences,
     file_fingerprint,
     public_config,
@@ -95,6 +96,12 @@ def reusable_adapter(folder: Path, config: dict) -> bool:
     return not config_differences(training_config(old), public_config(training_config(config)))
 
 
+def stage_config(args: argparse.Namespace, task: Task, inputs: Sequence[Path]) -> dict:
+    """The run's recorded config: the flags (less the personal-training-only ones) and the data's hash."""
+    config = {k: v for k, v in vars(args).items() if k not in PERSONAL_ONLY}
+    return config | {"task_name": task.name, "stage": "task_LoRA", "data_sha256": file_fingerprint(*inputs)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     task, spec = cli.validate(args)
@@ -104,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     inputs = [Path(args.data_dir) / task.name / OTHER_USERS_FILE]
     if args.add_profile:
         inputs.append(Path(args.data_dir) / task.name / OTHER_PROFILES_FILE)
-    config = vars(args) | {"task_name": task.name, "stage": "task_LoRA", "data_sha256": file_fingerprint(*inputs)}
+    config = stage_config(args, task, inputs)
     adapter_dir = task_lora_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
     pred_file = cli.prediction_file(args, task, "task_LoRA")
     decode = cli.decode_config(args, task)

@@ -36,7 +36,7 @@ from oppu.data import (
     User,
     load_users,
 )
-from oppu.runs import ANSWER_ONLY, file_fingerprint, safe_dirname
+from oppu.runs import ANSWER_ONLY, PERSONAL_ONLY, file_fingerprint, safe_dirname
 from oppu.tasks import Task
 from utils import UserError, read_json, write_json
 
@@ -201,9 +201,10 @@ def as_flags(**values: object) -> list[str]:
 
 
 def answer_only(flags: Sequence[str]) -> bool:
-    """Whether ``flags`` change only how queries are answered (runs.ANSWER_ONLY), so that a task
-    adapter trained without them serves."""
-    return all(f[2:].split("=")[0] in ANSWER_ONLY for f in flags if f.startswith("--"))
+    """Whether ``flags`` leave the task adapter as it is: they change only how queries are
+    answered (runs.ANSWER_ONLY) or personal training (runs.PERSONAL_ONLY), so that a task adapter
+    trained without them serves."""
+    return all(f[2:].split("=")[0] in ANSWER_ONLY | PERSONAL_ONLY for f in flags if f.startswith("--"))
 
 
 def stage_argv(

@@ -21,6 +21,9 @@ CONFIG_FILE = "run_config.json"
 # Settings that change only how queries are answered, never what an adapter learns: a task
 # adapter trained under other values of these is reused.
 ANSWER_ONLY = {"answer_mode", "retrieval", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p"}
+# Settings of personal training only: the task stage accepts them (flags go to both stages) but
+# neither uses nor records them, so they never make it retrain a task adapter.
+PERSONAL_ONLY = {"min_steps"}
 LOCK_FILE = ".lock"
 # Settings that may differ between a run and its resumption without changing any result.
 RESUME_NEUTRAL = {

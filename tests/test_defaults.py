@@ -215,3 +215,16 @@ def test_task_adapter_is_reused_across_ways_of_answering(tmp_path):
     for answering in ({"answer_mode": "score"}, {"retrieval": "least"}, {"max_new_tokens": 3, "do_sample": True}):
         assert task_LoRA.reusable_adapter(tmp_path, training_config(config | answering))
     assert not task_LoRA.reusable_adapter(tmp_path, training_config(config | {"learning_rate": 1e-4}))
+
+
+def test_personal_only_flags_leave_the_task_adapter_as_it_is(tmp_path):
+    from oppu import grid
+    from oppu.runs import training_config
+
+    data = tmp_path / "others.json"
+    data.write_text("[]")
+    argv = ["--task_name", "product_rating"]
+    plain = task_LoRA.stage_config(task_LoRA.parse_args(argv), RATING, [data])
+    steps = task_LoRA.stage_config(task_LoRA.parse_args(argv + ["--min_steps", "72"]), RATING, [data])
+    assert "min_steps" not in steps and training_config(plain) == training_config(steps)
+    assert grid.answer_only(("--min_steps", "72"))
