@@ -101,10 +101,15 @@ def history_of(tokenizer, task, user: dict, items: int | None = None) -> History
     )
 
 
+def as_trained(h: History, config: dict) -> History:
+    """The history as a configuration trains it: without a shared prefix, every token runs per example."""
+    return h if config["shared_prefix"] else History(h.items, h.tokens, h.answer_tokens)
+
+
 def user_figures(shape: Shape, machine: Machine, h: History, config: dict, epochs: int, queries: int, q: dict) -> dict:
     flops = user_train_flops(
         shape,
-        h if config["shared_prefix"] else History(h.items, h.tokens, h.answer_tokens),
+        as_trained(h, config),
         epochs=epochs,
         batch_size=config["batch_size"],
         padding=config["padding"],
@@ -157,7 +162,7 @@ def check_against_bench(shape: Shape, machine: Machine, tokenizer, data: Path, b
             flops = sum(
                 user_train_flops(
                     shape,
-                    x if config["shared_prefix"] else History(x.items, x.tokens, x.answer_tokens),
+                    as_trained(x, config),
                     epochs=1,
                     batch_size=config["batch_size"],
                     padding=train["train"][name]["padding_fraction"],  # as measured on these examples
