@@ -45,6 +45,9 @@ def test_shape_of_llama_2_7b_from_its_config():
 
 def test_a_batch_of_one_without_prefix_is_one_example():
     shape = Shape.from_config(TINY)
+    # per token: q, o 4x4 + k, v 4x2 + gate, up, down 4x8 = 144 multiply-adds, x 3 tokens = 432;
+    # attention 4 x (1 + 2 + 3) pairs x 2 matmuls = 48; head 4 x 10 x 2 logit positions = 80.
+    # Training: 2 FLOPs x (2 x 432 + 3 x 48 + 2 x 80) = 2336.
     assert batch_train_flops(shape, 3, 2, batch=1) == train_flops(TINY, 3, 2) == 2336
 
 

@@ -152,27 +152,7 @@ def test_shared_prefix_decoding_gives_the_same_greedy_answers(tiny_model, tokeni
     assert len(set(plain)) > 1  # the answers depend on the article, so the comparison means something
 
 
-# --- the bench's FLOP count --------------------------------------------------------------------
-
-
-def test_training_flop_count_on_a_hand_computed_case():
-    from types import SimpleNamespace
-
-    from oppu.cost import train_flops
-
-    config = SimpleNamespace(
-        hidden_size=4,
-        num_hidden_layers=1,
-        intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=2,
-        vocab_size=10,
-    )
-    # per token: q, o 4x4 + k, v 4x2 + gate, up, down 4x8 = 144 multiply-adds, x 3 tokens = 432;
-    # attention 4 x (1 + 2 + 3) pairs x 2 matmuls = 48; head 4 x 10 x 2 logit positions = 80.
-    # Training: 2 FLOPs x (2 x 432 + 3 x 48 + 2 x 80) = 2336.
-    assert train_flops(config, length=3, logit_positions=2) == 2336
+# --- the bench's padding figure ----------------------------------------------------------------
 
 
 def test_planned_padding_on_a_hand_made_case():
