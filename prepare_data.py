@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     rec.add_argument("--title_field", help="news_categorize only: field with the article title")
     rec.add_argument("--queries_per_user", type=int, default=5, help="each user's last N records become queries")
     rec.add_argument("--min_history", type=int, default=5, help="skip users with fewer history records")
+    rec.add_argument(
+        "--max_history", type=int, default=0, help="keep each user's most recent N history records; 0 = all"
+    )
     rec.add_argument("--num_test_users", type=int, default=100, help="users with the longest histories")
     rec.add_argument("--seed", type=int, default=0, help="citation only: seeds the reference options")
 
@@ -91,7 +94,7 @@ def from_records(args: argparse.Namespace) -> list[Path]:
     fields = RecordFields(args.user_field, args.input_field, args.output_field, args.time_field, args.title_field)
     records = read_records(args.input)
     users, skipped = records_to_users(
-        task, records, fields, args.queries_per_user, args.min_history, args.input, args.seed
+        task, records, fields, args.queries_per_user, args.min_history, args.input, args.seed, args.max_history
     )
     kept = sum(len(u["profile"]) + len(u["query"]) for u in users)
     details = ", ".join(f"{n} ({why})" for why, n in sorted(skipped.items())) or "none"
@@ -116,7 +119,14 @@ def demo(args: argparse.Namespace) -> list[Path]:
 
 def check_counts(args: argparse.Namespace) -> None:
     """Every count flag checked at once, before anything is read."""
-    limits = {"num_test_users": 0, "queries_per_user": 1, "min_history": 0, "num_other_users": 0, "history_len": 1}
+    limits = {
+        "num_test_users": 0,
+        "queries_per_user": 1,
+        "min_history": 0,
+        "max_history": 0,
+        "num_other_users": 0,
+        "history_len": 1,
+    }
     problems = [f"--{k} must be >= {low}" for k, low in limits.items() if getattr(args, k, low) < low]
     if problems:
         raise UserError("; ".join(problems))

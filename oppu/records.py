@@ -112,12 +112,14 @@ def records_to_users(
     min_history: int,
     path: str | Path = "records",
     seed: int = 0,
+    max_history: int = 0,
 ) -> tuple[list[User], Counter]:
     """Group records by user, order each user's records by time (stable), and make the last
     ``queries_per_user`` of each user queries and the earlier ones history.
 
     Returns the users (those with at least ``min_history`` history items) and a counter of
-    what was skipped and why.
+    what was skipped and why. ``max_history`` > 0 keeps only each user's most recent
+    ``max_history`` history items (after the ``min_history`` check).
     """
     _check_fields(records, f, path)
     skipped: Counter = Counter()
@@ -139,6 +141,9 @@ def records_to_users(
         if len(history) < min_history:
             skipped["records of users below --min_history"] += len(recs)
             continue
+        if 0 < max_history < len(history):
+            skipped["older history records beyond --max_history"] += len(history) - max_history
+            history = history[-max_history:]
         items, qs = [], []
         for rec, label in history:
             items.append(_history_item(task, rec, f, label, f"{counter}"))

@@ -527,3 +527,7 @@ def test_records_to_users_edge_cases():
     assert len(users[0]["profile"]) == 4 and users[0]["query"] == []  # 0 queries: all history
     users, skipped = records_to_users(rating, recs, fields, queries_per_user=2, min_history=3)
     assert users == [] and skipped == Counter({"records of users below --min_history": 4})
+    users, skipped = records_to_users(rating, recs, fields, queries_per_user=1, min_history=3, max_history=2)
+    assert [it["text"] for it in users[0]["profile"]] == ["x1", "x2"]  # the most recent two
+    assert [q["input"][-2:] for q in users[0]["query"]] == ["x3"]
+    assert skipped == Counter({"older history records beyond --max_history": 1})
