@@ -41,6 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     # The same stage flags as run_grid.py's: give the same ones to reuse the grid's finished rows.
     parser.add_argument("--task_lora_flags", default="", help='extra flags for task_LoRA.py only, e.g. "--max_epoch 2"')
     parser.add_argument("--oppu_flags", default="", help='extra flags for OPPU.py only, e.g. "--max_epoch 1"')
+    parser.add_argument("--rows", default="", help="comma-separated subset of the study's rows (default: all)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over users")
     parser.add_argument("--bootstrap_seed", type=int, default=0)
     parser.add_argument("--n_bins", type=int, default=studies.N_BINS, help="activity: groups by history length")
@@ -65,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         resamples=args.resamples,
         bootstrap_seed=args.bootstrap_seed,
     )
-    written = studies.run_study(args.study, grid, args.n_bins, args.min_bin_users)
+    rows = [n.strip() for n in args.rows.split(",") if n.strip()]
+    written = studies.run_study(args.study, grid, args.n_bins, args.min_bin_users, rows)
     for what, path in written.items():
         print(f"{what}: {path}")
     return written

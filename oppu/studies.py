@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from oppu import grid as G
 from oppu.runs import oppu_dir
-from utils import write_json
+from utils import UserError, write_json
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,18 @@ STUDIES: dict[str, Study] = {
 N_BINS = 3
 MIN_BIN_USERS = 10
 PLOT_FILE = "activity.png"
+
+
+def select_rows(study: Study, names: Sequence[str] | None) -> Study:
+    """The study restricted to ``names`` (a subset of its rows, in the study's order), with the
+    paired differences whose two rows are both kept; ``None`` or empty keeps every row."""
+    if not names:
+        return study
+    unknown = [n for n in names if n not in study.rows]
+    if unknown:
+        raise UserError(f"--rows: {', '.join(unknown)} not in this study's rows ({', '.join(study.rows)})")
+    rows = tuple(r for r in study.rows if r in names)
+    return replace(study, rows=rows, pairs=tuple(p for p in study.pairs if set(p) <= set(rows)))
 
 
 def study_dir(work_dir: Path, study: str, task_name: str) -> Path:
@@ -313,10 +325,16 @@ SIDE_BY_SIDE = {
 }
 
 
-def run_study(name: str, grid: G.Grid, n_bins: int = N_BINS, min_users: int = MIN_BIN_USERS) -> dict[str, Path]:
-    """Run (or reuse) the study's grid rows, then write ``<work>/studies/<study>/<task>/``:
-    table.md, table.json and, for activity levels, activity.png."""
-    study = STUDIES[name]
+def run_study(
+    name: str,
+    grid: G.Grid,
+    n_bins: int = N_BINS,
+    min_users: int = MIN_BIN_USERS,
+    rows: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Run (or reuse) the study's grid rows (``rows``: a subset of them), then write
+    ``<work>/studies/<study>/<task>/``: table.md, table.json and, for activity levels, activity.png."""
+    study = select_rows(STUDIES[name], rows)
     table = study_table(grid, study)
     out_dir = study_dir(grid.work_dir, name, grid.task.name)
     result: dict[str, Any] = {"study": name, "about": study.about, "task": grid.task.name, "grid": table}

@@ -19,9 +19,11 @@ from oppu.studies import (
     activity_table,
     bin_scores,
     plot_activity,
+    select_rows,
     side_by_side,
     users_scorer,
 )
+from utils import UserError
 
 LENGTHS = {"a": 3, "b": 3, "c": 4, "d": 5, "e": 8, "f": 8, "g": 8, "h": 12, "i": 20}
 
@@ -119,6 +121,16 @@ def test_every_study_row_is_a_grid_row_whose_flags_the_stages_accept(name):
         task_LoRA.parse_args(base)
         if row.stage == "OPPU":
             OPPU.parse_args([*base, "--task_lora", "x", *row.user_flags])
+
+
+def test_rows_pick_a_subset_of_the_study_in_its_order_with_the_pairs_both_kept():
+    shift = STUDIES["shift"]
+    assert select_rows(shift, None) == shift and select_rows(shift, []) == shift
+    part = select_rows(shift, ["RAG[least]", "RAG"])
+    assert part.rows == ("RAG", "RAG[least]") and part.pairs == (("RAG[least]", "RAG"),)
+    assert select_rows(STUDIES["activity"], ["OPPU", "non_personalized"]).pairs == ()
+    with pytest.raises(UserError, match="--rows: OPPU\\[ia3\\] not in this study's rows"):
+        select_rows(shift, ["RAG", "OPPU[ia3]"])
 
 
 def test_script_splits_its_own_flags_from_the_stage_flags():
