@@ -131,6 +131,7 @@ def train_user(
         "epochs": epochs,
         "steps": fit.steps,
         "final_loss": fit.final_loss,
+        "losses": [round(x, 4) for x in fit.losses],  # training loss per optimiser step
         "seconds": round(time.time() - start, 2),
         "invalid_fraction": invalid_fraction(task, predictions),
         "config": fingerprint,
