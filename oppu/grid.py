@@ -503,6 +503,34 @@ def markdown_table(table: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overview_markdown(tables: Mapping[str, Mapping[str, Any]]) -> str:
+    """Several tasks' grids in one table: a line per row (in ROWS order), a column per task with
+    the task's first metric and its 95% interval (best per task in bold; "—" where a task has no
+    such row)."""
+    names = [n for n in ROWS if any(n in t["rows"] for t in tables.values())]
+    heads, best = [], {}
+    for task, table in tables.items():
+        m = metric_names(table)[0]
+        values = [r["metrics"][m] for r in table["rows"].values()]
+        best[task] = (m, min(values) if m in LOWER_IS_BETTER else max(values))
+        heads.append(f"{task} {m} {'↓' if m in LOWER_IS_BETTER else '↑'}")
+    lines = ["| row | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for name in names:
+        cells = []
+        for task, table in tables.items():
+            r = table["rows"].get(name)
+            if r is None:
+                cells.append("—")
+                continue
+            m, top = best[task]
+            value = f"{r['metrics'][m]:.3f}"
+            lo, hi = r["ci95"][m]
+            cells.append(f"{f'**{value}**' if r['metrics'][m] == top else value} [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    users = ", ".join(f"{task} {next(iter(t['rows'].values()))['n_users']}" for task, t in tables.items())
+    return "\n".join(lines) + f"\n\nTest users per task: {users}.\n"
+
+
 def write_tables(grid: Grid, table: Mapping[str, Any]) -> tuple[Path, Path]:
     """``<work>/results/<task>/table.json`` and ``table.md``."""
     json_path, md_path = grid.results_dir / "table.json", grid.results_dir / "table.md"

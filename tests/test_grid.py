@@ -12,7 +12,7 @@ import pytest
 
 import prepare_data
 import run_grid
-from eval import trivial_baselines
+from eval import grid_overview, trivial_baselines
 from oppu import grid
 from oppu.tasks import get_task
 from utils import UserError
@@ -195,3 +195,29 @@ def test_answer_only_rows_reuse_the_plain_task_adapter_but_write_their_own_predi
     assert value["--ckpt_dir"] == str(tmp_path / "W" / "ckpt")  # the plain task adapter
     assert value["--output_dir"] != str(tmp_path / "W" / "output") and "variants" in value["--output_dir"]
     assert "variants" in dict(zip(oppu_argv[::2], oppu_argv[1::2]))["--ckpt_dir"]  # OPPU's own run folder
+
+
+def _row(metrics: dict[str, float], users: int = 2) -> dict:
+    return {"metrics": metrics, "ci95": {m: [v - 0.1, v + 0.1] for m, v in metrics.items()}, "n_users": users}
+
+
+def test_overview_puts_each_task_in_a_column_with_the_best_in_bold(tmp_path):
+    tables = {
+        "news_categorize": {"rows": {"OPPU": _row({"accuracy": 0.8, "f1": 0.2}), "base": _row({"accuracy": 0.1})}},
+        "product_rating": {"rows": {"OPPU": _row({"MAE": 0.5, "RMSE": 0.9}), "RAG": _row({"MAE": 0.4, "RMSE": 1})}},
+    }
+    lines = grid.overview_markdown(tables).splitlines()
+    assert lines[0] == "| row | news_categorize accuracy ↑ | product_rating MAE ↓ |"
+    # rows in the paper's order; a task without the row shows a dash
+    assert lines[2:5] == [
+        "| base | 0.100 [0.000, 0.200] | — |",
+        "| RAG | — | **0.400** [0.300, 0.500] |",
+        "| OPPU | **0.800** [0.700, 0.900] | 0.500 [0.400, 0.600] |",
+    ]
+    for task, table in tables.items():
+        (tmp_path / "results" / task).mkdir(parents=True)
+        (tmp_path / "results" / task / "table.json").write_text(json.dumps(table))
+    out = grid_overview.main(["--work_dir", str(tmp_path)])
+    assert out.read_text().splitlines()[:5] == lines[:5]
+    with pytest.raises(UserError, match="results/news_headline/table.json; run run_grid.py first"):
+        grid_overview.main(["--work_dir", str(tmp_path), "--tasks", "news_headline"])
