@@ -12,6 +12,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.eval_task import load_outputs
 from oppu import analysis
 from oppu.data import TEST_USERS_FILE, load_users
-from oppu.runs import safe_dirname
 from oppu.tasks import get_task
 from utils import UserError, read_json, run_cli, write_json
 
@@ -62,7 +62,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     if task.is_classification and task.name != "citation":
         preds = {name: load_outputs(r["predictions"], task) for name, r in rows.items()}
         split = analysis.agreement_split(task, users, preds)
-    out = Path(args.work_dir) / "results" / task.name / "analysis" / safe_dirname(f"{args.row}-vs-{args.baseline}")
+    out = (
+        Path(args.work_dir)
+        / "results"
+        / task.name
+        / "analysis"
+        / re.sub(r"[^\w+-]", "_", f"{args.row}-vs-{args.baseline}")
+    )
     title = f"{task.name}: {args.row} − {args.baseline} per user ({len(lines)} users)"
     written = {"gain_plot": analysis.plot_gain(lines, out / "gain_by_history.png", metric, title)}
     if manifest:

@@ -139,7 +139,8 @@ def plot_gain(lines: Sequence[Mapping[str, Any]], path: Path, metric: str, title
 
 
 def plot_curves(manifest: Mapping[str, dict], path: Path, title: str) -> Path:
-    """Every user's training loss per optimiser step (thin grey) and the median over users (black)."""
+    """Every user's training loss per optimiser step (thin grey) and the median over users (black)
+    for the steps that at least half of the users reached."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,9 +154,11 @@ def plot_curves(manifest: Mapping[str, dict], path: Path, title: str) -> Path:
     median = []
     for step in range(longest):
         at = sorted(c[step] for c in curves if len(c) > step)
+        if 2 * len(at) < len(curves):
+            break
         median.append((at[(len(at) - 1) // 2] + at[len(at) // 2]) / 2)
     if median:
-        ax.plot(range(1, longest + 1), median, color="0.0", linewidth=2, label=f"median of {len(curves)} users")
+        ax.plot(range(1, len(median) + 1), median, color="0.0", linewidth=2, label=f"median of {len(curves)} users")
         ax.legend()
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss (nats per target token)")
