@@ -41,6 +41,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--predict_base", action="store_true", help="also answer the test queries with the base model (no adapter)"
     )
+    parser.add_argument(
+        "--no_answer",
+        action="store_true",
+        help="only train (or reuse) the task adapter; do not answer the test queries with it",
+    )
     return parser.parse_args(argv)
 
 
@@ -158,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         if accelerator.is_main_process:
             save_adapter(model, adapter_dir)
             write_json(adapter_dir / CONFIG_FILE, public_config(adapter_config) | {"final_loss": result.final_loss})
+    if args.no_answer:
+        accelerator.wait_for_everyone()
+        return {k: v for k, v in outputs.items() if k != "predictions"}
     preds = predict_shared(
         accelerator, model, tokenizer, task, tests, test_profiles, args.k, decode, args.answer_mode, args.retrieval
     )

@@ -94,7 +94,17 @@ PAIRS = (("OPPU", "non_personalized"), ("OPPU+RAG", "RAG"))
 LOWER_IS_BETTER = frozenset({"MAE", "RMSE"})
 # Flags the grid sets itself for every stage call.
 GRID_FLAGS = frozenset(
-    {"--task_name", "--data_dir", "--ckpt_dir", "--output_dir", "--k", "--add_profile", "--task_lora", "--predict_base"}
+    {
+        "--task_name",
+        "--data_dir",
+        "--ckpt_dir",
+        "--output_dir",
+        "--k",
+        "--add_profile",
+        "--task_lora",
+        "--predict_base",
+        "--no_answer",
+    }
 )
 
 
@@ -243,11 +253,13 @@ def run_task_lora(grid: Grid, names: Sequence[str], key: tuple) -> tuple[dict[st
     rows = [ROWS[n] for n in names]
     k, profile, flags = key
     base = ["--predict_base"] if any(r.method == "base" for r in rows) else []
+    # a call that serves only OPPU rows needs the adapter, not its answers
+    quiet = [] if any(r.stage == "task_LoRA" for r in rows) else ["--no_answer"]
     start = time.time()
-    argv = stage_argv(grid, Row("task_LoRA", k, profile), flags, [*grid.task_lora_flags, *base], share_adapter=True)
-    out = task_LoRA.main(argv)
+    extra = [*grid.task_lora_flags, *base, *quiet]
+    out = task_LoRA.main(stage_argv(grid, Row("task_LoRA", k, profile), flags, extra, share_adapter=True))
     seconds = time.time() - start
-    files = {"base": out.get("base_predictions"), "task_LoRA": out["predictions"]}
+    files = {"base": out.get("base_predictions"), "task_LoRA": out.get("predictions")}
     records = {n: save_record(grid, n, files[ROWS[n].output()], seconds) for n in names if ROWS[n].stage == "task_LoRA"}
     return records, out["adapter"]
 

@@ -36,6 +36,7 @@ RESUME_NEUTRAL = {
     "ckpt_dir",
     "output_dir",
     "predict_base",
+    "no_answer",
 }
 
 

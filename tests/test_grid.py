@@ -86,6 +86,25 @@ def test_rerun_skips_finished_rows(full_grid, monkeypatch):
     assert list(subset["rows"]) == ["OPPU", "non_personalized"] and len(subset["paired"]) == 1
 
 
+def test_an_unfinished_oppu_row_reuses_the_task_adapter_without_answering_again(full_grid, monkeypatch):
+    g = grid.Grid(NEWS, full_grid["root"] / "data", full_grid["root"] / "W", tuple(full_grid["stage"]))
+    grid.record_path(g, "OPPU").unlink()
+    answers = Path(full_grid["table"]["rows"]["non_personalized"]["predictions"])
+    before = answers.stat().st_mtime_ns
+    calls = []
+    real = grid.task_LoRA.main
+
+    def spy(argv):
+        calls.append(list(argv))
+        return real(argv)
+
+    monkeypatch.setattr(grid.task_LoRA, "main", spy)
+    again = run_grid.main([*full_grid["own"], "--rows", "non_personalized,OPPU", "--", *full_grid["stage"]])
+    assert len(calls) == 1 and "--no_answer" in calls[0] and "--predict_base" not in calls[0]
+    assert answers.stat().st_mtime_ns == before  # the task adapter's answers were not rewritten
+    assert set(again["rows"]) == {"non_personalized", "OPPU"} and grid.finished_record(g, "OPPU") is not None
+
+
 def test_changed_stage_flags_rerun_the_rows(full_grid):
     data, work = full_grid["root"] / "data", full_grid["root"] / "W"
     same = grid.Grid(NEWS, data, work, tuple(full_grid["stage"]))
