@@ -118,18 +118,19 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / (sx * sy) if sx and sy else math.nan
 
 
-def plot_gain(lines: Sequence[Mapping[str, Any]], path: Path, metric: str, title: str) -> Path:
-    """Each user's difference (row - baseline) against their history length (grey-scale safe)."""
+def _axes():
+    """A headless matplotlib figure with one axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.axhline(0.0, color="0.6", linewidth=1, linestyle="--")
-    ax.scatter([u["history"] for u in lines], [u["difference"] for u in lines], color="0.1", s=22, alpha=0.7)
-    ax.set_xlabel("history items used for personal training")
-    ax.set_ylabel(f"{metric}: personalized − baseline (per user)")
+    return plt.subplots(figsize=(6.4, 4.0))
+
+
+def _save(fig, ax, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,16 +139,21 @@ def plot_gain(lines: Sequence[Mapping[str, Any]], path: Path, metric: str, title
     return path
 
 
+def plot_gain(lines: Sequence[Mapping[str, Any]], path: Path, metric: str, title: str) -> Path:
+    """Each user's difference (row - baseline) against their history length (grey-scale safe)."""
+    fig, ax = _axes()
+    ax.axhline(0.0, color="0.6", linewidth=1, linestyle="--")
+    ax.scatter([u["history"] for u in lines], [u["difference"] for u in lines], color="0.1", s=22, alpha=0.7)
+    ax.set_xlabel("history items used for personal training")
+    ax.set_ylabel(f"{metric}: personalized − baseline (per user)")
+    return _save(fig, ax, path, title)
+
+
 def plot_curves(manifest: Mapping[str, dict], path: Path, title: str) -> Path:
     """Every user's training loss per optimiser step (thin grey) and the median over users (black)
     for the steps that at least half of the users reached."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = [m["losses"] for m in manifest.values() if m.get("losses")]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = _axes()
     for c in curves:
         ax.plot(range(1, len(c) + 1), c, color="0.75", linewidth=0.7)
     longest = max((len(c) for c in curves), default=0)
@@ -162,12 +168,7 @@ def plot_curves(manifest: Mapping[str, dict], path: Path, title: str) -> Path:
         ax.legend()
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss (nats per target token)")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def _fmt(value: Any) -> str:
