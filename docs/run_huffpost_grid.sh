@@ -6,8 +6,8 @@
 # The 50 authors with the longest histories are the test users (8 queries each: 400 queries);
 # the other authors with at least 10 articles (8 queries + at least 2 history items) train the
 # task adapter. Each user keeps the most recent 96 history items: with the embedded model's
-# defaults (batch 8, 2 epochs, at least 24 steps) every test user then gets exactly 24 optimiser
-# steps, which bounds the grid's cost (docs/results.md says why).
+# defaults (batch 8, 2 epochs, at least 24 steps in whole epochs) every test user then gets 24 to
+# 33 optimiser steps, which bounds the grid's cost (docs/results.md says why).
 # No hyperparameter flag: the stages' defaults for the model's size (docs/defaults.md).
 # Example: bash docs/run_huffpost_grid.sh news_categorize W --rows non_personalized,OPPU
 set -euo pipefail

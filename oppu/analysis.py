@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from scipy.stats import spearmanr
 
 from eval.trivial_baselines import most_common
 from oppu.data import User
@@ -94,28 +97,11 @@ def per_user_rows(
     return out
 
 
-def rank(values: Sequence[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson's on the ranks); nan when either side is constant."""
-    rx, ry = rank(x), rank(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx, sy = math.sqrt(sum((a - mx) ** 2 for a in rx)), math.sqrt(sum((b - my) ** 2 for b in ry))
-    return sxy / (sx * sy) if sx and sy else math.nan
+    """Spearman's rank correlation (ties share their mean rank); nan when either side is constant."""
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return math.nan
+    return float(spearmanr(x, y).statistic)
 
 
 def _axes():
@@ -159,10 +145,10 @@ def plot_curves(manifest: Mapping[str, dict], path: Path, title: str) -> Path:
     longest = max((len(c) for c in curves), default=0)
     median = []
     for step in range(longest):
-        at = sorted(c[step] for c in curves if len(c) > step)
+        at = [c[step] for c in curves if len(c) > step]
         if 2 * len(at) < len(curves):
             break
-        median.append((at[(len(at) - 1) // 2] + at[len(at) // 2]) / 2)
+        median.append(statistics.median(at))
     if median:
         ax.plot(range(1, len(median) + 1), median, color="0.0", linewidth=2, label=f"median of {len(curves)} users")
         ax.legend()

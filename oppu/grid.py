@@ -89,8 +89,8 @@ PAPER_ROWS = (
     "OPPU+RAG",
     "OPPU+PAG",
 )
-# (row, baseline): the paper's claims, as paired differences over the same users
-# the paper's claims: one PEFT per user beats the shared adapter and retrieval-based prompting
+# (row, baseline): the paper's claims (one PEFT per user beats the shared adapter and
+# retrieval-based prompting), as paired differences over the same users
 PAIRS = (("OPPU", "non_personalized"), ("OPPU+RAG", "RAG"), ("OPPU", "RAG"), ("RAG", "non_personalized"))
 LOWER_IS_BETTER = frozenset({"MAE", "RMSE"})
 # Flags the grid sets itself for every stage call.

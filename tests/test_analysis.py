@@ -8,7 +8,7 @@ import math
 import pytest
 
 from eval import analyze_grid
-from oppu.analysis import agreement_split, manifest_path, per_user_rows, rank, read_manifest, spearman
+from oppu.analysis import agreement_split, manifest_path, per_user_rows, read_manifest, spearman
 from oppu.tasks import TASKS
 from utils import UserError
 
@@ -42,13 +42,14 @@ def test_agreement_split_by_the_users_majority_label():
     assert split["disagrees"]["non_personalized"] == {"accuracy": 1.0, "majority_answers": 0.0}
 
 
-def test_ranks_and_spearman():
-    assert rank([3.0, 1.0, 2.0, 1.0]) == [4.0, 1.5, 3.0, 1.5]
+def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # hand-computed: ranks x 1,2,3 and y 1,3,2: d = 0,1,1, rho = 1 - 6*2/(3*8) = 0.5
     assert spearman([1, 2, 3], [5, 9, 7]) == pytest.approx(0.5)
     assert math.isnan(spearman([1, 2, 3], [1, 1, 1]))
+    # ties share their mean rank: x ranks 1.5, 1.5, 3 against 1, 2, 3 -> Pearson on the ranks
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254)
 
 
 def test_per_user_lines_join_scores_and_the_manifest(tmp_path):
