@@ -433,6 +433,20 @@ def paired_difference(
     return result
 
 
+def paired_rows(
+    task: Task,
+    users: Sequence[User],
+    row: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """paired_difference of two scored rows (score_row's dicts, from one grid or two grids on
+    the same data) on ``users``' queries."""
+    ex_a, ex_b = (row_examples(task, users, Path(r["predictions"])) for r in (row, baseline))
+    return paired_difference(task, ex_a, ex_b, row["per_user"], baseline["per_user"], resamples, seed)
+
+
 # ---- tables ----
 
 
@@ -458,15 +472,16 @@ def grid_config(grid: Grid) -> dict[str, Any]:
 def score_grid(grid: Grid, records: Mapping[str, Mapping], skipped: Mapping[str, str]) -> dict[str, Any]:
     """table.json's content: config, every row's scores, and the paired differences."""
     rows = {name: score_row(grid, record) for name, record in records.items()}
-    paired = []
     users = test_users(grid)
-    for a, b in PAIRS:
-        if a in rows and b in rows:
-            ex_a, ex_b = (row_examples(grid.task, users, Path(rows[n]["predictions"])) for n in (a, b))
-            diff = paired_difference(
-                grid.task, ex_a, ex_b, rows[a]["per_user"], rows[b]["per_user"], grid.resamples, grid.bootstrap_seed
-            )
-            paired.append({"row": a, "baseline": b, "metrics": diff})
+    paired = [
+        {
+            "row": a,
+            "baseline": b,
+            "metrics": paired_rows(grid.task, users, rows[a], rows[b], grid.resamples, grid.bootstrap_seed),
+        }
+        for a, b in PAIRS
+        if a in rows and b in rows
+    ]
     return {"config": grid_config(grid), "rows": rows, "paired": paired, "skipped": dict(skipped)}
 
 

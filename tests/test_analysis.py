@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from eval import analyze_grid
+from eval import analyze_grid, compare_rows
 from oppu.analysis import agreement_split, manifest_path, per_user_rows, read_manifest, spearman
+from oppu.runs import file_fingerprint
 from oppu.tasks import TASKS
 from utils import UserError
 
@@ -84,28 +86,38 @@ def test_manifest_path_mirrors_the_output_folder(tmp_path):
     )
 
 
-def test_script_on_a_hand_made_grid(tmp_path):
-    data, work = tmp_path / "data", tmp_path / "W"
-    (data / "news_categorize").mkdir(parents=True)
-    (data / "news_categorize" / "user_top_100_history.json").write_text(json.dumps(USERS))
+def write_grid(data: Path, work: Path, preds_by_row: dict[str, dict[str, str]]) -> Path:
+    """A hand-made grid on USERS: the data file, each row's predictions file, and table.json
+    with each row's per-user accuracy (as run_grid.py writes it)."""
+    users_file = data / "news_categorize" / "user_top_100_history.json"
+    users_file.parent.mkdir(parents=True, exist_ok=True)
+    users_file.write_text(json.dumps(USERS))
     out = work / "output" / "news_categorize"
     out.mkdir(parents=True)
     rows = {}
-    for name, preds in PREDS.items():
+    for name, preds in preds_by_row.items():
         f = out / f"k0-news_categorize-M-{name}.json"
         f.write_text(json.dumps({"task": "LaMP_2N", "golds": [{"id": i, "output": p} for i, p in preds.items()]}))
         per_user = {u["user_id"]: {"accuracy": 0.0, "n": len(u["query"])} for u in USERS}
         for u in USERS:
             hits = [preds[q["id"]] == q["gold"] for q in u["query"]]
-            per_user[u["user_id"]]["accuracy"] = sum(hits) / len(hits)
+            per_user[u["user_id"]]["accuracy"] = per_user[u["user_id"]]["f1"] = sum(hits) / len(hits)
         rows[name] = {"metrics": {"accuracy": 0.0, "f1": 0.0}, "predictions": str(f), "per_user": per_user}
+        rows[name] |= {"ci95": {"accuracy": [0.0, 1.0], "f1": [0.0, 1.0]}, "n_users": 2, "n_queries": 5, "seconds": 1}
+    table = work / "results" / "news_categorize" / "table.json"
+    table.parent.mkdir(parents=True)
+    config = {"data_sha256": {"user_top_100_history.json": file_fingerprint(users_file)}}
+    table.write_text(json.dumps({"config": config, "rows": rows}))
+    return table
+
+
+def test_script_on_a_hand_made_grid(tmp_path):
+    data, work = tmp_path / "data", tmp_path / "W"
+    write_grid(data, work, PREDS)
     run = work / "ckpt" / "news_categorize" / "k0-news_categorize-M-OPPU"
     run.mkdir(parents=True)
     manifest = [{"user_id": u, "steps": 3, "final_loss": 0.1, "losses": [1.0, 0.5, 0.1]} for u in ("u1", "u2")]
     (run / "manifest.jsonl").write_text("\n".join(json.dumps(m) for m in manifest))
-    table = work / "results" / "news_categorize" / "table.json"
-    table.parent.mkdir(parents=True)
-    table.write_text(json.dumps({"rows": rows}))
     argv = ["--task_name", "news_categorize", "--data_dir", str(data), "--work_dir", str(work)]
     written = analyze_grid.main(argv)
     assert written["gain_plot"].stat().st_size > 1000 and written["curves_plot"].stat().st_size > 1000
@@ -116,3 +128,29 @@ def test_script_on_a_hand_made_grid(tmp_path):
     assert "0 users gained, 1 lost, 1 tied" in md and "| gold ≠ user's majority label | 2 |" in md
     with pytest.raises(UserError, match="table.json: no row 'RAG'; it has non_personalized, OPPU"):
         analyze_grid.main(argv + ["--row", "RAG"])
+
+
+def test_compare_rows_of_two_grids(tmp_path, capsys):
+    """The same row name from two grids on the same data (e.g. defaults against hand-tuned flags)."""
+    data = tmp_path / "data"
+    write_grid(data, tmp_path / "A", {"OPPU": PREDS["OPPU"]})
+    table_b = write_grid(data, tmp_path / "B", {"OPPU": PREDS["non_personalized"]})
+    argv = ["--task_name", "LaMP_2N", "--data_dir", str(data), "--resamples", "50"]
+    argv += ["--row", f"{tmp_path / 'A'}:OPPU", "--baseline", f"{tmp_path / 'B'}:OPPU"]
+    result = compare_rows.main(argv + ["--output_file", str(tmp_path / "c.json")])
+    diff = result["paired"][0]["metrics"]["accuracy"]
+    # pooled: OPPU right on queries 0, 2, 10 (3/5); the baseline on 0, 1, 10, 11 (4/5)
+    assert diff["difference"] == pytest.approx(3 / 5 - 4 / 5)
+    assert (diff["gained"], diff["lost"], diff["tied"]) == (0, 1, 1)  # u1 2/3 vs 2/3, u2 1/2 vs 1
+    lo, hi = diff["ci95"]
+    assert lo <= diff["difference"] <= hi
+    assert json.loads((tmp_path / "c.json").read_text())["paired"][0]["metrics"]["accuracy"]["lost"] == 1
+    assert f"| {tmp_path / 'A'}:OPPU − {tmp_path / 'B'}:OPPU | accuracy ↑ | -0.200" in capsys.readouterr().out
+    # a grid scored on other users' data is refused, naming its table
+    config = json.loads(table_b.read_text())
+    config["config"]["data_sha256"]["user_top_100_history.json"] = "0" * 64
+    table_b.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"B/results/news_categorize/table.json: row 'OPPU' was scored on another"):
+        compare_rows.main(argv)
+    with pytest.raises(UserError, match="--row nocolon: expected WORK_DIR:ROW"):
+        compare_rows.main(argv[:4] + ["--row", "nocolon", "--baseline", "x:OPPU"])

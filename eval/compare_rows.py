@@ -1,0 +1,88 @@
+"""Compare two finished grid rows on the same users, from one grid or from two: e.g. the
+defaults' OPPU against a hand-tuned OPPU run as a second grid on the same data.
+
+Prints (and with --output_file writes as JSON) both rows with their 95% intervals and the paired
+difference ROW − BASELINE: each metric's difference, its bootstrap interval over users (the same
+resampled users for both rows) and how many users gained, lost or tied, as run_grid.py's table.
+
+Usage:
+    python eval/compare_rows.py --task_name news_categorize --data_dir D \
+        --row W_defaults:OPPU --baseline W_hand:OPPU [--output_file compare.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Run as `python eval/compare_rows.py`, sys.path[0] is eval/; the repo root holds utils and oppu.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from oppu import grid as g
+from oppu.data import TEST_USERS_FILE, load_users
+from oppu.runs import file_fingerprint
+from oppu.tasks import Task, get_task
+from utils import UserError, read_json, run_cli, write_json
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task_name", required=True, help="task name or LaMP id")
+    parser.add_argument("--data_dir", required=True, help="the data folder both grids ran on")
+    parser.add_argument("--row", required=True, help="WORK_DIR:ROW, e.g. W:OPPU (a finished row of that grid)")
+    parser.add_argument("--baseline", required=True, help="WORK_DIR:ROW it is compared with")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the users")
+    parser.add_argument("--bootstrap_seed", type=int, default=0)
+    parser.add_argument("--output_file", help="also write the comparison here as JSON")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser.parse_args(argv)
+
+
+def load_row(task: Task, spec: str, users_file: Path, flag: str) -> dict[str, Any]:
+    """The scored row named by ``WORK_DIR:ROW`` from that grid's table.json, checked to be scored
+    on ``users_file`` as it is now."""
+    work_dir, sep, name = spec.rpartition(":")
+    if not sep or not work_dir or not name:
+        raise UserError(f"{flag} {spec}: expected WORK_DIR:ROW, e.g. W:OPPU")
+    table_file = Path(work_dir) / "results" / task.name / "table.json"
+    if not table_file.is_file():
+        raise UserError(f"{table_file}: no grid table; run run_grid.py first")
+    table = read_json(table_file)
+    if name not in table["rows"]:
+        raise UserError(f"{table_file}: no row {name!r}; it has {', '.join(table['rows'])}")
+    scored_on = table["config"]["data_sha256"].get(TEST_USERS_FILE)
+    if scored_on != file_fingerprint(users_file):
+        raise UserError(f"{table_file}: row {name!r} was scored on another {TEST_USERS_FILE} than {users_file}")
+    return table["rows"][name]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    task = get_task(args.task_name)
+    users_file = Path(args.data_dir) / task.name / TEST_USERS_FILE
+    if not users_file.is_file():
+        raise UserError(f"{users_file}: no such file")
+    row = load_row(task, args.row, users_file, "--row")
+    baseline = load_row(task, args.baseline, users_file, "--baseline")
+    if set(row["per_user"]) != set(baseline["per_user"]):
+        raise UserError(
+            f"--row {args.row} and --baseline {args.baseline} were scored on different users "
+            f"({len(row['per_user'])} and {len(baseline['per_user'])}); give both runs the same --max_users"
+        )
+    users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in row["per_user"]]
+    diff = g.paired_rows(task, users, row, baseline, args.resamples, args.bootstrap_seed)
+    table = {
+        "rows": {args.row: row, args.baseline: baseline},
+        "paired": [{"row": args.row, "baseline": args.baseline, "metrics": diff}],
+    }
+    print(g.markdown_table(table), end="")
+    if args.output_file:
+        write_json(Path(args.output_file), table)
+    return table
+
+
+if __name__ == "__main__":
+    run_cli(main)
