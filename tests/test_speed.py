@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -163,3 +164,21 @@ def test_planned_padding_on_a_hand_made_case():
     assert planned_padding([[3, 5]], settings, epochs=2) == pytest.approx(2 / 10)
     # micro-batches of one pad nothing
     assert planned_padding([[3, 5]], settings | {"micro_batch_size": 1}) == 0.0
+
+
+def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
+    """benchmarks/gpu_bench.py, prepared on CPU for a lent GPU: every figure, and both training
+    paths take the same losses (the shared prefix changes the speed only)."""
+    from benchmarks import gpu_bench
+
+    out = tmp_path / "gpu.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--matmul_n", "128", "--examples", "8"]
+    argv += ["--length", "24", "--prefix", "16", "--batch_size", "4", "--micro_batch_size", "4", "--users", "3"]
+    r = gpu_bench.main(argv + ["--prompt_length", "8", "--new_tokens", "3", "--output", str(out)])
+    assert json.loads(out.read_text())["shape"] == "tiny"
+    for key in ("matmul_tflops", "train_mfu", "prefix_speedup", "mixed_vs_single_adapter", "mixed_vs_sequential"):
+        assert r[key] > 0, key
+    plain, shared = r["train"]["plain"], r["train"]["shared_prefix"]
+    assert plain["steps"] == shared["steps"] == 2
+    assert shared["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert set(r["decode"]["new_tokens_per_s"]) == {"mixed", "single_adapter", "sequential"}
