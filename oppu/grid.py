@@ -28,6 +28,7 @@ import gen_profile
 import OPPU
 import task_LoRA
 from eval import eval_task, metrics, trivial_baselines
+from oppu import analysis
 from oppu.data import (
     OTHER_PROFILES_FILE,
     OTHER_USERS_FILE,
@@ -376,6 +377,15 @@ def user_scores(task: Task, users: Sequence[User], ex: Examples, users_path: Pat
     return eval_task.per_user_scores(task, dict(zip(ids, ex.golds)), dict(zip(ids, ex.preds)), users_path)
 
 
+def user_seconds(grid: Grid, record: Mapping[str, Any]) -> float | None:
+    """An OPPU row's every user's training and answering seconds, summed from its run's manifest
+    (None for other rows). Unlike the call's wall time, a resumed run counts every user once."""
+    if ROWS[record["row"]].stage != "OPPU":
+        return None
+    manifest = analysis.read_manifest(analysis.manifest_path(Path(record["predictions"]), grid.task.name))
+    return round(sum(m["seconds"] for m in manifest.values()), 1) if manifest else None
+
+
 def score_row(grid: Grid, record: Mapping[str, Any]) -> dict[str, Any]:
     """A row's metrics on all its queries, their 95% intervals, sizes and per-user scores."""
     users = test_users(grid)
@@ -388,6 +398,7 @@ def score_row(grid: Grid, record: Mapping[str, Any]) -> dict[str, Any]:
         "n_users": len(ex.users),
         "n_queries": len(ex.golds),
         "seconds": record["seconds"],
+        "user_seconds": user_seconds(grid, record),
         "predictions": record["predictions"],
         "config": record["config"],
         "per_user": user_scores(grid.task, users, ex, grid.data_file(TEST_USERS_FILE)),
@@ -489,6 +500,11 @@ def metric_names(table: Mapping[str, Any]) -> list[str]:
     return list(next(iter(table["rows"].values()))["metrics"]) if table["rows"] else []
 
 
+def row_seconds(row: Mapping[str, Any]) -> float:
+    """table.md's seconds: an OPPU row's users' own seconds where known, else the call's wall time."""
+    return row["user_seconds"] if row.get("user_seconds") is not None else row["seconds"]
+
+
 def markdown_table(table: Mapping[str, Any]) -> str:
     """The rows with each metric's value and 95% interval (best value per metric in bold), then
     the paired differences."""
@@ -511,7 +527,7 @@ def markdown_table(table: Mapping[str, Any]) -> str:
             lo, hi = r["ci95"][m]
             cells.append(f"{value} [{lo:.3f}, {hi:.3f}]")
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {r['n_users']} | {r['n_queries']} | {r['seconds']:.0f} |"
+            f"| {name} | " + " | ".join(cells) + f" | {r['n_users']} | {r['n_queries']} | {row_seconds(r):.0f} |"
         )
     if table["paired"]:
         lines += [

@@ -13,7 +13,7 @@ import pytest
 import prepare_data
 import run_grid
 from eval import grid_overview, trivial_baselines
-from oppu import grid
+from oppu import analysis, grid
 from oppu.tasks import get_task
 from utils import UserError
 
@@ -62,6 +62,19 @@ def test_grid_writes_every_row_with_intervals(full_grid):
     assert json.loads((results / "table.json").read_text())["rows"].keys() == table["rows"].keys()
     text = (results / "table.md").read_text()
     assert all(f"| {name} |" in text for name in grid.PAPER_ROWS) and "**" in text
+
+
+def test_oppu_rows_count_their_users_own_seconds(full_grid):
+    """An OPPU row's time is its users' training and answering summed from its manifest (a
+    resumed run counts every user once); other rows keep the call's wall time."""
+    rows = full_grid["table"]["rows"]
+    assert rows["non_personalized"]["user_seconds"] is None
+    manifest = analysis.read_manifest(analysis.manifest_path(Path(rows["OPPU"]["predictions"]), NEWS.name))
+    assert set(manifest) == {"demo-news-000", "demo-news-001"}
+    assert rows["OPPU"]["user_seconds"] == pytest.approx(sum(m["seconds"] for m in manifest.values()), abs=0.1)
+    assert rows["OPPU"]["user_seconds"] > 0
+    assert grid.row_seconds(rows["OPPU"]) == rows["OPPU"]["user_seconds"]
+    assert grid.row_seconds(rows["base"]) == rows["base"]["seconds"]
 
 
 def test_profiles_were_generated_for_the_pag_rows(full_grid):
