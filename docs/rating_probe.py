@@ -7,6 +7,8 @@ often the answer changes with the item where the gold does (docs/defaults.md).
 
 Usage:
     python docs/rating_probe.py --task_name product_rating --data_dir W/data --ckpt_dir W/ckpt
+    python docs/rating_probe.py --task_name product_rating --data_dir W/data --predictions A.json B.json
+        (the same figures for finished predictions files, e.g. a grid's RAG and OPPU+RAG rows)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from oppu.modeling import EMBEDDED_MODEL, ModelSpec, load_model  # noqa: E402
 from oppu.runs import oppu_dir, task_lora_dir, user_result_dir  # noqa: E402
 from oppu.tasks import get_task  # noqa: E402
 from prompts import parse_prediction  # noqa: E402
+from utils import read_json  # noqa: E402
 
 
 def item_reading(users: list[dict], preds: list[list[str]]) -> dict[str, float]:
@@ -61,12 +64,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task_name", default="product_rating")
     parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--ckpt_dir", required=True)
+    parser.add_argument("--ckpt_dir", help="a finished k=0 run's checkpoints: answer again with its adapters")
+    parser.add_argument("--predictions", nargs="+", default=[], help="or: read these predictions files")
     args = parser.parse_args()
-    from peft import PeftModel
-
     task = get_task(args.task_name)
     users = load_users(task, Path(args.data_dir) / task.name / TEST_USERS_FILE)
+    if args.predictions:
+        rows = {}
+        for path in args.predictions:
+            preds = {g["id"]: g["output"] for g in read_json(path)["golds"]}
+            rows[Path(path).stem] = summary(task, users, [[preds[q["id"]] for q in u["query"]] for u in users])
+        print_table(rows)
+        return
+    if not args.ckpt_dir:
+        parser.error("give --ckpt_dir or --predictions")
+    from peft import PeftModel
+
     model, tokenizer = load_model(ModelSpec())
     merged = merge_adapter(model, task_lora_dir(args.ckpt_dir, task, 0, EMBEDDED_MODEL, False))
     rows = {}
@@ -81,6 +94,10 @@ def main() -> None:
             preds.append(user_answers(peft, tokenizer, task, user, mode))
             merged = peft.unload()
         rows[f"OPPU, {mode}"] = summary(task, users, preds)
+    print_table(rows)
+
+
+def print_table(rows: dict[str, dict[str, float]]) -> None:
     keys = list(next(iter(rows.values())))
     print("| method, answers | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name, row in rows.items():
