@@ -2,7 +2,8 @@
 # The paper's table on the demo data, all 7 tasks (the README's demo grid): demo.py's data sizes
 # and seed (4 test users with 12 history items and 4 queries each, 16 other users), every row of
 # run_grid.py on the stages' defaults for the embedded model, then one overview table.
-# Usage: bash docs/run_demo_grid.sh [WORK_DIR] [stage flags...]   (about 3 hours on 2 CPU cores)
+# Usage: bash docs/run_demo_grid.sh [WORK_DIR] [stage flags...]
+# Cost: estimated at about 3 hours on 2 CPU cores from the demo's per-step times; not yet run to the end.
 # Resumable: run it again and it continues where it stopped (finished rows and users are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
