@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.eval_task import load_outputs
 from oppu import analysis
 from oppu.data import TEST_USERS_FILE, load_users
+from oppu.grid import read_table
 from oppu.tasks import get_task
-from utils import UserError, read_json, run_cli, write_json
+from utils import UserError, run_cli, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,13 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     task = get_task(args.task_name)
-    table_file = Path(args.work_dir) / "results" / task.name / "table.json"
-    if not table_file.is_file():
-        raise UserError(f"{table_file}: no grid table; run run_grid.py first")
-    table = read_json(table_file)
-    for name in (args.row, args.baseline):
-        if name not in table["rows"]:
-            raise UserError(f"{table_file}: no row {name!r}; it has {', '.join(table['rows'])}")
+    _, table = read_table(Path(args.work_dir), task, [args.row, args.baseline])
     rows = {name: table["rows"][name] for name in (args.row, args.baseline)}
     metric = args.metric or next(iter(rows[args.row]["metrics"]))
     if metric not in rows[args.row]["metrics"]:

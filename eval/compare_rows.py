@@ -25,7 +25,7 @@ from oppu import grid as g
 from oppu.data import TEST_USERS_FILE, load_users
 from oppu.runs import file_fingerprint
 from oppu.tasks import Task, get_task
-from utils import UserError, read_json, run_cli, write_json
+from utils import UserError, run_cli, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -47,12 +47,7 @@ def load_row(task: Task, spec: str, users_file: Path, flag: str) -> dict[str, An
     work_dir, sep, name = spec.rpartition(":")
     if not sep or not work_dir or not name:
         raise UserError(f"{flag} {spec}: expected WORK_DIR:ROW, e.g. W:OPPU")
-    table_file = Path(work_dir) / "results" / task.name / "table.json"
-    if not table_file.is_file():
-        raise UserError(f"{table_file}: no grid table; run run_grid.py first")
-    table = read_json(table_file)
-    if name not in table["rows"]:
-        raise UserError(f"{table_file}: no row {name!r}; it has {', '.join(table['rows'])}")
+    table_file, table = g.read_table(Path(work_dir), task, [name])
     scored_on = table["config"]["data_sha256"].get(TEST_USERS_FILE)
     if scored_on != file_fingerprint(users_file):
         raise UserError(f"{table_file}: row {name!r} was scored on another {TEST_USERS_FILE} than {users_file}")

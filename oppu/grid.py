@@ -575,6 +575,18 @@ def overview_markdown(tables: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + f"\n\nTest users per task: {users}.\n"
 
 
+def read_table(work_dir: Path, task: Task, names: Sequence[str]) -> tuple[Path, dict[str, Any]]:
+    """A finished grid's table.json (and its path), checked to hold the rows ``names``."""
+    table_file = Path(work_dir) / "results" / task.name / "table.json"
+    if not table_file.is_file():
+        raise UserError(f"{table_file}: no grid table; run run_grid.py first")
+    table = read_json(table_file)
+    for name in names:
+        if name not in table["rows"]:
+            raise UserError(f"{table_file}: no row {name!r}; it has {', '.join(table['rows'])}")
+    return table_file, table
+
+
 def write_tables(grid: Grid, table: Mapping[str, Any]) -> tuple[Path, Path]:
     """``<work>/results/<task>/table.json`` and ``table.md``."""
     json_path, md_path = grid.results_dir / "table.json", grid.results_dir / "table.md"
