@@ -21,7 +21,7 @@ from oppu import cli
 from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, TEST_PROFILES_FILE, TEST_USERS_FILE, load_users
 from oppu.generation import DecodeConfig
 from oppu.modeling import EMBEDDED_MODEL, check_spec, load_model
-from oppu.profiles import ProfileCounts, generate_profiles, profile_file, read_aligned
+from oppu.profiles import ProfileCounts, generate_profiles, label_mentions, profile_file, read_aligned
 from oppu.runs import config_differences, public_config
 from oppu.tasks import get_task
 from utils import UserError, ensure_writable_dir, read_json, run_cli, set_seed, write_json
@@ -79,6 +79,18 @@ def wanted(num_users: int, max_users: int) -> int:
     return num_users if max_users < 0 else min(num_users, max_users)
 
 
+def report_labels(task, folder: Path, users: dict[str, list]) -> None:
+    """For classification tasks: how many profiles name a label, and the user's usual one."""
+    for name, out in FILES:
+        entries = read_aligned(folder / out, users[name])
+        m = label_mentions(task, users[name][: len(entries)], [e["output"] for e in entries])
+        if m is not None:
+            print(
+                f"{folder / out}: of {m.profiles} profiles, {m.any_label} name a label of the task "
+                f"and {m.usual_label} the user's most frequent history label"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     args = parse_args(argv)
     check_args(args)
@@ -94,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     check_config(folder / CONFIG_FILE, config, any(existing.values()))
     if all(len(existing.get(out, [])) >= wanted(len(users[name]), args.max_users) for name, out in FILES):
         print(f"every profile is already in {folder} (--overwrite regenerates them)")
+        report_labels(task, folder, users)
         return {out: ProfileCounts(kept=len(existing[out])) for _, out in FILES}
 
     model, tokenizer = load_model(spec)
@@ -110,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
             folder / out, users[name], make, args.decode_batch_size, args.max_users, args.overwrite
         )
         print(f"{folder / out}: {c.written} written, {c.kept} kept, {c.retried} retried, {c.empty} empty")
+    report_labels(task, folder, users)
     return counts
 
 

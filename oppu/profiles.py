@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from eval.trivial_baselines import SUPPORTED, most_common
 from oppu.data import User
 from oppu.generation import DecodeConfig, generate
 from oppu.tasks import Task
@@ -109,4 +111,33 @@ def profile_file(
         bar.update(len(batch))
         bar.set_postfix(user=batch[-1]["user_id"])
     bar.close()
+    return counts
+
+
+@dataclass
+class LabelMentions:
+    profiles: int = 0  # non-empty profiles checked
+    any_label: int = 0  # naming at least one of the task's labels
+    usual_label: int = 0  # naming the user's most frequent history label
+
+
+def names_label(text: str, label: str) -> bool:
+    """Whether ``text`` names ``label`` as words of their own (case-insensitive)."""
+    return re.search(rf"(?<!\w){re.escape(label)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def label_mentions(task: Task, users: Sequence[User], profiles: Sequence[str]) -> LabelMentions | None:
+    """How many of the users' profiles name any label of the task, and their own usual label:
+    a check that a profile carries what a classification prompt could use (None for tasks
+    without a label per history item)."""
+    if task.kind != "classification" or task.name not in SUPPORTED:
+        return None
+    counts = LabelMentions()
+    for user, text in zip(users, profiles):
+        if not text or not user["profile"]:
+            continue
+        counts.profiles += 1
+        counts.any_label += any(names_label(text, label) for label in task.labels)
+        usual = most_common([item[task.target_field] for item in user["profile"]])
+        counts.usual_label += names_label(text, usual)
     return counts

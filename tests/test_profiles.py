@@ -126,3 +126,44 @@ def test_script_rejects_a_misaligned_file_before_loading_a_model(tmp_path):
     (folder / "profile_user_100.json").write_text(json.dumps([{"user_id": "zz", "output": "x"}]))
     with pytest.raises(UserError, match="does not line up with the users"):
         gen_profile.main(["--task_name", TASK.name, "--data_dir", str(tmp_path)])
+
+
+def test_label_mentions_counts_any_label_and_the_users_usual_one():
+    def with_labels(uid: str, labels: list[str]) -> dict:
+        items = [{"id": f"{uid}{i}", "text": "t", "title": "t", "category": c} for i, c in enumerate(labels)]
+        return {"user_id": uid, "profile": items, "query": []}
+
+    users = [
+        with_labels("a", ["sports", "sports", "politics"]),  # usual: sports
+        with_labels("b", ["food & drink", "travel"]),  # tie: the first seen, food & drink
+        with_labels("c", ["crime"]),
+        with_labels("d", ["women"]),
+        with_labels("e", []),  # no history: not checked
+    ]
+    texts = [
+        "Writes about Sports and some politics.",  # usual label, any case
+        "Mostly travel pieces; also Food & Drink.",  # usual label with its '&'
+        "Covers crimes and courts.",  # 'crimes' is not the label 'crime'
+        "",  # empty profile: not checked
+        "Writes about sports.",
+    ]
+    m = profiles.label_mentions(TASK, users, texts)
+    assert (m.profiles, m.any_label, m.usual_label) == (3, 2, 2)
+    assert profiles.label_mentions(get_task("news_headline"), users, texts) is None
+    assert profiles.label_mentions(get_task("citation"), users, texts) is None
+
+
+def test_gen_profile_reports_label_mentions_of_finished_files(tmp_path, capsys):
+    folder = tmp_path / TASK.name
+    folder.mkdir()
+    test_users = [user("a", 2), user("b", 1)]
+    (folder / "user_top_100_history.json").write_text(json.dumps(test_users))
+    (folder / "user_others.json").write_text(json.dumps([user("o", 1)]))
+    (folder / "profile_user_100.json").write_text(
+        json.dumps([{"user_id": "a", "output": "a sports writer"}, {"user_id": "b", "output": "writes"}])
+    )
+    (folder / "profile_user_others.json").write_text(json.dumps([{"user_id": "o", "output": "politics"}]))
+    gen_profile.main(["--task_name", TASK.name, "--data_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "profile_user_100.json: of 2 profiles, 1 name a label of the task and 1 the user's most frequent" in out
+    assert "profile_user_others.json: of 1 profiles, 1 name a label of the task and 0 the user's most frequent" in out
