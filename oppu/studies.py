@@ -87,15 +87,17 @@ def activity_bins(
     lengths: Mapping[str, int], n_bins: int = N_BINS, min_users: int = MIN_BIN_USERS
 ) -> list[ActivityBin]:
     """Users grouped by history length into ``n_bins`` groups of about equal size, shortest first.
-    Users with the same length always share a bin (a user goes to the bin of the rank of the
-    first user of that length), and a bin of fewer than ``min_users`` users joins its neighbour."""
+    Users with the same length always share a bin: the bin of their middle rank, so a long run of
+    ties (e.g. every user at a history cap) fills the bin it mostly lies in and does not empty
+    the next one. A bin of fewer than ``min_users`` users joins its neighbour."""
     order = sorted(lengths, key=lambda u: (lengths[u], u))
-    first_rank: dict[int, int] = {}
+    ranks: dict[int, list[int]] = {}
     for rank, user in enumerate(order):
-        first_rank.setdefault(lengths[user], rank)
+        ranks.setdefault(lengths[user], []).append(rank)
     groups: list[list[str]] = [[] for _ in range(n_bins)]
     for user in order:
-        groups[first_rank[lengths[user]] * n_bins // len(order)].append(user)
+        tied = ranks[lengths[user]]
+        groups[(tied[0] + tied[-1]) * n_bins // (2 * len(order))].append(user)
     merged: list[list[str]] = []
     for group in (g for g in groups if g):
         if merged and (len(merged[-1]) < min_users or len(group) < min_users):

@@ -30,10 +30,18 @@ LENGTHS = {"a": 3, "b": 3, "c": 4, "d": 5, "e": 8, "f": 8, "g": 8, "h": 12, "i":
 
 def test_bins_are_equal_count_by_history_length_and_keep_ties_together():
     bins = activity_bins(LENGTHS, n_bins=3, min_users=2)
-    # ranks 0-8: a user joins the bin of the first rank of its length (rank * 3 // 9)
+    # ranks 0-8: a user joins the bin of the middle rank of its length (rank * 3 // 9)
     assert [b.users for b in bins] == [("a", "b", "c"), ("d", "e", "f", "g"), ("h", "i")]
     assert [b.label for b in bins] == ["3-4 items", "5-8 items", "12-20 items"]
     assert [(b.low, b.high) for b in bins] == [(3, 4), (5, 8), (12, 20)]
+
+
+def test_a_run_of_ties_goes_to_the_bin_of_its_middle_rank():
+    # e-i (ranks 4-8, middle 6) all have 9 items: by their first rank (4 * 3 // 9 = 1) they would
+    # join d and leave the top bin empty; by their middle rank (6 * 3 // 9 = 2) they fill it
+    capped = {"a": 1, "b": 2, "c": 3, "d": 4, "e": 9, "f": 9, "g": 9, "h": 9, "i": 9}
+    bins = activity_bins(capped, n_bins=3, min_users=1)
+    assert [b.users for b in bins] == [("a", "b", "c"), ("d",), ("e", "f", "g", "h", "i")]
 
 
 def test_small_bins_join_their_neighbour():
