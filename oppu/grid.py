@@ -91,8 +91,16 @@ PAPER_ROWS = (
     "OPPU+PAG",
 )
 # (row, baseline): the paper's claims (one PEFT per user beats the shared adapter and
-# retrieval-based prompting), as paired differences over the same users
-PAIRS = (("OPPU", "non_personalized"), ("OPPU+RAG", "RAG"), ("OPPU", "RAG"), ("RAG", "non_personalized"))
+# retrieval- and profile-based prompting; a profile adds to retrieval), as paired differences
+# over the same users
+PAIRS = (
+    ("OPPU", "non_personalized"),
+    ("OPPU+RAG", "RAG"),
+    ("OPPU+PAG", "PAG"),
+    ("OPPU", "RAG"),
+    ("RAG", "non_personalized"),
+    ("PAG", "RAG"),
+)
 LOWER_IS_BETTER = frozenset({"MAE", "RMSE"})
 # Flags the grid sets itself for every stage call.
 GRID_FLAGS = frozenset(
