@@ -49,6 +49,7 @@ from oppu.runs import (
     public_config,
     read_user_result,
     staging_dir,
+    wait_for_users,
 )
 from oppu.tasks import Task
 from oppu.training import encode_pairs, train
@@ -215,12 +216,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
             done += 1
             bar.set_postfix(user=user["user_id"], loss=f"{result['final_loss']:.3f}")
         print(f"process {rank}: trained {done} users, skipped {len(mine) - done} finished ones")
+        if world > 1:
+            wait_for_users(run_dir, users, fingerprint)  # not a barrier: the split can be unbalanced
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             preds = merge_outputs(run_dir, task, users, pred_file, args.model_name, fingerprint)
             write_json(pred_file.with_suffix(".config.json"), public_config(config) | answer_stats(task, preds))
             write_json(pred_file.with_suffix(".golds.json"), golds_of(task, users))
             report_answers(task, preds, pred_file, "OPPU")
+        accelerator.wait_for_everyone()  # every process returns once the predictions are written
     return {"run_dir": run_dir, "predictions": pred_file}
 
 

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import socket
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,27 @@ def read_user_result(run_dir: Path, user_id: str, query_ids: list[str], fingerpr
     if fingerprint is not None and result.get("config") != fingerprint:
         return None
     return result
+
+
+def wait_for_users(
+    run_dir: Path, users: Sequence[dict], fingerprint: str, poll_seconds: float = 2.0, sleep=time.sleep
+) -> None:
+    """Block until every user's result is on disk (made with ``fingerprint``).
+
+    Processes that split the users wait for each other this way before the merge instead of in
+    a collective: a barrier fails once one process has waited longer than the backend's timeout
+    (10 minutes for NCCL, 30 for gloo), which an unbalanced split of users easily passes. A
+    process that dies ends the launch (accelerate stops the others), so the wait cannot hang."""
+    missing = list(users)
+    while True:
+        missing = [
+            u
+            for u in missing
+            if read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]], fingerprint) is None
+        ]
+        if not missing:
+            return
+        sleep(poll_seconds)
 
 
 def commit_user_result(run_dir: Path, user_id: str, staging: Path, result: dict) -> None:

@@ -23,6 +23,7 @@ from oppu.runs import (
     staging_dir,
     task_lora_dir,
     user_result_dir,
+    wait_for_users,
 )
 from oppu.tasks import get_task
 from utils import UserError
@@ -133,3 +134,28 @@ def test_file_fingerprint_follows_content(tmp_path):
     before = file_fingerprint(data)
     data.write_text("[2]")
     assert file_fingerprint(data) != before and file_fingerprint(data) == file_fingerprint(data)
+
+
+def test_processes_wait_for_every_users_result_on_disk_not_in_a_collective(tmp_path):
+    users = [{"user_id": u, "query": [{"id": f"{u}q"}]} for u in ("u1", "u2", "u3")]
+
+    def finish(user_id, config="fp"):
+        staging = staging_dir(tmp_path, user_id)
+        (staging / "adapter").mkdir()
+        (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
+        commit_user_result(
+            tmp_path, user_id, staging, {"user_id": user_id, "predictions": {f"{user_id}q": "x"}, "config": config}
+        )
+
+    finish("u1")
+    finish("u2", config="another run's settings")  # does not count
+    later = iter([lambda: finish("u3"), lambda: finish("u2")])
+    sleeps = []
+
+    def sleep(seconds):  # stands in for the other processes finishing their users
+        sleeps.append(seconds)
+        next(later)()
+
+    wait_for_users(tmp_path, users, "fp", poll_seconds=7, sleep=sleep)
+    assert sleeps == [7, 7]
+    wait_for_users(tmp_path, users, "fp", sleep=lambda _: pytest.fail("all users are done: no wait"))
