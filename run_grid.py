@@ -11,6 +11,8 @@ Flags after `--` go to both stages (task_LoRA.py and OPPU.py). Rows: base, globa
 user_majority, non_personalized, RAG, PAG, OPPU, OPPU+RAG, OPPU+PAG (see docs/grid.md).
 Writes W/results/<task>/table.md and table.json; a rerun skips the rows already finished with
 the same config, and the stages resume (finished users, the task adapter of each setting).
+Under `accelerate launch --num_processes N` the stages split their work as they do alone (the
+task adapter data-parallel, OPPU's users i mod N); the main process writes profiles and tables.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"row {name}: left out ({why})")
     start = time.time()
     records = g.run_rows(grid, [n for n in names if n not in skipped])
+    if not g.processes().is_main_process:  # under `accelerate launch`, the main process scores
+        return {}
     table = g.score_grid(grid, records, skipped)
     json_path, md_path = g.write_tables(grid, table)
     print("\n" + g.markdown_table(table))

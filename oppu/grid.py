@@ -37,6 +37,7 @@ from oppu.data import (
     User,
     load_users,
 )
+from oppu.profiles import read_aligned
 from oppu.runs import ANSWER_ONLY, PERSONAL_ONLY, file_fingerprint, safe_dirname
 from oppu.tasks import Task
 from utils import UserError, read_json, write_json
@@ -204,6 +205,15 @@ def finished_record(grid: Grid, name: str) -> dict | None:
     return record if same and Path(record.get("predictions", "")).is_file() else None
 
 
+def processes():
+    """The launch's processes (accelerate's shared state): one, or several under `accelerate launch`."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # as the stages' Accelerator() starts it: on CPU when the launch says so (ACCELERATE_USE_CPU)
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def save_record(grid: Grid, name: str, predictions: Path, seconds: float) -> dict:
     record = {
         "row": name,
@@ -211,7 +221,8 @@ def save_record(grid: Grid, name: str, predictions: Path, seconds: float) -> dic
         "seconds": round(seconds, 1),
         "config": row_config(grid, name),
     }
-    write_json(record_path(grid, name), record)
+    if processes().is_main_process:
+        write_json(record_path(grid, name), record)
     return record
 
 
@@ -247,15 +258,39 @@ def ensure_profiles(grid: Grid) -> None:
     argv = as_flags(task_name=grid.task.name, data_dir=grid.data_dir, model_name=s.model_name, dtype=s.dtype)
     argv += as_flags(access_token=s.access_token) if s.access_token else []
     argv += ["--trust_remote_code"] if s.trust_remote_code else []
-    gen_profile.main(argv + list(grid.profile_flags))
+    if processes().is_main_process:
+        gen_profile.main(argv + list(grid.profile_flags))
+    else:  # the main process writes them; waiting in a barrier could pass the backend's timeout
+        wait_for_profiles(grid)
+
+
+def profiles_complete(grid: Grid) -> bool:
+    """Whether both profile files hold a profile for every user of their user file."""
+    for users_file, profiles_file in ((TEST_USERS_FILE, TEST_PROFILES_FILE), (OTHER_USERS_FILE, OTHER_PROFILES_FILE)):
+        users = read_json(grid.data_file(users_file))
+        try:
+            if len(read_aligned(grid.data_file(profiles_file), users)) < len(users):
+                return False
+        except (UserError, OSError, ValueError):  # being written, or not yet there
+            return False
+    return True
+
+
+def wait_for_profiles(grid: Grid, poll_seconds: float = 2.0, sleep=time.sleep) -> None:
+    while not profiles_complete(grid):
+        sleep(poll_seconds)
 
 
 def run_trivial(grid: Grid, names: Sequence[str]) -> dict[str, dict]:
+    from accelerate.utils import broadcast_object_list
+
     start = time.time()
-    written = trivial_baselines.main(
-        as_flags(task_name=grid.task.name, data_dir=grid.data_dir, output_dir=grid.work_dir / "output")
-    )
-    return {n: save_record(grid, n, written[ROWS[n].method], time.time() - start) for n in names}
+    argv = as_flags(task_name=grid.task.name, data_dir=grid.data_dir, output_dir=grid.work_dir / "output")
+    state = processes()
+    written = [trivial_baselines.main(argv) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(written)  # the other processes need the files' paths, not their own copies
+    return {n: save_record(grid, n, written[0][ROWS[n].method], time.time() - start) for n in names}
 
 
 def run_task_lora(grid: Grid, names: Sequence[str], key: tuple) -> tuple[dict[str, dict], Path]:

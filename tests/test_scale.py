@@ -191,3 +191,24 @@ def test_second_run_into_a_locked_folder_is_refused(setup, single):
             OPPU.main(oppu_cmd(setup, "single")[2:])
     finally:
         (run_dir / ".lock").unlink()
+
+
+def test_the_grid_on_two_processes_writes_one_table_and_a_single_process_rerun_reuses_it(setup, tiny_model_dir):
+    """run_grid.py under accelerate: the stages split their work, the main process writes the
+    profiles (the other waits for the files), the records and the table."""
+    data, work = setup["root"] / "data", setup["root"] / "grid"
+    rows = "user_majority,non_personalized,PAG,OPPU"
+    own = ["--task_name", TASK, "--data_dir", str(data), "--work_dir", str(work), "--resamples", "20"]
+    own += ["--rows", rows, "--profile_flags", "--max_new_tokens 4 --num_history 2"]
+    stage = ["--", "--model_name", str(tiny_model_dir), "--max_step", "2", "--batch_size", "2", "--max_new_tokens", "6"]
+    done = run(LAUNCH + ["run_grid.py", *own, *stage])
+    assert done.stdout.count("wrote " + str(work / "results" / TASK / "table.md")) == 1
+    assert "process 0: trained 2 users" in done.stdout and "process 1: trained 1 users" in done.stdout
+    table = json.loads((work / "results" / TASK / "table.json").read_text())
+    assert list(table["rows"]) == rows.split(",")
+    assert all(r["n_users"] == 3 and r["n_queries"] == 6 for r in table["rows"].values())
+    for name in ("profile_user_100.json", "profile_user_others.json"):
+        assert all(p["output"] for p in json.loads((data / TASK / name).read_text()))
+    again = run([sys.executable, "run_grid.py", *own, *stage])
+    assert again.stdout.count("finished earlier with the same config") == 4
+    assert json.loads((work / "results" / TASK / "table.json").read_text())["rows"] == table["rows"]
