@@ -253,3 +253,28 @@ def test_overview_puts_each_task_in_a_column_with_the_best_in_bold(tmp_path):
     assert out.read_text().splitlines()[:5] == lines[:5]
     with pytest.raises(UserError, match="results/news_headline/table.json; run run_grid.py first"):
         grid_overview.main(["--work_dir", str(tmp_path), "--tasks", "news_headline"])
+
+
+def test_other_processes_wait_until_both_profile_files_are_complete(tmp_path):
+    folder = tmp_path / NEWS.name
+    folder.mkdir()
+    users = [{"user_id": u, "profile": [], "query": []} for u in ("a", "b")]
+    (folder / "user_top_100_history.json").write_text(json.dumps(users))
+    (folder / "user_others.json").write_text(json.dumps(users[:1]))
+    g = grid.Grid(NEWS, tmp_path, tmp_path / "W")
+    written = iter(
+        [
+            ("profile_user_100.json", [{"user_id": "a", "output": "x"}]),  # one of two users
+            ("profile_user_others.json", [{"user_id": "a", "output": "y"}]),
+            ("profile_user_100.json", [{"user_id": "a", "output": "x"}, {"user_id": "b", "output": "z"}]),
+        ]
+    )
+    sleeps = []
+
+    def sleep(seconds):  # stands in for the main process writing the files, batch by batch
+        sleeps.append(seconds)
+        name, entries = next(written)
+        (folder / name).write_text(json.dumps(entries))
+
+    grid.wait_for_profiles(g, poll_seconds=3, sleep=sleep)
+    assert sleeps == [3, 3, 3] and grid.profiles_complete(g)
