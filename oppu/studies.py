@@ -296,10 +296,10 @@ def sizes_markdown(sizes: Mapping[str, Mapping[str, float]]) -> str:
 # ---- running a study ----
 
 
-def study_table(grid: G.Grid, study: Study) -> dict[str, Any]:
-    """Run (or reuse) the study's rows and score them as the grid does, adding the study's own
-    paired differences to the grid's."""
-    table = G.score_grid(grid, G.run_rows(grid, list(study.rows)), {})
+def study_table(grid: G.Grid, study: Study, records: Mapping[str, Mapping]) -> dict[str, Any]:
+    """Score the study's finished rows as the grid does, adding the study's own paired
+    differences to the grid's."""
+    table = G.score_grid(grid, records, {})
     users = G.test_users(grid)
     for a, b in study.pairs:
         ex_a, ex_b = (G.row_examples(grid.task, users, Path(table["rows"][n]["predictions"])) for n in (a, b))
@@ -337,7 +337,10 @@ def run_study(
     """Run (or reuse) the study's grid rows (``rows``: a subset of them), then write
     ``<work>/studies/<study>/<task>/``: table.md, table.json and, for activity levels, activity.png."""
     study = select_rows(STUDIES[name], rows)
-    table = study_table(grid, study)
+    records = G.run_rows(grid, list(study.rows))
+    if not G.processes().is_main_process:  # under `accelerate launch`, the main process scores
+        return {}
+    table = study_table(grid, study, records)
     out_dir = study_dir(grid.work_dir, name, grid.task.name)
     result: dict[str, Any] = {"study": name, "about": study.about, "task": grid.task.name, "grid": table}
     parts = [f"# {name}: {study.about} ({grid.task.name})\n", G.markdown_table(table)]

@@ -212,3 +212,10 @@ def test_the_grid_on_two_processes_writes_one_table_and_a_single_process_rerun_r
     again = run([sys.executable, "run_grid.py", *own, *stage])
     assert again.stdout.count("finished earlier with the same config") == 4
     assert json.loads((work / "results" / TASK / "table.json").read_text())["rows"] == table["rows"]
+    # a study on two processes reuses the rows, and the main process writes its table
+    study = ["studies.py", "activity", *own[: own.index("--resamples")], "--rows", "non_personalized,OPPU", *stage]
+    done = run(LAUNCH + study)
+    assert done.stdout.count("finished earlier with the same config") == 4  # 2 rows x 2 processes
+    assert done.stdout.count("table_md: ") == 1
+    studied = json.loads((work / "studies" / "activity" / TASK / "table.json").read_text())
+    assert studied["grid"]["rows"]["OPPU"]["metrics"] == table["rows"]["OPPU"]["metrics"]
