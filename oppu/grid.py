@@ -264,12 +264,16 @@ def ensure_profiles(grid: Grid) -> None:
         wait_for_profiles(grid)
 
 
-def profiles_complete(grid: Grid) -> bool:
-    """Whether both profile files hold a profile for every user of their user file."""
-    for users_file, profiles_file in ((TEST_USERS_FILE, TEST_PROFILES_FILE), (OTHER_USERS_FILE, OTHER_PROFILES_FILE)):
-        users = read_json(grid.data_file(users_file))
+PROFILE_FILES = ((TEST_USERS_FILE, TEST_PROFILES_FILE), (OTHER_USERS_FILE, OTHER_PROFILES_FILE))
+
+
+def profiles_complete(grid: Grid, users: Mapping[str, list] | None = None) -> bool:
+    """Whether both profile files hold a profile for every user of their user file (``users``:
+    the user files' contents by name, read here when not given)."""
+    for users_file, profiles_file in PROFILE_FILES:
+        listed = users[users_file] if users else read_json(grid.data_file(users_file))
         try:
-            if len(read_aligned(grid.data_file(profiles_file), users)) < len(users):
+            if len(read_aligned(grid.data_file(profiles_file), listed)) < len(listed):
                 return False
         except (UserError, OSError, ValueError):  # being written, or not yet there
             return False
@@ -277,7 +281,8 @@ def profiles_complete(grid: Grid) -> bool:
 
 
 def wait_for_profiles(grid: Grid, poll_seconds: float = 2.0, sleep=time.sleep) -> None:
-    while not profiles_complete(grid):
+    users = {name: read_json(grid.data_file(name)) for name, _ in PROFILE_FILES}  # once: they can be large
+    while not profiles_complete(grid, users):
         sleep(poll_seconds)
 
 
