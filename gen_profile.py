@@ -23,7 +23,7 @@ from oppu.generation import DecodeConfig
 from oppu.modeling import EMBEDDED_MODEL, check_spec, load_model
 from oppu.profiles import ProfileCounts, generate_profiles, label_mentions, profile_file, read_aligned
 from oppu.runs import config_differences, public_config
-from oppu.tasks import get_task
+from oppu.tasks import Task, get_task
 from utils import UserError, ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
 CONFIG_FILE = "profile_config.json"
@@ -79,7 +79,7 @@ def wanted(num_users: int, max_users: int) -> int:
     return num_users if max_users < 0 else min(num_users, max_users)
 
 
-def report_labels(task, folder: Path, users: dict[str, list]) -> None:
+def report_labels(task: Task, folder: Path, users: dict[str, list]) -> None:
     """For classification tasks: how many profiles name a label, and the user's usual one."""
     for name, out in FILES:
         entries = read_aligned(folder / out, users[name])

@@ -7,6 +7,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,6 +95,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     """Write JSON atomically (UTF-8, non-ASCII kept)."""
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def wait_until(done: Callable[[], bool], poll_seconds: float = 2.0, sleep: Callable[[float], Any] = time.sleep) -> None:
+    """Poll ``done`` until it is true: how the processes of one launch wait for each other's files
+    instead of in a collective barrier, which fails once one process waits longer than the
+    backend's timeout (10 minutes for NCCL, 30 for gloo). A process that dies ends the launch
+    (accelerate stops the others), so the wait cannot hang."""
+    while not done():
+        sleep(poll_seconds)
 
 
 def ensure_writable_dir(path: str | Path) -> Path:

@@ -40,7 +40,7 @@ from oppu.data import (
 from oppu.profiles import read_aligned
 from oppu.runs import ANSWER_ONLY, PERSONAL_ONLY, file_fingerprint, safe_dirname
 from oppu.tasks import Task
-from utils import UserError, read_json, write_json
+from utils import UserError, read_json, wait_until, write_json
 
 
 @dataclass(frozen=True)
@@ -267,23 +267,21 @@ def ensure_profiles(grid: Grid) -> None:
 PROFILE_FILES = ((TEST_USERS_FILE, TEST_PROFILES_FILE), (OTHER_USERS_FILE, OTHER_PROFILES_FILE))
 
 
-def profiles_complete(grid: Grid, users: Mapping[str, list] | None = None) -> bool:
+def profiles_complete(grid: Grid, users: Mapping[str, list]) -> bool:
     """Whether both profile files hold a profile for every user of their user file (``users``:
-    the user files' contents by name, read here when not given)."""
+    the user files' contents by name)."""
     for users_file, profiles_file in PROFILE_FILES:
-        listed = users[users_file] if users else read_json(grid.data_file(users_file))
         try:
-            if len(read_aligned(grid.data_file(profiles_file), listed)) < len(listed):
+            if len(read_aligned(grid.data_file(profiles_file), users[users_file])) < len(users[users_file]):
                 return False
-        except (UserError, OSError, ValueError):  # being written, or not yet there
+        except (UserError, OSError, ValueError):  # not there yet
             return False
     return True
 
 
 def wait_for_profiles(grid: Grid, poll_seconds: float = 2.0, sleep=time.sleep) -> None:
     users = {name: read_json(grid.data_file(name)) for name, _ in PROFILE_FILES}  # once: they can be large
-    while not profiles_complete(grid, users):
-        sleep(poll_seconds)
+    wait_until(lambda: profiles_complete(grid, users), poll_seconds, sleep)
 
 
 def run_trivial(grid: Grid, names: Sequence[str]) -> dict[str, dict]:

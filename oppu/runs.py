@@ -17,7 +17,7 @@ from typing import Any
 from oppu.adapters import ADAPTER_WEIGHTS
 from oppu.modeling import short_name
 from oppu.tasks import Task
-from utils import UserError, read_json, write_json
+from utils import UserError, read_json, wait_until, write_json
 
 CONFIG_FILE = "run_config.json"
 # Settings that change only how queries are answered, never what an adapter learns: a task
@@ -197,22 +197,19 @@ def read_user_result(run_dir: Path, user_id: str, query_ids: list[str], fingerpr
 def wait_for_users(
     run_dir: Path, users: Sequence[dict], fingerprint: str, poll_seconds: float = 2.0, sleep=time.sleep
 ) -> None:
-    """Block until every user's result is on disk (made with ``fingerprint``).
-
-    Processes that split the users wait for each other this way before the merge instead of in
-    a collective: a barrier fails once one process has waited longer than the backend's timeout
-    (10 minutes for NCCL, 30 for gloo), which an unbalanced split of users easily passes. A
-    process that dies ends the launch (accelerate stops the others), so the wait cannot hang."""
+    """Block until every user's result is on disk (made with ``fingerprint``): processes that
+    split the users wait for each other this way before the merge (utils.wait_until says why)."""
     missing = list(users)
-    while True:
-        missing = [
+
+    def done() -> bool:
+        missing[:] = [
             u
             for u in missing
             if read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]], fingerprint) is None
         ]
-        if not missing:
-            return
-        sleep(poll_seconds)
+        return not missing
+
+    wait_until(done, poll_seconds, sleep)
 
 
 def commit_user_result(run_dir: Path, user_id: str, staging: Path, result: dict) -> None:

@@ -277,4 +277,5 @@ def test_other_processes_wait_until_both_profile_files_are_complete(tmp_path):
         (folder / name).write_text(json.dumps(entries))
 
     grid.wait_for_profiles(g, poll_seconds=3, sleep=sleep)
-    assert sleeps == [3, 3, 3] and grid.profiles_complete(g)
+    assert sleeps == [3, 3, 3]
+    assert grid.profiles_complete(g, {"user_top_100_history.json": users, "user_others.json": users[:1]})
