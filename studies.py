@@ -12,6 +12,8 @@ Usage:
 Rows: peft_types = non_personalized, OPPU, OPPU[ia3], OPPU[prompt_tuning]; activity =
 non_personalized, RAG, OPPU, OPPU+RAG by history length; shift = RAG and OPPU+RAG with the most
 and with the least relevant item retrieved; formats = non_personalized, OPPU, OPPU[plain].
+Under `accelerate launch --num_processes N` the stages split their work as with run_grid.py; the
+main process writes the study's files.
 """
 
 from __future__ import annotations
