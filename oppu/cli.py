@@ -168,15 +168,16 @@ def resolve_personal_args(args: argparse.Namespace) -> None:
 
 
 def personal_configs(args: argparse.Namespace, task: Task) -> tuple[TrainConfig, DecodeConfig]:
-    """Training and decoding settings of a personal adapter. Prompt tuning prepends its virtual
-    tokens to every forward call's input, so nothing may be cached and reused across calls (a
-    shared prefix would get them twice, and so does peft's cached decoding under transformers 5),
-    and prompts are decoded one at a time: left padding would sit between the virtual tokens and
-    the prompt and change the answer."""
+    """Training and decoding settings of a personal adapter. A prompt-tuning adapter's virtual
+    tokens run once per batch as part of the shared prefix (training and decoding). With
+    --no_shared_prefix it goes through peft's own path, which prepends them to every forward
+    call: nothing may be cached (peft 0.21 misses transformers 5's cache and would prepend them
+    again at every new token), and prompts are decoded one at a time (left padding would sit
+    between the virtual tokens and the prompt and change the answer)."""
     train, decode = train_config(args), decode_config(args, task)
-    if args.peft_type != "prompt_tuning":
+    if args.peft_type != "prompt_tuning" or args.shared_prefix:
         return train, decode
-    return replace(train, shared_prefix=False), replace(decode, batch_size=1, shared_prefix=False, use_cache=False)
+    return train, replace(decode, batch_size=1, use_cache=False)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from oppu.training import MIN_SHARED_PREFIX, common_prefix_length, encode_prompt
+from oppu.training import MIN_SHARED_PREFIX, common_prefix_length, encode_prompt, prompt_tuned, run_prefix
 
 
 @dataclass(frozen=True)
@@ -20,26 +20,29 @@ class DecodeConfig:
     top_k: int = 10
     top_p: float = 0.9
     shared_prefix: bool = True  # run the prompts' common first tokens once, reuse their keys/values
-    # Off for prompt tuning: peft 0.21 looks for the cache under its transformers 4 name, misses
-    # it under transformers 5, and prepends the virtual tokens again at every new token.
+    # Off for prompt tuning through peft's own path (--no_shared_prefix): peft 0.21 looks for the
+    # cache under its transformers 4 name, misses it under transformers 5, and prepends the
+    # virtual tokens again at every new token.
     use_cache: bool = True
 
 
-def prefix_cache(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values) of the prefix, computed once (batch 1)."""
+def prefix_cache(model, prefix_ids: list[int]) -> tuple[object, list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The prefix run once (batch 1): the model that decodes behind it, per layer (keys, values),
+    and how many virtual tokens of a prompt-tuning adapter lead them (see ``run_prefix``)."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
-    return [(k, v) for k, v, *_ in out.cache]
+    return run_prefix(model, torch.tensor([prefix_ids], device=device, dtype=torch.long))
 
 
-def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], kv) -> dict:
+def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], kv, virtual: int = 0) -> dict:
     """generate() inputs for left-padded suffixes behind a cached prefix: [prefix | pads | suffix].
     Positions come from the attention mask's running count, so every suffix continues at the
-    prefix's length exactly as in the plain left-padded batch, and pads are masked out."""
+    prefix's length exactly as in the plain left-padded batch, and pads are masked out. The
+    ``virtual`` tokens of a prompt-tuning adapter lead the prefix; they are in the cache only, so
+    their ids are placeholders (generate() feeds only the tokens behind the cache)."""
     from transformers import DynamicCache
 
     rows, device = enc["input_ids"].size(0), enc["input_ids"].device
-    prefix = torch.tensor([prefix_ids], device=device).expand(rows, -1)
+    prefix = torch.tensor([[0] * virtual + prefix_ids], device=device, dtype=torch.long).expand(rows, -1)
     # generate() appends to the cache by concatenation, so the shared tensors stay untouched.
     cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
     return {
@@ -63,7 +66,9 @@ def generate(
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     shared = common_prefix_length(encoded) if cfg.shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    kv = prefix_cache(model, encoded[0][:shared]) if shared else None
+    # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.
+    cached = bool(shared) or (cfg.shared_prefix and cfg.use_cache and prompt_tuned(model))
+    decoder, kv, virtual = prefix_cache(model, encoded[0][:shared]) if cached else (model, None, 0)
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
@@ -72,9 +77,9 @@ def generate(
     for batch in tqdm(batches, desc=desc, leave=False, disable=not show):
         ids = [encoded[i][shared:] for i in batch]
         enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True, padding_side="left").to(device)
-        if shared:
-            enc = with_prefix(enc, encoded[0][:shared], kv)
-        out = model.generate(
+        if cached:
+            enc = with_prefix(enc, encoded[0][:shared], kv, virtual)
+        out = decoder.generate(
             **enc,
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,

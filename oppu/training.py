@@ -144,23 +144,52 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return max(limit, 0)
 
 
+def prompt_tuned(model) -> bool:
+    """Whether the model is under a prompt-tuning adapter, whose virtual tokens peft puts before
+    every input (plain models, LoRA and IA3 change only what happens inside the layers)."""
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.peft_type == "PROMPT_TUNING"
+
+
+def virtual_prompt(model) -> torch.Tensor | None:
+    """The (1, V, d) virtual tokens of a prompt-tuning adapter; None for every other model."""
+    return model.get_prompt(batch_size=1) if prompt_tuned(model) else None
+
+
+def run_prefix(model, prefix_ids: torch.Tensor) -> tuple[object, list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Run what every row starts with once (batch 1): a prompt-tuning adapter's virtual tokens, if
+    any, then ``prefix_ids`` (1, P; P may be 0 behind virtual tokens). Returns the model that runs
+    the rest (the base under a prompt-tuning adapter: the virtual tokens are now in the cache and
+    must not be prepended again), each layer's (keys, values), and how many virtual tokens lead."""
+    virtual = virtual_prompt(model)
+    if virtual is None:
+        out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
+        return model, [(k, v) for k, v, *_ in out.cache], 0
+    core = model.get_base_model()
+    words = core.get_input_embeddings()(prefix_ids)
+    out = core(inputs_embeds=torch.cat([virtual.to(words.dtype), words], dim=1), use_cache=True, logits_to_keep=1)
+    return core, [(k, v) for k, v, *_ in out.cache], virtual.size(1)
+
+
 def forward_shared_prefix(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int, logits_to_keep: int
 ) -> torch.Tensor:
     """The model's logits for a batch whose rows all start with the same ``prefix`` tokens: the
     prefix runs once (batch 1) and its keys and values are broadcast to every row. Nothing is
-    detached: a LoRA on q or v changes the prefix's keys and values, so its gradient must flow."""
+    detached: a LoRA on q or v changes the prefix's keys and values, so its gradient must flow.
+    A prompt-tuning adapter's virtual tokens join the prefix, exactly as peft prepends them."""
     from transformers import DynamicCache
 
     rows = input_ids.size(0)
-    head = model(input_ids=input_ids[:1, :prefix], use_cache=True, logits_to_keep=1)
+    rest, head, virtual = run_prefix(model, input_ids[:1, :prefix])
     # expand() copies nothing; the cache's first concatenation does, and backward sums the rows.
-    kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v, *_ in head.cache]
-    cache = DynamicCache(ddp_cache_data=kv)
-    positions = torch.arange(prefix, input_ids.size(1), device=input_ids.device).unsqueeze(0)
-    suffix = input_ids[:, prefix:]
-    out = model(
-        input_ids=suffix,
+    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in head])
+    start = virtual + prefix
+    positions = torch.arange(start, virtual + input_ids.size(1), device=input_ids.device).unsqueeze(0)
+    if virtual:
+        attention_mask = torch.cat([attention_mask.new_ones(rows, virtual), attention_mask], dim=1)
+    out = rest(
+        input_ids=input_ids[:, prefix:],
         attention_mask=attention_mask,
         position_ids=positions,
         cache=cache,
@@ -169,9 +198,11 @@ def forward_shared_prefix(
     return out.logits
 
 
-def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tuple[torch.Tensor, int]:
+def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int | None = 0) -> tuple[torch.Tensor, int]:
     """Sum of token losses (so micro-batches add up to the same gradient as one big batch), and
-    how many of the ``prefix`` tokens all rows share were run once (0: the plain forward).
+    how many of the ``prefix`` tokens all rows share were run once (0: none). ``prefix`` None
+    asks for the plain forward; a prefix too short to pay is not shared, but a prompt-tuning
+    adapter's virtual tokens still run once for the batch.
 
     Logits are computed only from the first target position on: the vocabulary projection of
     every prompt token would be thrown away, and for a small model it is a fifth of the work.
@@ -180,11 +211,12 @@ def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tupl
     has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first = max(int(has_target[0]) if len(has_target) else labels.size(1) - 1, 1)
     keep = labels.size(1) - first + 1  # logits at positions first-1 .. end predict tokens first .. end
-    prefix = min(prefix, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
-    if prefix >= MIN_SHARED_PREFIX:
+    shared = prefix is not None
+    prefix = min(prefix or 0, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    if shared and (prefix or prompt_tuned(model)):
         logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)
     else:
-        prefix = 0
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
     shift_labels = labels[:, first:].reshape(-1)
@@ -230,7 +262,7 @@ def train(
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
             sync = nullcontext() if not accelerator or m == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
-                common = common_prefix_length([e.input_ids for e in chunk]) if share_prefix else 0
+                common = common_prefix_length([e.input_ids for e in chunk]) if share_prefix else None
                 summed, prefix = _summed_loss(model, batch, common)
                 loss = weight * summed / max(n_tokens, 1)
                 accelerator.backward(loss) if accelerator else loss.backward()

@@ -61,9 +61,12 @@ def test_defaults_follow_the_peft_type(make_args):
         make_args("--peft_type", "prompt_tuning", "--target_modules", "q_proj")
 
 
-def test_prompt_tuning_decodes_one_prompt_at_a_time_and_shares_nothing(make_args):
+def test_prompt_tuning_shares_its_prefix_unless_told_not_to(make_args):
     task = get_task("news_categorize")
     train_cfg, decode = cli.personal_configs(make_args("--peft_type", "prompt_tuning"), task)
+    assert train_cfg.shared_prefix and decode.shared_prefix and decode.use_cache and decode.batch_size == 8
+    plain = make_args("--peft_type", "prompt_tuning", "--no_shared_prefix")
+    train_cfg, decode = cli.personal_configs(plain, task)
     assert decode.batch_size == 1 and not (decode.shared_prefix or decode.use_cache or train_cfg.shared_prefix)
     assert cli.personal_configs(make_args(), task) == (
         cli.train_config(make_args()),
@@ -187,7 +190,59 @@ def test_base_is_bit_identical_after_every_user(tiny_model, tokenizer, make_args
 
 def test_removing_a_prompt_returns_the_model_it_was_given(tiny_model, tokenizer, make_args):
     base = tiny_model()
-    model = add_user_adapter(base, tokenizer, make_args("--peft_type", "prompt_tuning"), ())
-    generate(model, tokenizer, QUERIES[:1], cli.decode_config(make_args(), get_task("news_categorize")), show=False)
+    args = make_args("--peft_type", "prompt_tuning", "--no_shared_prefix")  # through peft's own generate
+    model = add_user_adapter(base, tokenizer, args, ())
+    generate(model, tokenizer, QUERIES[:1], cli.personal_configs(args, get_task("news_categorize"))[1], show=False)
     assert "prepare_inputs_for_generation" in vars(base)  # what peft's generate leaves behind
     assert remove_adapter(model) is base and "prepare_inputs_for_generation" not in vars(base)
+
+
+# --- prompt tuning's virtual tokens in the shared prefix ------------------------------------------
+
+SHARED = "Which category does this article relate to among the following categories? Just answer with the category name. article: "
+
+
+def trained_prompt(tiny_model, tokenizer, make_args):
+    """A prompt-tuning adapter whose virtual tokens are random (not word embeddings), so a
+    path that dropped or doubled them would answer differently."""
+    model = fresh(tiny_model, tokenizer, make_args("--peft_type", "prompt_tuning", "--prompt_init", "random"))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(std=1.0)
+    return model
+
+
+def test_virtual_tokens_in_the_shared_prefix_give_peft_s_loss_and_gradient(tiny_model, tokenizer, make_args):
+    from oppu.training import MIN_SHARED_PREFIX, _summed_loss, common_prefix_length
+
+    examples = [tokenize_and_mask(tokenizer, f"{SHARED}{t}\nAnswer:", y, 256) for t, y in TOY]
+    common = common_prefix_length([e.input_ids for e in examples])
+    assert common >= MIN_SHARED_PREFIX
+    model = trained_prompt(tiny_model, tokenizer, make_args).train()
+    batch = collate(examples, tokenizer.pad_token_id)
+    runs = {}
+    # peft's own forward; the virtual tokens run once with the shared text; with no text at all
+    for prefix in (None, common, 0):
+        model.zero_grad(set_to_none=True)
+        loss, used = _summed_loss(model, batch, prefix)
+        loss.backward()
+        runs[prefix] = (loss.item(), used, model.prompt_encoder["default"].embedding.weight.grad.clone())
+    plain_loss, plain_used, plain_grad = runs[None]
+    assert plain_used == 0 and plain_grad.abs().sum() > 0
+    for prefix in (common, 0):
+        loss, used, grad = runs[prefix]
+        assert used == prefix and loss == pytest.approx(plain_loss, rel=1e-5)
+        assert ((grad - plain_grad).norm() / plain_grad.norm()) <= 1e-5, prefix
+
+
+def test_prompt_tuning_decodes_in_batches_as_peft_does_one_prompt_at_a_time(tiny_model, tokenizer, make_args):
+    model = trained_prompt(tiny_model, tokenizer, make_args).eval()
+    task = get_task("news_categorize")
+    _, peft_path = cli.personal_configs(make_args("--peft_type", "prompt_tuning", "--no_shared_prefix"), task)
+    _, batched = cli.personal_configs(make_args("--peft_type", "prompt_tuning"), task)
+    prompts = [f"{SHARED}{t}\nAnswer:" for t, _ in TOY] + QUERIES
+    want = generate(model, tokenizer, prompts, replace(peft_path, max_new_tokens=6), show=False)
+    assert len(set(want)) > 1  # the answers depend on the prompt, so the comparison means something
+    # in batches behind the shared text; one prompt alone shares no text, only the virtual tokens
+    assert generate(model, tokenizer, prompts, replace(batched, max_new_tokens=6), show=False) == want
+    alone = [generate(model, tokenizer, [p], replace(batched, max_new_tokens=6), show=False)[0] for p in prompts]
+    assert alone == want
