@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from oppu.generation import DecodeConfig, generate
 from oppu.tasks import Task
-from oppu.training import IGNORE_INDEX, tokenize_and_mask
+from oppu.training import IGNORE_INDEX, run_prefix, tokenize_and_mask
 from prompts import format_target, is_valid_prediction
 
 RATING_ANSWERS = ("1", "2", "3", "4", "5")
@@ -46,21 +46,19 @@ def answer_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[str]
     encoded = [tokenize_and_mask(tokenizer, prompt, format_target(a), cut_off=1 << 30) for a in answers]
     n_prompt = encoded[0].labels.count(IGNORE_INDEX)
     device = next(model.parameters()).device
-    prompt_ids = torch.tensor([encoded[0].input_ids[:n_prompt]], device=device)
-    out = model(input_ids=prompt_ids, use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each answer's first token
+    head = run_prefix(model, torch.tensor([encoded[0].input_ids[:n_prompt]], device=device))
+    first = torch.log_softmax(head.last_logits.float(), dim=-1)  # predicts each answer's first token
     tails = [e.input_ids[n_prompt:] for e in encoded]
-    width = max(len(t) for t in tails)
+    width, held = max(len(t) for t in tails), head.virtual + n_prompt  # held: positions in the cache
     ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(tails), n_prompt + width), dtype=torch.long, device=device)
-    mask[:, :n_prompt] = 1
+    mask = torch.zeros((len(tails), held + width), dtype=torch.long, device=device)
+    mask[:, :held] = 1
     for i, tail in enumerate(tails):
         ids[i, : len(tail)] = torch.tensor(tail)
-        mask[i, n_prompt : n_prompt + len(tail)] = 1
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(len(tails))
-    positions = torch.arange(n_prompt, n_prompt + width, device=device).expand(len(tails), -1)
-    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions).logits
+        mask[i, held : held + len(tail)] = 1
+    positions = torch.arange(held, held + width, device=device).expand(len(tails), -1)
+    cache = head.cache(len(tails))
+    logits = head.model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=positions).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     scores = []
     for i, tail in enumerate(tails):

@@ -163,8 +163,6 @@ def resolve_personal_args(args: argparse.Namespace) -> None:
         args.target_modules = ",".join(IA3_TARGETS if args.peft_type == "ia3" else USER_TARGETS)
     if args.learning_rate is None and args.peft_type in PEFT_LEARNING_RATES:
         args.learning_rate = PEFT_LEARNING_RATES[args.peft_type]
-    if args.peft_type == "prompt_tuning" and getattr(args, "answer_mode", "generate") == "score":
-        raise UserError("--answer_mode score reuses a cached prompt, which prompt tuning cannot: use generate")
 
 
 def personal_configs(args: argparse.Namespace, task: Task) -> tuple[TrainConfig, DecodeConfig]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from oppu.training import MIN_SHARED_PREFIX, common_prefix_length, encode_prompt, prompt_tuned, run_prefix
+from oppu.training import MIN_SHARED_PREFIX, Prefix, common_prefix_length, encode_prompt, prompt_tuned, run_prefix
 
 
 @dataclass(frozen=True)
@@ -26,29 +26,19 @@ class DecodeConfig:
     use_cache: bool = True
 
 
-def prefix_cache(model, prefix_ids: list[int]) -> tuple[object, list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """The prefix run once (batch 1): the model that decodes behind it, per layer (keys, values),
-    and how many virtual tokens of a prompt-tuning adapter lead them (see ``run_prefix``)."""
-    device = next(model.parameters()).device
-    return run_prefix(model, torch.tensor([prefix_ids], device=device, dtype=torch.long))
-
-
-def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], kv, virtual: int = 0) -> dict:
+def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], prefix: Prefix) -> dict:
     """generate() inputs for left-padded suffixes behind a cached prefix: [prefix | pads | suffix].
     Positions come from the attention mask's running count, so every suffix continues at the
     prefix's length exactly as in the plain left-padded batch, and pads are masked out. The
-    ``virtual`` tokens of a prompt-tuning adapter lead the prefix; they are in the cache only, so
+    virtual tokens of a prompt-tuning adapter lead the prefix; they are in the cache only, so
     their ids are placeholders (generate() feeds only the tokens behind the cache)."""
-    from transformers import DynamicCache
-
     rows, device = enc["input_ids"].size(0), enc["input_ids"].device
-    prefix = torch.tensor([[0] * virtual + prefix_ids], device=device, dtype=torch.long).expand(rows, -1)
+    ids = torch.tensor([[0] * prefix.virtual + prefix_ids], device=device, dtype=torch.long).expand(rows, -1)
     # generate() appends to the cache by concatenation, so the shared tensors stay untouched.
-    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
     return {
-        "input_ids": torch.cat([prefix, enc["input_ids"]], dim=1),
-        "attention_mask": torch.cat([torch.ones_like(prefix), enc["attention_mask"]], dim=1),
-        "cache": cache,
+        "input_ids": torch.cat([ids, enc["input_ids"]], dim=1),
+        "attention_mask": torch.cat([torch.ones_like(ids), enc["attention_mask"]], dim=1),
+        "cache": prefix.cache(rows),
     }
 
 
@@ -68,17 +58,18 @@ def generate(
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.
     cached = bool(shared) or (cfg.shared_prefix and cfg.use_cache and prompt_tuned(model))
-    decoder, kv, virtual = prefix_cache(model, encoded[0][:shared]) if cached else (model, None, 0)
-    outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
+    prefix = run_prefix(model, torch.tensor([encoded[0][:shared]], device=device, dtype=torch.long)) if cached else None
+    decoder = prefix.model if prefix else model
+    outputs: list[str] = [""] * len(prompts)
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for batch in tqdm(batches, desc=desc, leave=False, disable=not show):
         ids = [encoded[i][shared:] for i in batch]
         enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True, padding_side="left").to(device)
-        if cached:
-            enc = with_prefix(enc, encoded[0][:shared], kv, virtual)
+        if prefix:
+            enc = with_prefix(enc, encoded[0][:shared], prefix)
         out = decoder.generate(
             **enc,
             max_new_tokens=cfg.max_new_tokens,

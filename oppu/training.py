@@ -156,19 +156,38 @@ def virtual_prompt(model) -> torch.Tensor | None:
     return model.get_prompt(batch_size=1) if prompt_tuned(model) else None
 
 
-def run_prefix(model, prefix_ids: torch.Tensor) -> tuple[object, list[tuple[torch.Tensor, torch.Tensor]], int]:
+@dataclass
+class Prefix:
+    """What every row starts with, run once (batch 1); see ``run_prefix``."""
+
+    model: object  # runs the rest of each row (the base, under a prompt-tuning adapter)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), batch 1
+    virtual: int  # virtual tokens of a prompt-tuning adapter ahead of the text
+    last_logits: torch.Tensor  # (vocabulary,): predicts the token after the prefix
+
+    def cache(self, rows: int):
+        """A cache holding the prefix for ``rows`` rows. expand() copies nothing; the cache's
+        first concatenation does, and backward sums the rows' gradients into the prefix's."""
+        from transformers import DynamicCache
+
+        return DynamicCache(
+            ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.kv]
+        )
+
+
+def run_prefix(model, prefix_ids: torch.Tensor) -> Prefix:
     """Run what every row starts with once (batch 1): a prompt-tuning adapter's virtual tokens, if
-    any, then ``prefix_ids`` (1, P; P may be 0 behind virtual tokens). Returns the model that runs
-    the rest (the base under a prompt-tuning adapter: the virtual tokens are now in the cache and
-    must not be prepended again), each layer's (keys, values), and how many virtual tokens lead."""
+    any, then ``prefix_ids`` (1, P; P may be 0 behind virtual tokens). Under a prompt-tuning
+    adapter the rest runs on the base model: the virtual tokens are in the cache now and must not
+    be prepended again. Nothing is detached, so gradients flow into the prefix."""
     virtual = virtual_prompt(model)
     if virtual is None:
         out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
-        return model, [(k, v) for k, v, *_ in out.cache], 0
+        return Prefix(model, [(k, v) for k, v, *_ in out.cache], 0, out.logits[0, -1])
     core = model.get_base_model()
     words = core.get_input_embeddings()(prefix_ids)
     out = core(inputs_embeds=torch.cat([virtual.to(words.dtype), words], dim=1), use_cache=True, logits_to_keep=1)
-    return core, [(k, v) for k, v, *_ in out.cache], virtual.size(1)
+    return Prefix(core, [(k, v) for k, v, *_ in out.cache], virtual.size(1), out.logits[0, -1])
 
 
 def forward_shared_prefix(
@@ -178,21 +197,17 @@ def forward_shared_prefix(
     prefix runs once (batch 1) and its keys and values are broadcast to every row. Nothing is
     detached: a LoRA on q or v changes the prefix's keys and values, so its gradient must flow.
     A prompt-tuning adapter's virtual tokens join the prefix, exactly as peft prepends them."""
-    from transformers import DynamicCache
-
     rows = input_ids.size(0)
-    rest, head, virtual = run_prefix(model, input_ids[:1, :prefix])
-    # expand() copies nothing; the cache's first concatenation does, and backward sums the rows.
-    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in head])
-    start = virtual + prefix
-    positions = torch.arange(start, virtual + input_ids.size(1), device=input_ids.device).unsqueeze(0)
-    if virtual:
-        attention_mask = torch.cat([attention_mask.new_ones(rows, virtual), attention_mask], dim=1)
-    out = rest(
+    head = run_prefix(model, input_ids[:1, :prefix])
+    start, end = head.virtual + prefix, head.virtual + input_ids.size(1)
+    positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
+    if head.virtual:
+        attention_mask = torch.cat([attention_mask.new_ones(rows, head.virtual), attention_mask], dim=1)
+    out = head.model(
         input_ids=input_ids[:, prefix:],
         attention_mask=attention_mask,
         position_ids=positions,
-        cache=cache,
+        cache=head.cache(rows),
         logits_to_keep=logits_to_keep,
     )
     return out.logits

@@ -145,9 +145,9 @@ class BigramLM(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(table, requires_grad=False)
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=False):
-        cache = SimpleNamespace(batch_repeat_interleave=lambda n: None)
-        return SimpleNamespace(logits=self.table[input_ids], past_key_values=cache)
+    def forward(self, input_ids, attention_mask=None, cache=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, cache=[])
 
 
 def test_scoring_picks_the_label_the_known_logits_favour(tokenizer):

@@ -246,3 +246,21 @@ def test_prompt_tuning_decodes_in_batches_as_peft_does_one_prompt_at_a_time(tiny
     assert generate(model, tokenizer, prompts, replace(batched, max_new_tokens=6), show=False) == want
     alone = [generate(model, tokenizer, [p], replace(batched, max_new_tokens=6), show=False)[0] for p in prompts]
     assert alone == want
+
+
+def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokenizer, make_args):
+    from oppu.answers import answer_log_likelihoods
+    from prompts import format_target
+
+    model = trained_prompt(tiny_model, tokenizer, make_args).eval()
+    prompt, answers = f"{SHARED}a bank robbery\nAnswer:", ["crime", "sports", "travel"]
+    got = answer_log_likelihoods(model, tokenizer, prompt, answers)
+    for text, score in zip(answers, got):
+        enc = tokenize_and_mask(tokenizer, prompt, format_target(text), 256)
+        with torch.no_grad():  # peft prepends the virtual tokens; the last len(ids) logits are the text's
+            logp = torch.log_softmax(
+                model(input_ids=torch.tensor([enc.input_ids])).logits[0, -len(enc.input_ids) :], -1
+            )
+        want = sum(float(logp[j - 1, enc.input_ids[j]]) for j, y in enumerate(enc.labels) if y != -100)
+        assert score == pytest.approx(want, abs=1e-4)
+    assert len({round(g, 3) for g in got}) == len(got)
