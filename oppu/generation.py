@@ -26,14 +26,18 @@ class DecodeConfig:
     use_cache: bool = True
 
 
-def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], prefix: Prefix) -> dict:
+def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], prefix: Prefix, first_ids: list[int]) -> dict:
     """generate() inputs for left-padded suffixes behind a cached prefix: [prefix | pads | suffix].
     Positions come from the attention mask's running count, so every suffix continues at the
     prefix's length exactly as in the plain left-padded batch, and pads are masked out. The
     virtual tokens of a prompt-tuning adapter lead the prefix; they are in the cache only, so
-    their ids are placeholders (generate() feeds only the tokens behind the cache)."""
+    their ids are placeholders (generate() feeds only the tokens behind the cache): each row's
+    own first token, so that a repetition penalty, which looks at which tokens a row holds, sees
+    no token the prompt does not have."""
     rows, device = enc["input_ids"].size(0), enc["input_ids"].device
-    ids = torch.tensor([[0] * prefix.virtual + prefix_ids], device=device, dtype=torch.long).expand(rows, -1)
+    virtual = torch.tensor(first_ids, device=device, dtype=torch.long).unsqueeze(1).expand(-1, prefix.virtual)
+    text = torch.tensor([prefix_ids], device=device, dtype=torch.long).expand(rows, -1)
+    ids = torch.cat([virtual, text], dim=1)
     # generate() appends to the cache by concatenation, so the shared tensors stay untouched.
     return {
         "input_ids": torch.cat([ids, enc["input_ids"]], dim=1),
@@ -52,6 +56,8 @@ def generate(
     prompt ends where generation starts. With ``cfg.shared_prefix`` the tokens all prompts
     start with (chat template, instruction, label list) run once for the whole call.
     """
+    if not prompts:  # e.g. a user file with a history and no queries
+        return []
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     shared = common_prefix_length(encoded) if cfg.shared_prefix else 0
@@ -69,7 +75,7 @@ def generate(
         ids = [encoded[i][shared:] for i in batch]
         enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True, padding_side="left").to(device)
         if prefix:
-            enc = with_prefix(enc, encoded[0][:shared], prefix)
+            enc = with_prefix(enc, encoded[0][:shared], prefix, [encoded[i][0] for i in batch])
         out = decoder.generate(
             **enc,
             max_new_tokens=cfg.max_new_tokens,

@@ -246,6 +246,32 @@ def test_prompt_tuning_decodes_in_batches_as_peft_does_one_prompt_at_a_time(tiny
     assert generate(model, tokenizer, prompts, replace(batched, max_new_tokens=6), show=False) == want
     alone = [generate(model, tokenizer, [p], replace(batched, max_new_tokens=6), show=False)[0] for p in prompts]
     assert alone == want
+    assert generate(model, tokenizer, [], batched, show=False) == []  # a user with no queries
+
+
+def test_prompt_tuning_decodes_as_peft_does_under_a_repetition_penalty(tiny_model, tokenizer, make_args):
+    """The virtual tokens' placeholder ids must not add a token a presence-based penalty sees."""
+    model = trained_prompt(tiny_model, tokenizer, make_args).eval()
+    task = get_task("news_categorize")
+    _, peft_path = cli.personal_configs(make_args("--peft_type", "prompt_tuning", "--no_shared_prefix"), task)
+    _, batched = cli.personal_configs(make_args("--peft_type", "prompt_tuning"), task)
+    prompts = [f"{SHARED}{t}\nAnswer:" for t, _ in TOY]
+    assert not any(0 in encode_prompt(tokenizer, p) for p in prompts)
+    with torch.no_grad():  # token 0, in no prompt, becomes the likeliest next token (the head is tied)
+        words = model.get_base_model().get_input_embeddings().weight
+        ids = torch.tensor([encode_prompt(tokenizer, prompts[0])])
+        inputs = torch.cat([model.get_prompt(batch_size=1), words[ids]], dim=1)
+        last = model.get_base_model().model(inputs_embeds=inputs).last_hidden_state[0, -1]
+        words[0] = 50 * last / last.norm()
+    plain = generate(model, tokenizer, prompts, replace(batched, max_new_tokens=6), show=False)
+    config = model.get_base_model().generation_config
+    config.repetition_penalty = 100.0
+    try:
+        want = generate(model, tokenizer, prompts, replace(peft_path, max_new_tokens=6), show=False)
+        assert want != plain  # the penalty changes the answers, so the comparison means something
+        assert generate(model, tokenizer, prompts, replace(batched, max_new_tokens=6), show=False) == want
+    finally:
+        config.repetition_penalty = 1.0
 
 
 def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokenizer, make_args):
