@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument("--ckpt_dir", default="./ckpt", help="adapters go to <ckpt_dir>/<task_name>/...")
     g.add_argument("--output_dir", default="./output", help="predictions go to <output_dir>/<task_name>/...")
     g.add_argument("--max_users", type=int, default=-1, help="only the first N test users (quick runs); -1 = all")
+    g.add_argument(
+        "--user_stride",
+        type=int,
+        default=1,
+        help="only every Nth test user, in the user file's order, before --max_users: a cap spread over "
+        "the file (prepare_data.py lists users by history length, so the first N are the heaviest)",
+    )
     g.add_argument("--overwrite", action="store_true", help="recompute everything instead of resuming")
     g.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
 
@@ -194,6 +202,7 @@ def check_args(args: argparse.Namespace) -> None:
             ("lora_r", args.lora_r < 1, ">= 1"),
             ("max_step", args.max_step < 1 and args.max_step != -1, "-1 (no cap) or >= 1"),
             ("max_users", args.max_users < -1, "-1 (all) or >= 0"),
+            ("user_stride", args.user_stride < 1, ">= 1"),
             ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
             ("temperature", args.do_sample and args.temperature <= 0, "> 0 with --do_sample"),
             ("top_p", args.do_sample and not 0 < args.top_p <= 1, "in (0, 1] with --do_sample"),
@@ -266,14 +275,19 @@ def decode_config(args: argparse.Namespace, task: Task) -> DecodeConfig:
     )
 
 
+def select_users(items: Sequence, args: argparse.Namespace) -> list:
+    """The test users (or anything in their order) a run keeps: every --user_stride-th, then the
+    first --max_users of those."""
+    kept = list(items)[:: args.user_stride]
+    return kept if args.max_users < 0 else kept[: args.max_users]
+
+
 def load_test_users(args: argparse.Namespace, task: Task) -> tuple[list[User], list[str | None]]:
-    """The test users (first --max_users) and their profiles (None without --add_profile)."""
+    """The test users (see ``select_users``) and their profiles (None without --add_profile)."""
     folder = Path(args.data_dir) / task.name
     users = load_users(task, folder / TEST_USERS_FILE)
     profiles = load_profiles(folder / TEST_PROFILES_FILE, users) if args.add_profile else [None] * len(users)
-    if args.max_users >= 0:
-        users, profiles = users[: args.max_users], profiles[: args.max_users]
-    return users, profiles
+    return select_users(users, args), select_users(profiles, args)
 
 
 def load_other_users(args: argparse.Namespace, task: Task) -> tuple[list[User], list[str | None]]:

@@ -28,7 +28,7 @@ import gen_profile
 import OPPU
 import task_LoRA
 from eval import eval_task, metrics, trivial_baselines
-from oppu import analysis
+from oppu import analysis, cli
 from oppu.data import (
     OTHER_PROFILES_FILE,
     OTHER_USERS_FILE,
@@ -185,8 +185,11 @@ def row_config(grid: Grid, name: str) -> dict[str, Any]:
         "oppu_flags": list(grid.oppu_flags) if row.stage == "OPPU" else [],
         "data_sha256": {p.name: file_fingerprint(p) for p in row_inputs(grid, row)},
     }
-    if row.stage == "trivial":  # no model: only the data and --max_users matter
-        config |= {"model_name": None, "seed": None, "max_users": grid.settings.max_users, "stage_flags": []}
+    if row.stage == "trivial":  # no model: only the data and which users matter
+        users = {"max_users": grid.settings.max_users}
+        if grid.settings.user_stride != 1:  # left out at 1, so records written before the flag still match
+            users["user_stride"] = grid.settings.user_stride
+        config |= {"model_name": None, "seed": None, "stage_flags": [], **users}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     return config | {"fingerprint": digest}
 
@@ -367,11 +370,10 @@ class Examples:
 
 
 def test_users(grid: Grid) -> list[User]:
-    """The users every row is scored on: the test users with queries (the first --max_users)."""
+    """The users every row is scored on: the test users the stages keep (--user_stride,
+    --max_users) that have queries."""
     users = load_users(grid.task, grid.data_file(TEST_USERS_FILE), need_gold=True, need_history=False)
-    if grid.settings.max_users >= 0:
-        users = users[: grid.settings.max_users]
-    return [u for u in users if u["query"]]
+    return [u for u in cli.select_users(users, grid.settings) if u["query"]]
 
 
 def row_examples(task: Task, users: Sequence[User], predictions: Path) -> Examples:
@@ -517,6 +519,7 @@ def grid_config(grid: Grid) -> dict[str, Any]:
         "model_name": s.model_name,
         "seed": s.seed,
         "max_users": s.max_users,
+        "user_stride": s.user_stride,
         "stage_flags": list(grid.stage_flags),
         "task_lora_flags": list(grid.task_lora_flags),
         "oppu_flags": list(grid.oppu_flags),

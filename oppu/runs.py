@@ -32,6 +32,7 @@ RESUME_NEUTRAL = {
     "overwrite",
     "debug",
     "max_users",
+    "user_stride",
     "access_token",
     "decode_batch_size",
     "micro_batch_size",

@@ -177,13 +177,14 @@ def test_bad_numbers_are_reported_together(env, stage, capsys):
     argv = stage_args(env, *stage[1], "--k", "-1", "--batch_size", "0", "--max_step", "-5", "--max_users", "-3")
     fails(
         stage[0],
-        argv,
+        [*argv, "--user_stride", "0"],
         capsys,
         env,
         "--k must be >= 0",
         "--batch_size must be >= 1",
         "--max_step must be",
         "--max_users must be",
+        "--user_stride must be >= 1",
     )
     argv = stage_args(env, *stage[1], "--do_sample", "--temperature", "0", "--max_new_tokens", "0")
     fails(stage[0], argv, capsys, env, "--temperature must be > 0", "--max_new_tokens must be >= 1")

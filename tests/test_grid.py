@@ -279,3 +279,18 @@ def test_other_processes_wait_until_both_profile_files_are_complete(tmp_path):
     grid.wait_for_profiles(g, poll_seconds=3, sleep=sleep)
     assert sleeps == [3, 3, 3]
     assert grid.profiles_complete(g, {"user_top_100_history.json": users, "user_others.json": users[:1]})
+
+
+def test_a_user_stride_keeps_every_other_user_and_reuses_their_finished_adapters(full_grid):
+    """--user_stride 2 scores every row on users 0, 2, ... of the file; the OPPU stage reuses those
+    users' finished adapters (the flag is resume-neutral) instead of training them again. Last in
+    this file: it replaces the fixture's row records."""
+    adapters = sorted((full_grid["root"] / "W" / "ckpt").glob("**/users/*/**/*.safetensors"))
+    assert adapters, "the fixture's OPPU run saved no adapter"
+    before = {p: p.stat().st_mtime_ns for p in adapters}
+    stage = [*full_grid["stage"], "--user_stride", "2"]
+    table = run_grid.main([*full_grid["own"], "--rows", "user_majority,non_personalized,OPPU", "--", *stage])
+    for name, row in table["rows"].items():
+        assert set(row["per_user"]) == {"demo-news-000"} and row["n_queries"] == 2, name
+    assert {p: p.stat().st_mtime_ns for p in adapters} == before  # nothing retrained
+    assert table["config"]["user_stride"] == 2
