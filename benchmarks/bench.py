@@ -292,9 +292,26 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
         peft.set_adapter(name)
         generate(peft, tokenizer, [p for u, p in prompts if u == uid], cfg, show=False)
     timings["sequential"] = time.perf_counter() - start
-    peft.unload()
     qps = {k: len(prompts) / v for k, v in timings.items()}
-    return {"queries": len(prompts), "users": len(users), "via": via, "queries_per_s": qps}
+    prefix = serve_prefix(peft, tokenizer, task, users[:4], names[:4], queries=4) if mixed_model is not None else None
+    peft.unload()
+    return {"queries": len(prompts), "users": len(users), "via": via, "queries_per_s": qps, "prefix": prefix}
+
+
+def serve_prefix(peft, tokenizer, task, users, names, queries: int) -> dict:
+    """A mixed batch of several queries per user, with the shared prefix run once per adapter
+    (the default) against not at all: queries/s of each and whether the answers agree."""
+    from oppu.serving import RowAdapters
+
+    prompts = [(name, p) for u, name in zip(users, names) for p in query_prompts(task, u)[:queries]]
+    rows = [(encode_prompt(tokenizer, p), name) for name, p in prompts]
+    out, qps = {}, {}
+    for shared in (False, True):
+        cfg = DecodeConfig(max_new_tokens=task.max_new_tokens, batch_size=len(prompts), shared_prefix=shared)
+        start = time.perf_counter()
+        out[shared] = generate(RowAdapters(peft, rows), tokenizer, [p for _, p in prompts], cfg, show=False)
+        qps["shared_prefix" if shared else "no_prefix"] = len(prompts) / (time.perf_counter() - start)
+    return {"users": len(users), "queries": len(prompts), "queries_per_s": qps, "same_answers": out[True] == out[False]}
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -404,6 +421,9 @@ def headline(r: dict) -> dict:
             "mixed_vs_single_adapter": q["mixed"] / q["single"],
             "mixed_vs_sequential": q["mixed"] / q["sequential"],
         }
+        if r["serve"].get("prefix"):
+            pq = r["serve"]["prefix"]["queries_per_s"]
+            out["mixed_prefix_speedup"] = pq["shared_prefix"] / pq["no_prefix"]
     if "e2e" in r:
         e = r["e2e"]
         out |= {
@@ -440,6 +460,13 @@ def table(r: dict) -> str:
             f"| serving queries/s: mixed 8 users / one adapter / user after user | "
             f"{q['mixed']:.2f} / {q['single']:.2f} / {q['sequential']:.2f} | | |"
         )
+        if r["serve"].get("prefix"):
+            pr = r["serve"]["prefix"]
+            pq = pr["queries_per_s"]
+            lines.append(
+                f"| serving {pr['users']} users x {pr['queries'] // pr['users']} queries in one mixed batch: queries/s "
+                f"| | {pq['no_prefix']:.2f} | {pq['shared_prefix']:.2f} (same answers: {pr['same_answers']}) |"
+            )
     lines += ["", *(f"- {k}: {v:.3f}" for k, v in r["headline"].items() if v is not None)]
     return "\n".join(lines)
 

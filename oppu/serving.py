@@ -7,8 +7,10 @@ import hashlib
 import warnings
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from oppu import answers, ownership
 from oppu.adapters import merge_adapter
@@ -16,7 +18,7 @@ from oppu.examples import query_prompts
 from oppu.generation import DecodeConfig
 from oppu.modeling import ModelSpec, load_model
 from oppu.tasks import get_task
-from oppu.training import encode_prompt
+from oppu.training import Prefix, encode_prompt, run_prefix
 from utils import UserError
 
 
@@ -76,19 +78,50 @@ class AdapterPool:
         self.peak = max(self.peak, len(self.loaded))
 
 
+class RowPrefix(Prefix):
+    """The prompts' shared prefix under several users' adapters: its keys and values differ per
+    adapter (a LoRA on v changes them), so RowAdapters computes them once a batch's rows are known."""
+
+    def cache(self, rows: int):
+        return None
+
+
 class RowAdapters:
     """The serving model as generate() sees it: each row of a batch is answered with its own
     adapter. Rows are matched to their request by their unpadded token ids (identical prompts
-    of several users are taken in request order, which generate()'s stable sort keeps)."""
+    of several users are taken in request order, which generate()'s stable sort keeps). A shared
+    prefix runs once per adapter of a batch (one row each) and each row gets its adapter's keys
+    and values."""
 
     def __init__(self, peft_model, rows: Sequence[tuple[list[int], str]]) -> None:
         self.peft_model = peft_model
         self.queues: dict[tuple[int, ...], deque[str]] = defaultdict(deque)
         for ids, name in rows:
             self.queues[tuple(ids)].append(name)
+        self.prefix_ids: torch.Tensor | None = None
 
     def parameters(self):
         return self.peft_model.parameters()
+
+    def run_prefix(self, prefix_ids: torch.Tensor) -> RowPrefix:
+        """Called by generate() for the prompts' shared prefix (see oppu.training.run_prefix)."""
+        self.prefix_ids = prefix_ids
+        return RowPrefix(self, [], 0, prefix_ids.new_zeros(0))
+
+    def prefix_cache(self, names: list[str]):
+        """Each row's prefix keys and values, computed with its own adapter (batch: one row per adapter)."""
+        from transformers import DynamicCache
+
+        distinct = list(dict.fromkeys(names))
+        if len(distinct) == 1:
+            self.peft_model.set_adapter(distinct[0])
+            return run_prefix(self.peft_model, self.prefix_ids).cache(len(names))
+        ids = self.prefix_ids.expand(len(distinct), -1)
+        out = self.peft_model(input_ids=ids, use_cache=True, logits_to_keep=1, adapter_names=distinct)
+        index = torch.tensor([distinct.index(n) for n in names], device=ids.device)
+        return DynamicCache(
+            ddp_cache_data=[(k.index_select(0, index), v.index_select(0, index)) for k, v, *_ in out.cache]
+        )
 
     def generate(self, input_ids, attention_mask, **kwargs):
         names = []
@@ -97,6 +130,8 @@ class RowAdapters:
             if not self.queues.get(key):
                 raise RuntimeError("a decoded row matches no request: generate() changed how it encodes prompts")
             names.append(self.queues[key].popleft())
+        if self.prefix_ids is not None:
+            kwargs["cache"] = self.prefix_cache(names)
         if len(set(names)) == 1:  # one user: the plain single-adapter path
             self.peft_model.set_adapter(names[0])
             return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -157,8 +192,7 @@ def answer(
         names = pool.use([requests[i].peft for i in wave])
         if mixed and len(set(names)) > 1:
             rows = [(encode_prompt(tokenizer, prompts[i]), name) for i, name in zip(wave, names)]
-            # A shared prefix's keys and values differ per adapter (LoRA on v), so none is shared.
-            serving, wave_cfg = RowAdapters(pool.model, rows), replace(cfg, shared_prefix=False)
+            serving, wave_cfg = RowAdapters(pool.model, rows), cfg
         else:  # one user: exactly the path their training run answered with
             pool.model.set_adapter(names[0])
             serving, wave_cfg = pool.model, cfg

@@ -179,7 +179,10 @@ def run_prefix(model, prefix_ids: torch.Tensor) -> Prefix:
     """Run what every row starts with once (batch 1): a prompt-tuning adapter's virtual tokens, if
     any, then ``prefix_ids`` (1, P; P may be 0 behind virtual tokens). Under a prompt-tuning
     adapter the rest runs on the base model: the virtual tokens are in the cache now and must not
-    be prepended again. Nothing is detached, so gradients flow into the prefix."""
+    be prepended again. Nothing is detached, so gradients flow into the prefix. A model with a
+    ``run_prefix`` method of its own (serving.RowAdapters: an adapter per row) runs it its way."""
+    if hasattr(model, "run_prefix"):
+        return model.run_prefix(prefix_ids)
     virtual = virtual_prompt(model)
     if virtual is None:
         out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)

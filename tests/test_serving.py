@@ -63,11 +63,16 @@ def alone(tiny_model, tokenizer, folder: Path, prompts: list[str], cfg: DecodeCo
 
 
 @pytest.mark.parametrize("max_loaded", [3, 2])
-def test_mixed_batch_answers_equal_per_user_answers(pefts, tiny_model, tokenizer, max_loaded):
+def test_mixed_batch_answers_equal_per_user_answers(pefts, tiny_model, tokenizer, max_loaded, monkeypatch):
+    from oppu.serving import RowAdapters
+
     requests = requests_of(pefts)
     identities = {f: identity() for f in pefts}
     cfg = DecodeConfig(max_new_tokens=6, batch_size=5)
+    batches, real = [], RowAdapters.prefix_cache
+    monkeypatch.setattr(RowAdapters, "prefix_cache", lambda self, names: batches.append(names) or real(self, names))
     mixed, pool = answer(tiny_model(0), tokenizer, requests, identities, cfg, max_loaded, show=False)
+    assert any(len(set(names)) > 1 for names in batches)  # the shared prefix ran per adapter in mixed batches
     from oppu.serving import build_prompts
 
     prompts = build_prompts(requests, identities)
