@@ -18,7 +18,7 @@ from oppu.examples import query_prompts
 from oppu.generation import DecodeConfig
 from oppu.modeling import ModelSpec, load_model
 from oppu.tasks import get_task
-from oppu.training import Prefix, encode_prompt, run_prefix
+from oppu.training import Prefix, encode_prompt
 from utils import UserError
 
 
@@ -90,8 +90,7 @@ class RowAdapters:
     """The serving model as generate() sees it: each row of a batch is answered with its own
     adapter. Rows are matched to their request by their unpadded token ids (identical prompts
     of several users are taken in request order, which generate()'s stable sort keeps). A shared
-    prefix runs once per adapter of a batch (one row each) and each row gets its adapter's keys
-    and values."""
+    prefix runs once per adapter and each row gets its adapter's keys and values."""
 
     def __init__(self, peft_model, rows: Sequence[tuple[list[int], str]]) -> None:
         self.peft_model = peft_model
@@ -99,6 +98,7 @@ class RowAdapters:
         for ids, name in rows:
             self.queues[tuple(ids)].append(name)
         self.prefix_ids: torch.Tensor | None = None
+        self.prefix_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per adapter, batch 1
 
     def parameters(self):
         return self.peft_model.parameters()
@@ -109,19 +109,19 @@ class RowAdapters:
         return RowPrefix(self, [], 0, prefix_ids.new_zeros(0))
 
     def prefix_cache(self, names: list[str]):
-        """Each row's prefix keys and values, computed with its own adapter (batch: one row per adapter)."""
+        """Each row's prefix keys and values under its own adapter. The prefix runs once per adapter
+        for the whole call (one row per adapter not seen yet), not again in every batch."""
         from transformers import DynamicCache
 
-        distinct = list(dict.fromkeys(names))
-        if len(distinct) == 1:
-            self.peft_model.set_adapter(distinct[0])
-            return run_prefix(self.peft_model, self.prefix_ids).cache(len(names))
-        ids = self.prefix_ids.expand(len(distinct), -1)
-        out = self.peft_model(input_ids=ids, use_cache=True, logits_to_keep=1, adapter_names=distinct)
-        index = torch.tensor([distinct.index(n) for n in names], device=ids.device)
-        return DynamicCache(
-            ddp_cache_data=[(k.index_select(0, index), v.index_select(0, index)) for k, v, *_ in out.cache]
-        )
+        new = [n for n in dict.fromkeys(names) if n not in self.prefix_kv]
+        if new:
+            ids = self.prefix_ids.expand(len(new), -1)
+            out = self.peft_model(input_ids=ids, use_cache=True, logits_to_keep=1, adapter_names=new)
+            layers = [(k, v) for k, v, *_ in out.cache]
+            for i, name in enumerate(new):
+                self.prefix_kv[name] = [(k[i : i + 1], v[i : i + 1]) for k, v in layers]
+        per_layer = zip(*(self.prefix_kv[n] for n in names))
+        return DynamicCache(ddp_cache_data=[tuple(torch.cat(t) for t in zip(*layer)) for layer in per_layer])
 
     def generate(self, input_ids, attention_mask, **kwargs):
         names = []
