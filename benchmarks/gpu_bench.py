@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from oppu.adapters import USER_TARGETS, add_adapter, lora_config  # noqa: E402
 from oppu.cost import train_flops  # noqa: E402
+from oppu.modeling import fold_lm_head  # noqa: E402
 from oppu.training import IGNORE_INDEX, Encoded, TrainConfig, train  # noqa: E402
 from utils import UserError, run_cli, write_json  # noqa: E402
 
@@ -101,6 +102,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(default)
     model.generation_config.eos_token_id = None  # random weights: every row decodes exactly --new_tokens
     model.generation_config.pad_token_id = 0
+    fold_lm_head(model)  # as load_model does
     return model.eval()
 
 

@@ -165,7 +165,25 @@ def load_model(spec: ModelSpec, device=None):
     if not spec.load_in_4bit:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.config.pad_token_id = tokenizer.pad_token_id
+    fold_lm_head(model)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def fold_lm_head(model) -> None:
+    """Make the vocabulary projection one matrix product. transformers hands the LM head a slice
+    of the hidden states (``logits_to_keep``: the last position at decoding, the answer's positions
+    in training), and torch multiplies a non-contiguous (rows, n, d) slice by the (d, vocabulary)
+    weight as ``rows`` separate products, each of them reading the whole weight: for the embedded
+    model in training, 0.9 s against 0.26 s per batch of 8, forward and backward
+    (docs/cost.md). A contiguous copy of the slice is a few kB. Idempotent; values unchanged."""
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_oppu_folded", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._oppu_folded = True

@@ -20,6 +20,8 @@ def tiny_model(tokenizer):
     weights, so two calls give identical, independent base models."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from oppu.modeling import fold_lm_head
+
     def make(seed: int = 0):
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -40,6 +42,7 @@ def tiny_model(tokenizer):
         # Set after construction, as load_model does: pad is EOS here, and a pad id in the config
         # would zero EOS's embedding row at init, so the tied head could never predict EOS.
         model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+        fold_lm_head(model)
         return model.eval()
 
     return make

@@ -156,6 +156,24 @@ def test_shared_prefix_decoding_gives_the_same_greedy_answers(tiny_model, tokeni
 # --- the bench's padding figure ----------------------------------------------------------------
 
 
+def test_the_lm_head_gets_one_contiguous_matrix_of_the_kept_positions(tiny_model):
+    """transformers slices the hidden states for ``logits_to_keep``; the folded head multiplies a
+    contiguous copy (one product, not one per row) and its logits are those of the plain head."""
+    from oppu.modeling import fold_lm_head
+
+    model = tiny_model()
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(5, 500, (3, 12))
+    with torch.no_grad():
+        folded = model(input_ids=ids, logits_to_keep=4).logits
+        full = model(input_ids=ids).logits[:, -4:]
+    assert seen == [True, True]
+    torch.testing.assert_close(folded, full, rtol=1e-5, atol=1e-5)
+    fold_lm_head(model)  # a second call adds no second hook
+    assert len(model.lm_head._forward_pre_hooks) == 1
+
+
 def test_planned_padding_on_a_hand_made_case():
     from benchmarks.bench import planned_padding
 
