@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from oppu.examples import history_pairs, query_prompts
 from oppu.modeling import load_model
 from oppu.runs import (
     CONFIG_FILE,
+    PERSONAL_ANSWER_ONLY,
     RunLock,
     check_or_save_config,
     clean_stale_staging,
@@ -48,7 +50,9 @@ from oppu.runs import (
     oppu_dir,
     public_config,
     read_user_result,
+    reuse_mismatch,
     staging_dir,
+    user_result_dir,
     wait_for_users,
 )
 from oppu.tasks import Task
@@ -143,6 +147,64 @@ def train_user(
     return remove_adapter(peft_model), result
 
 
+def reused_source(args: argparse.Namespace, config: dict) -> tuple[Path, str] | None:
+    """--reuse_adapters: (the run folder, its results' fingerprint), once its config is known to
+    differ from this run's in answer-only settings at most."""
+    if not args.reuse_adapters:
+        return None
+    source = Path(args.reuse_adapters)
+    if not (source / CONFIG_FILE).is_file():
+        raise UserError(f"--reuse_adapters {source}: no OPPU run here ({CONFIG_FILE} missing)")
+    theirs = read_json(source / CONFIG_FILE)
+    key = reuse_mismatch(public_config(config), theirs)
+    if key is not None:
+        raise UserError(
+            f"--reuse_adapters {source / CONFIG_FILE}: trained with {key} {theirs.get(key)!r}, not {config.get(key)!r}; "
+            f"only {', '.join(sorted(PERSONAL_ANSWER_ONLY))} may differ"
+        )
+    return source, config_fingerprint(theirs)
+
+
+def answer_with_saved(
+    model,
+    tokenizer,
+    task: Task,
+    user: User,
+    profile: str | None,
+    args: argparse.Namespace,
+    run_dir: Path,
+    fingerprint: str,
+    source: Path,
+    trained: dict,
+) -> tuple[object, dict]:
+    """One user whose PEFT another run trained under the same settings (``trained``: its result):
+    load it, answer this run's way, and record its training figures with the new answers."""
+    from peft import PeftModel
+
+    start = time.time()
+    set_seed(stable_seed(args.seed, user["user_id"]))  # sampling: seeded, though not the trained run's stream
+    saved = user_result_dir(source, user["user_id"]) / "adapter"
+    peft_model = PeftModel.from_pretrained(model, str(saved), use_safetensors=True)
+    peft_model.eval()
+    _, decode_cfg = cli.personal_configs(args, task)
+    prompts = query_prompts(task, user, args.k, profile, args.retrieval)
+    raw = answer(peft_model, tokenizer, task, prompts, decode_cfg, args.answer_mode, show=False)
+    predictions = {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)}
+    staging = staging_dir(run_dir, user["user_id"])
+    shutil.copytree(saved, staging / "adapter")
+    result = {k: v for k, v in trained.items() if k not in ("predictions", "raw_generations")} | {
+        "training_seconds": trained.get("training_seconds", trained["seconds"]),
+        "seconds": round(time.time() - start, 2),  # this run's own: answering only
+        "adapter_from": str(source),
+        "invalid_fraction": invalid_fraction(task, predictions),
+        "config": fingerprint,
+        "predictions": predictions,
+        "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
+    }
+    commit_user_result(run_dir, user["user_id"], staging, result)
+    return remove_adapter(peft_model), result
+
+
 def merge_outputs(
     run_dir: Path, task: Task, users: list[User], pred_file: Path, model_name: str, fingerprint: str
 ) -> dict[str, str]:
@@ -194,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs)}
     config["task_lora_sha256"] = ownership.task_adapter_sha(Path(args.task_lora))  # a retrained one invalidates results
     fingerprint = config_fingerprint(config)
+    source = reused_source(args, config)
 
     from accelerate import Accelerator
 
@@ -205,17 +268,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         model, tokenizer = load_model(spec, accelerator.device)
         model = merge_adapter(model, Path(args.task_lora))
         mine = list(range(rank, len(users), world))
-        done = 0
+        done = reused = 0
         bar = tqdm(mine, desc=f"OPPU users (process {rank})", position=rank)
         for i in bar:
             user = users[i]
             qids = [q["id"] for q in user["query"]]
             if not args.overwrite and read_user_result(run_dir, user["user_id"], qids, fingerprint) is not None:
                 continue
-            model, result = train_user(model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint)
-            done += 1
+            trained = read_user_result(source[0], user["user_id"], qids, source[1]) if source else None
+            if trained is not None:
+                model, result = answer_with_saved(
+                    model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint, source[0], trained
+                )
+                reused += 1
+            else:
+                model, result = train_user(model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint)
+                done += 1
             bar.set_postfix(user=user["user_id"], loss=f"{result['final_loss']:.3f}")
-        print(f"process {rank}: trained {done} users, skipped {len(mine) - done} finished ones")
+        reuse_note = f", answered {reused} with the PEFTs of {source[0]}" if source else ""
+        print(f"process {rank}: trained {done} users{reuse_note}, skipped {len(mine) - done - reused} finished ones")
         if world > 1:
             wait_for_users(run_dir, users, fingerprint)  # not a barrier: the split can be unbalanced
         accelerator.wait_for_everyone()

@@ -155,6 +155,12 @@ def add_personal_args(parser: argparse.ArgumentParser) -> None:
         default="query",
         help="history items for personal training in the query prompt, or plain 'input -> output'",
     )
+    g.add_argument(
+        "--reuse_adapters",
+        metavar="RUN_DIR",
+        help="an OPPU run folder trained under these settings except how queries are answered (--answer_mode, "
+        "--max_new_tokens, sampling): its users' PEFTs are loaded and only answer; users it lacks are trained",
+    )
     parser.set_defaults(target_modules=None)
 
 

@@ -38,7 +38,15 @@ from oppu.data import (
     load_users,
 )
 from oppu.profiles import read_aligned
-from oppu.runs import ANSWER_ONLY, PERSONAL_ONLY, file_fingerprint, safe_dirname
+from oppu.runs import (
+    ANSWER_ONLY,
+    CONFIG_FILE,
+    PERSONAL_ANSWER_ONLY,
+    PERSONAL_ONLY,
+    file_fingerprint,
+    oppu_dir,
+    safe_dirname,
+)
 from oppu.tasks import Task
 from utils import UserError, read_json, wait_until, write_json
 
@@ -315,12 +323,22 @@ def run_task_lora(grid: Grid, names: Sequence[str], key: tuple) -> tuple[dict[st
     return records, out["adapter"]
 
 
+def reusable_oppu_run(grid: Grid, row: Row) -> Path | None:
+    """For an OPPU row that changes only how queries are answered (e.g. OPPU[score]): the plain
+    row's run folder, whose personal PEFTs it can answer with instead of training them again."""
+    personal_answer_only = all(f[2:].split("=")[0] in PERSONAL_ANSWER_ONLY for f in row.flags if f.startswith("--"))
+    if not row.flags or row.user_flags or not personal_answer_only:
+        return None
+    plain = oppu_dir(run_dirs(grid, ())[0], grid.task, row.k, grid.settings.model_name, row.profile)
+    return plain if (plain / CONFIG_FILE).is_file() else None
+
+
 def run_oppu(grid: Grid, name: str, task_lora: Path) -> dict:
     row = ROWS[name]
     start = time.time()
-    out = OPPU.main(
-        stage_argv(grid, row, row.flags + row.user_flags, [*grid.oppu_flags, "--task_lora", str(task_lora)])
-    )
+    plain = reusable_oppu_run(grid, row)
+    extra = [*grid.oppu_flags, "--task_lora", str(task_lora), *(["--reuse_adapters", str(plain)] if plain else [])]
+    out = OPPU.main(stage_argv(grid, row, row.flags + row.user_flags, extra))
     return save_record(grid, name, out["predictions"], time.time() - start)
 
 

@@ -23,6 +23,9 @@ CONFIG_FILE = "run_config.json"
 # Settings that change only how queries are answered, never what an adapter learns: a task
 # adapter trained under other values of these is reused.
 ANSWER_ONLY = {"answer_mode", "retrieval", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p"}
+# The answer-only settings that also leave a personal PEFT as it is. Retrieval is not one of them:
+# OPPU+RAG trains each user's PEFT on history items with retrieved items in their prompts.
+PERSONAL_ANSWER_ONLY = ANSWER_ONLY - {"retrieval"}
 # Settings of personal training only: the task stage accepts them (flags go to both stages) but
 # neither uses nor records them, so they never make it retrain a task adapter.
 PERSONAL_ONLY = {"min_steps"}
@@ -40,6 +43,7 @@ RESUME_NEUTRAL = {
     "output_dir",
     "predict_base",
     "no_answer",
+    "reuse_adapters",
 }
 
 
@@ -86,6 +90,14 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     that a resumed run never keeps results made under other settings."""
     relevant = {k: v for k, v in public_config(config).items() if k not in RESUME_NEUTRAL}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reuse_mismatch(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """The first setting, other than how queries are answered (PERSONAL_ANSWER_ONLY) and the
+    resume-neutral ones, in which two OPPU runs' configs differ; None when one run's personal
+    PEFTs are the other's."""
+    skip = PERSONAL_ANSWER_ONLY | RESUME_NEUTRAL | {"access_token", "debug"}
+    return next((k for k in sorted(set(ours) | set(theirs)) if k not in skip and ours.get(k) != theirs.get(k)), None)
 
 
 def file_fingerprint(*paths: Path) -> str:

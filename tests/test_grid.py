@@ -281,6 +281,50 @@ def test_other_processes_wait_until_both_profile_files_are_complete(tmp_path):
     assert grid.profiles_complete(g, {"user_top_100_history.json": users, "user_others.json": users[:1]})
 
 
+def test_an_answer_only_oppu_row_answers_with_the_plain_rows_peft_and_trains_none(full_grid, monkeypatch, tmp_path):
+    """OPPU[score] answers with OPPU's saved PEFTs (nothing trained, nothing rewritten); its answers
+    equal those of a run that trains every user's PEFT afresh and answers by scoring."""
+    import OPPU
+
+    adapters = sorted((full_grid["root"] / "W" / "ckpt").glob("**/users/*/adapter/*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in adapters}
+    train_user = OPPU.train_user
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a user was trained")
+
+    monkeypatch.setattr(OPPU, "train_user", refuse)
+    table = run_grid.main([*full_grid["own"], "--rows", "OPPU,OPPU[score]", "--", *full_grid["stage"]])
+    assert {p: p.stat().st_mtime_ns for p in adapters} == before
+    reused = sorted((full_grid["root"] / "W" / "variants").glob("**/users/*/result.json"))
+    assert len(reused) == 2 and all("adapter_from" in json.loads(p.read_text()) for p in reused)
+
+    monkeypatch.setattr(OPPU, "train_user", train_user)  # the same row trained from scratch elsewhere
+    own = [a if a != str(full_grid["root"] / "W") else str(tmp_path / "W2") for a in full_grid["own"]]
+    fresh = run_grid.main([*own, "--rows", "OPPU[score]", "--", *full_grid["stage"]])
+    records = [
+        grid.record_path(grid.Grid(NEWS, full_grid["root"] / "data", w), "OPPU[score]")
+        for w in (full_grid["root"] / "W", tmp_path / "W2")
+    ]
+    preds = [json.loads(Path(json.loads(r.read_text())["predictions"]).read_text())["golds"] for r in records]
+    assert preds[0] == preds[1] and len(preds[0]) == 4
+    assert table["rows"]["OPPU[score]"]["n_queries"] == fresh["rows"]["OPPU[score]"]["n_queries"] == 4
+
+
+def test_a_peft_is_reused_only_under_the_same_training_settings(tmp_path):
+    from oppu.runs import reuse_mismatch
+
+    ours = {"learning_rate": 1e-3, "answer_mode": "score", "max_new_tokens": 3, "ckpt_dir": "a", "retrieval": "most"}
+    assert reuse_mismatch(ours, ours | {"answer_mode": "generate", "max_new_tokens": 32, "ckpt_dir": "b"}) is None
+    assert reuse_mismatch(ours, ours | {"learning_rate": 1e-4}) == "learning_rate"
+    assert reuse_mismatch(ours, ours | {"retrieval": "least"}) == "retrieval"  # OPPU+RAG trains on retrieved items
+    row = grid.ROWS["OPPU[score]"]
+    g = grid.Grid(NEWS, tmp_path / "data", tmp_path / "W")
+    assert grid.reusable_oppu_run(g, row) is None  # no plain run yet: the row trains
+    assert grid.reusable_oppu_run(g, grid.ROWS["OPPU+RAG[least]"]) is None
+    assert grid.reusable_oppu_run(g, grid.ROWS["OPPU[ia3]"]) is None
+
+
 def test_a_user_stride_keeps_every_other_user_and_reuses_their_finished_adapters(full_grid):
     """--user_stride 2 scores every row on users 0, 2, ... of the file; the OPPU stage reuses those
     users' finished adapters (the flag is resume-neutral) instead of training them again. Last in
