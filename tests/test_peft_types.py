@@ -188,6 +188,32 @@ def test_base_is_bit_identical_after_every_user(tiny_model, tokenizer, make_args
     assert saved[0] != saved[1]  # each user got an adapter of their own
 
 
+@pytest.mark.parametrize("peft_type", TYPES)
+def test_a_saved_peft_answers_as_it_did_after_training_and_leaves_the_base_as_it_was(
+    tiny_model, tokenizer, make_args, tmp_path, peft_type
+):
+    """--reuse_adapters: each type's saved PEFT, loaded onto the base, gives the answers training
+    gave, keeps the training figures, and is taken out again without a trace."""
+    task = get_task("news_categorize")
+    args = make_args("--peft_type", peft_type, "--max_epoch", "1", "--batch_size", "2", "--max_new_tokens", "3")
+    base = tiny_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    user = news_user("u-zebra", "zebra")
+    model, trained = OPPU.train_user(base, tokenizer, task, user, None, args, tmp_path / "trained")
+    model, again = OPPU.answer_with_saved(
+        model, tokenizer, task, user, None, args, tmp_path / "reused", "fp", tmp_path / "trained", trained
+    )
+    assert again["raw_generations"] == trained["raw_generations"] and again["predictions"] == trained["predictions"]
+    assert again["steps"] == trained["steps"] and again["adapter_from"] == str(tmp_path / "trained")
+    assert model is base and not hasattr(model, "peft_config")
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    copied = user_result_dir(tmp_path / "reused", "u-zebra") / "adapter" / ADAPTER_WEIGHTS
+    assert (
+        copied.read_bytes()
+        == (user_result_dir(tmp_path / "trained", "u-zebra") / "adapter" / ADAPTER_WEIGHTS).read_bytes()
+    )
+
+
 def test_removing_a_prompt_returns_the_model_it_was_given(tiny_model, tokenizer, make_args):
     base = tiny_model()
     args = make_args("--peft_type", "prompt_tuning", "--no_shared_prefix")  # through peft's own generate
