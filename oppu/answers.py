@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from oppu.generation import DecodeConfig, generate
 from oppu.tasks import Task
-from oppu.training import IGNORE_INDEX, run_prefix, tokenize_and_mask
+from oppu.training import IGNORE_INDEX, MIN_SHARED_PREFIX, Prefix, common_prefix_length, run_prefix, tokenize_and_mask
 from prompts import format_target, is_valid_prediction
 
 RATING_ANSWERS = ("1", "2", "3", "4", "5")
@@ -35,45 +35,82 @@ def answer(
     """The model's raw answer to every prompt: its generation, or (``mode`` "score") the
     candidate answer it finds most likely."""
     if mode == "score":
-        return score_answers(model, tokenizer, prompts, candidates(task), desc=desc, show=show)
+        return score_answers(model, tokenizer, prompts, candidates(task), desc, show, decode.shared_prefix)
     return generate(model, tokenizer, prompts, decode, desc=desc, show=show)
 
 
-@torch.no_grad()
-def answer_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[str]) -> list[float]:
-    """Log-likelihood of each answer (its tokens and EOS, exactly as training appends them) after
-    the prompt. The prompt runs once; its keys and values are shared by every answer's row."""
+def answer_rows(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The prompt's token ids and each answer's (its tokens and EOS, exactly as training appends them)."""
     encoded = [tokenize_and_mask(tokenizer, prompt, format_target(a), cut_off=1 << 30) for a in answers]
     n_prompt = encoded[0].labels.count(IGNORE_INDEX)
-    device = next(model.parameters()).device
-    head = run_prefix(model, torch.tensor([encoded[0].input_ids[:n_prompt]], device=device))
+    return encoded[0].input_ids[:n_prompt], [e.input_ids[n_prompt:] for e in encoded]
+
+
+def extend_prefix(prefix: Prefix, ids: Sequence[int]) -> Prefix:
+    """``prefix`` followed by ``ids`` (one row, at least one token), as one Prefix: the shared
+    tokens' keys and values are reused, not computed again, and stay untouched."""
+    held = prefix.kv[0][0].size(-2)  # positions in the cache: virtual tokens and the prefix's text
+    device = prefix.last_logits.device
+    positions = torch.arange(held, held + len(ids), device=device).unsqueeze(0)
+    ids_t = torch.tensor([list(ids)], device=device, dtype=torch.long)
+    out = prefix.model(input_ids=ids_t, cache=prefix.cache(1), position_ids=positions, use_cache=True, logits_to_keep=1)
+    return Prefix(prefix.model, [(k, v) for k, v, *_ in out.cache], prefix.virtual, out.logits[0, -1])
+
+
+def _log_likelihoods(head: Prefix, held: int, tails: Sequence[Sequence[int]], pad_id: int) -> list[float]:
+    """Each tail's log-likelihood behind ``head`` (the whole prompt, run; ``held`` positions in its
+    cache, virtual tokens included): its rows share the prompt's keys and values."""
     first = torch.log_softmax(head.last_logits.float(), dim=-1)  # predicts each answer's first token
-    tails = [e.input_ids[n_prompt:] for e in encoded]
-    width, held = max(len(t) for t in tails), head.virtual + n_prompt  # held: positions in the cache
-    ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    device = first.device
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(tails), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(tails), held + width), dtype=torch.long, device=device)
     mask[:, :held] = 1
     for i, tail in enumerate(tails):
         ids[i, : len(tail)] = torch.tensor(tail)
         mask[i, held : held + len(tail)] = 1
     positions = torch.arange(held, held + width, device=device).expand(len(tails), -1)
-    cache = head.cache(len(tails))
-    logits = head.model(input_ids=ids, attention_mask=mask, cache=cache, position_ids=positions).logits
+    logits = head.model(input_ids=ids, attention_mask=mask, cache=head.cache(len(tails)), position_ids=positions).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
-    scores = []
-    for i, tail in enumerate(tails):
-        total = first[tail[0]] + sum(logp[i, j - 1, tail[j]] for j in range(1, len(tail)))
-        scores.append(float(total))
-    return scores
+    return [float(first[t[0]] + sum(logp[i, j - 1, t[j]] for j in range(1, len(t)))) for i, t in enumerate(tails)]
 
 
+@torch.no_grad()
+def answer_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[str]) -> list[float]:
+    """Log-likelihood of each answer after the prompt. The prompt runs once; its keys and values
+    are shared by every answer's row."""
+    prompt_ids, tails = answer_rows(tokenizer, prompt, answers)
+    device = next(model.parameters()).device
+    head = run_prefix(model, torch.tensor([prompt_ids], device=device))
+    return _log_likelihoods(head, head.virtual + len(prompt_ids), tails, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
 def score_answers(
-    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], desc: str = "score", show: bool = True
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    desc: str = "score",
+    show: bool = True,
+    shared_prefix: bool = True,
 ) -> list[str]:
-    """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer)."""
+    """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer).
+    With ``shared_prefix``, the tokens all prompts start with (chat template, instruction, label
+    list) run once for the call, as in generate(); each prompt then runs only its own tokens."""
+    rows = [answer_rows(tokenizer, p, answers) for p in prompts]
+    shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix and len(rows) > 1 else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    device = next(model.parameters()).device
+    base = run_prefix(model, torch.tensor([rows[0][0][:shared]], device=device)) if shared else None
     chosen = []
-    for prompt in tqdm(prompts, desc=desc, leave=False, disable=not show):
-        scores = answer_log_likelihoods(model, tokenizer, prompt, answers)
+    for prompt_ids, tails in tqdm(rows, desc=desc, leave=False, disable=not show):
+        head = (
+            extend_prefix(base, prompt_ids[shared:])
+            if base
+            else run_prefix(model, torch.tensor([prompt_ids], device=device))
+        )
+        scores = _log_likelihoods(head, head.virtual + len(prompt_ids), tails, tokenizer.pad_token_id)
         chosen.append(answers[max(range(len(answers)), key=lambda i: (scores[i], -i))])
     return chosen
 

@@ -301,7 +301,7 @@ def test_prompt_tuning_decodes_as_peft_does_under_a_repetition_penalty(tiny_mode
 
 
 def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokenizer, make_args):
-    from oppu.answers import answer_log_likelihoods
+    from oppu.answers import answer_log_likelihoods, score_answers
     from prompts import format_target
 
     model = trained_prompt(tiny_model, tokenizer, make_args).eval()
@@ -316,3 +316,8 @@ def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokeniz
         want = sum(float(logp[j - 1, enc.input_ids[j]]) for j, y in enumerate(enc.labels) if y != -100)
         assert score == pytest.approx(want, abs=1e-4)
     assert len({round(g, 3) for g in got}) == len(got)
+    # several prompts: the virtual tokens and the prompts' shared text run once for the call
+    prompts = [f"{SHARED}{text}\nAnswer:" for text in ("a bank robbery", "the cup final", "a week in Lisbon")]
+    assert score_answers(model, tokenizer, prompts, answers, show=False) == score_answers(
+        model, tokenizer, prompts, answers, show=False, shared_prefix=False
+    )

@@ -153,6 +153,36 @@ def test_shared_prefix_decoding_gives_the_same_greedy_answers(tiny_model, tokeni
     assert len(set(plain)) > 1  # the answers depend on the article, so the comparison means something
 
 
+def test_scoring_with_a_shared_prefix_gives_the_same_likelihoods_and_answers(tiny_model, tokenizer, make_args):
+    """--answer_mode score runs the prompts' common first tokens once per call: every answer's
+    log-likelihood equals the one from running its whole prompt, and so does the choice."""
+    from oppu.answers import answer_log_likelihoods, answer_rows, extend_prefix, score_answers
+    from oppu.training import run_prefix
+
+    model = lora_model(tiny_model, make_args).eval()
+    prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES]
+    labels = [t.strip() for _, t in ARTICLES]
+    rows = [answer_rows(tokenizer, p, labels) for p in prompts]
+    shared = common_prefix_length([ids for ids, _ in rows])
+    assert shared >= MIN_SHARED_PREFIX
+    with torch.no_grad():
+        base = run_prefix(model, torch.tensor([rows[0][0][:shared]]))
+        for ids, _ in rows:
+            head = extend_prefix(base, ids[shared:])
+            whole = run_prefix(model, torch.tensor([ids]))
+            torch.testing.assert_close(head.last_logits, whole.last_logits, rtol=1e-4, atol=1e-4)
+            for (k1, v1), (k2, v2) in zip(head.kv, whole.kv):
+                torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-4)
+        assert base.kv[0][0].size(-2) == shared  # the shared keys and values were not extended in place
+    chosen = score_answers(model, tokenizer, prompts, labels, show=False)
+    assert chosen == score_answers(model, tokenizer, prompts, labels, show=False, shared_prefix=False)
+    for prompt, label in zip(prompts, chosen):
+        scores = answer_log_likelihoods(model, tokenizer, prompt, labels)
+        assert label == labels[max(range(len(labels)), key=lambda i: (scores[i], -i))]
+    assert len(set(chosen)) > 1  # the choice depends on the article, so the comparison means something
+
+
 # --- the bench's padding figure ----------------------------------------------------------------
 
 
