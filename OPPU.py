@@ -147,21 +147,25 @@ def train_user(
     return remove_adapter(peft_model), result
 
 
-def reused_source(args: argparse.Namespace, config: dict) -> tuple[Path, str] | None:
-    """--reuse_adapters: (the run folder, its results' fingerprint), once its config is known to
-    differ from this run's in answer-only settings at most."""
+def reused_source(args: argparse.Namespace, config: dict, run_dir: Path) -> tuple[Path, str] | None:
+    """--reuse_adapters: (the run folder, its results' fingerprint) when its PEFTs were trained
+    under this run's settings (answer-only ones aside); None, with a note, when they were not,
+    and every user is trained."""
     if not args.reuse_adapters:
         return None
     source = Path(args.reuse_adapters)
     if not (source / CONFIG_FILE).is_file():
         raise UserError(f"--reuse_adapters {source}: no OPPU run here ({CONFIG_FILE} missing)")
+    if source.resolve() == run_dir.resolve():
+        raise UserError(f"--reuse_adapters {source}: that is this run's own folder; give the finished run's")
     theirs = read_json(source / CONFIG_FILE)
     key = reuse_mismatch(public_config(config), theirs)
     if key is not None:
-        raise UserError(
-            f"--reuse_adapters {source / CONFIG_FILE}: trained with {key} {theirs.get(key)!r}, not {config.get(key)!r}; "
-            f"only {', '.join(sorted(PERSONAL_ANSWER_ONLY))} may differ"
+        print(
+            f"note: --reuse_adapters {source}: its PEFTs were trained with {key} {theirs.get(key)!r}, not "
+            f"{config.get(key)!r} (only {', '.join(sorted(PERSONAL_ANSWER_ONLY))} may differ); training every user"
         )
+        return None
     return source, config_fingerprint(theirs)
 
 
@@ -183,17 +187,17 @@ def answer_with_saved(
 
     start = time.time()
     set_seed(stable_seed(args.seed, user["user_id"]))  # sampling: seeded, though not the trained run's stream
-    saved = user_result_dir(source, user["user_id"]) / "adapter"
-    peft_model = PeftModel.from_pretrained(model, str(saved), use_safetensors=True)
+    staging = staging_dir(run_dir, user["user_id"])
+    # copied first and loaded from the copy: the saved PEFT and the answers cannot come apart
+    shutil.copytree(user_result_dir(source, user["user_id"]) / "adapter", staging / "adapter")
+    peft_model = PeftModel.from_pretrained(model, str(staging / "adapter"), use_safetensors=True)
     peft_model.eval()
     _, decode_cfg = cli.personal_configs(args, task)
     prompts = query_prompts(task, user, args.k, profile, args.retrieval)
     raw = answer(peft_model, tokenizer, task, prompts, decode_cfg, args.answer_mode, show=False)
     predictions = {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)}
-    staging = staging_dir(run_dir, user["user_id"])
-    shutil.copytree(saved, staging / "adapter")
     result = {k: v for k, v in trained.items() if k not in ("predictions", "raw_generations")} | {
-        "training_seconds": trained.get("training_seconds", trained["seconds"]),
+        "source_seconds": trained.get("source_seconds", trained["seconds"]),  # training and answering there
         "seconds": round(time.time() - start, 2),  # this run's own: answering only
         "adapter_from": str(source),
         "invalid_fraction": invalid_fraction(task, predictions),
@@ -256,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs)}
     config["task_lora_sha256"] = ownership.task_adapter_sha(Path(args.task_lora))  # a retrained one invalidates results
     fingerprint = config_fingerprint(config)
-    source = reused_source(args, config)
+    source = reused_source(args, config, run_dir)
 
     from accelerate import Accelerator
 

@@ -96,7 +96,8 @@ def reuse_mismatch(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
     """The first setting, other than how queries are answered (PERSONAL_ANSWER_ONLY) and the
     resume-neutral ones, in which two OPPU runs' configs differ; None when one run's personal
     PEFTs are the other's."""
-    skip = PERSONAL_ANSWER_ONLY | RESUME_NEUTRAL | {"access_token", "debug"}
+    # the task adapter and the data are compared by their contents' hashes, not their paths
+    skip = PERSONAL_ANSWER_ONLY | RESUME_NEUTRAL | {"access_token", "debug", "task_lora", "data_dir"}
     return next((k for k in sorted(set(ours) | set(theirs)) if k not in skip and ours.get(k) != theirs.get(k)), None)
 
 

@@ -318,6 +318,21 @@ def test_a_peft_is_reused_only_under_the_same_training_settings(tmp_path):
     assert reuse_mismatch(ours, ours | {"answer_mode": "generate", "max_new_tokens": 32, "ckpt_dir": "b"}) is None
     assert reuse_mismatch(ours, ours | {"learning_rate": 1e-4}) == "learning_rate"
     assert reuse_mismatch(ours, ours | {"retrieval": "least"}) == "retrieval"  # OPPU+RAG trains on retrieved items
+    assert reuse_mismatch(ours | {"task_lora": "a"}, ours | {"task_lora": "b"}) is None  # its hash is compared
+    import argparse
+
+    import OPPU
+    from oppu.runs import config_fingerprint
+
+    source, here = tmp_path / "plain-OPPU", tmp_path / "score-OPPU"
+    source.mkdir()
+    (source / "run_config.json").write_text(json.dumps(ours | {"answer_mode": "generate"}))
+    args = argparse.Namespace(reuse_adapters=str(source))
+    assert OPPU.reused_source(args, ours, here) == (source, config_fingerprint(ours | {"answer_mode": "generate"}))
+    # a plain run trained otherwise (e.g. the grid's --oppu_flags changed since): trained, not refused
+    assert OPPU.reused_source(args, ours | {"learning_rate": 1e-4}, here) is None
+    with pytest.raises(UserError, match="own folder"):
+        OPPU.reused_source(args, ours, source)
     row = grid.ROWS["OPPU[score]"]
     g = grid.Grid(NEWS, tmp_path / "data", tmp_path / "W")
     assert grid.reusable_oppu_run(g, row) is None  # no plain run yet: the row trains

@@ -301,7 +301,8 @@ def test_prompt_tuning_decodes_as_peft_does_under_a_repetition_penalty(tiny_mode
 
 
 def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokenizer, make_args):
-    from oppu.answers import answer_log_likelihoods, score_answers
+    from oppu.answers import _log_likelihoods, answer_log_likelihoods, answer_rows, extend_prefix, score_answers
+    from oppu.training import MIN_SHARED_PREFIX, common_prefix_length, run_prefix
     from prompts import format_target
 
     model = trained_prompt(tiny_model, tokenizer, make_args).eval()
@@ -316,8 +317,19 @@ def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokeniz
         want = sum(float(logp[j - 1, enc.input_ids[j]]) for j, y in enumerate(enc.labels) if y != -100)
         assert score == pytest.approx(want, abs=1e-4)
     assert len({round(g, 3) for g in got}) == len(got)
-    # several prompts: the virtual tokens and the prompts' shared text run once for the call
+    # several prompts: the virtual tokens and the prompts' shared text run once for the call, and
+    # each prompt's likelihoods on top of them equal those of its whole prompt
     prompts = [f"{SHARED}{text}\nAnswer:" for text in ("a bank robbery", "the cup final", "a week in Lisbon")]
+    rows = [answer_rows(tokenizer, p, answers) for p in prompts]
+    shared = common_prefix_length([ids for ids, _ in rows])
+    assert shared >= MIN_SHARED_PREFIX
+    with torch.no_grad():
+        base = run_prefix(model, torch.tensor([rows[0][0][:shared]]))
+        assert base.virtual == 20
+        for prompt, (ids, tails) in zip(prompts, rows):
+            head = extend_prefix(base, ids[shared:])
+            got = _log_likelihoods(head, base.virtual + len(ids), tails, tokenizer.pad_token_id)
+            assert got == pytest.approx(answer_log_likelihoods(model, tokenizer, prompt, answers), abs=1e-4)
     assert score_answers(model, tokenizer, prompts, answers, show=False) == score_answers(
         model, tokenizer, prompts, answers, show=False, shared_prefix=False
     )
