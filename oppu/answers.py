@@ -46,10 +46,10 @@ def answer_rows(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list[in
     return encoded[0].input_ids[:n_prompt], [e.input_ids[n_prompt:] for e in encoded]
 
 
-def extend_prefix(prefix: Prefix, ids: Sequence[int]) -> Prefix:
-    """``prefix`` followed by ``ids`` (one row, at least one token), as one Prefix: the shared
-    tokens' keys and values are reused, not computed again, and stay untouched."""
-    held = prefix.kv[0][0].size(-2)  # positions in the cache: virtual tokens and the prefix's text
+def extend_prefix(prefix: Prefix, held: int, ids: Sequence[int]) -> Prefix:
+    """``prefix`` (``held`` positions: virtual tokens and its text) followed by ``ids`` (one row, at
+    least one token), as one Prefix: the shared tokens' keys and values are reused, not computed
+    again, and stay untouched."""
     device = prefix.last_logits.device
     positions = torch.arange(held, held + len(ids), device=device).unsqueeze(0)
     ids_t = torch.tensor([list(ids)], device=device, dtype=torch.long)
@@ -106,7 +106,7 @@ def score_answers(
     chosen = []
     for prompt_ids, tails in tqdm(rows, desc=desc, leave=False, disable=not show):
         head = (
-            extend_prefix(base, prompt_ids[shared:])
+            extend_prefix(base, base.virtual + shared, prompt_ids[shared:])
             if base
             else run_prefix(model, torch.tensor([prompt_ids], device=device))
         )

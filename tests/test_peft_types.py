@@ -327,7 +327,7 @@ def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokeniz
         base = run_prefix(model, torch.tensor([rows[0][0][:shared]]))
         assert base.virtual == 20
         for prompt, (ids, tails) in zip(prompts, rows):
-            head = extend_prefix(base, ids[shared:])
+            head = extend_prefix(base, base.virtual + shared, ids[shared:])
             got = _log_likelihoods(head, base.virtual + len(ids), tails, tokenizer.pad_token_id)
             assert got == pytest.approx(answer_log_likelihoods(model, tokenizer, prompt, answers), abs=1e-4)
     assert score_answers(model, tokenizer, prompts, answers, show=False) == score_answers(

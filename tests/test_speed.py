@@ -168,7 +168,7 @@ def test_scoring_with_a_shared_prefix_gives_the_same_likelihoods_and_answers(tin
     with torch.no_grad():
         base = run_prefix(model, torch.tensor([rows[0][0][:shared]]))
         for ids, _ in rows:
-            head = extend_prefix(base, ids[shared:])
+            head = extend_prefix(base, base.virtual + shared, ids[shared:])
             whole = run_prefix(model, torch.tensor([ids]))
             torch.testing.assert_close(head.last_logits, whole.last_logits, rtol=1e-4, atol=1e-4)
             for (k1, v1), (k2, v2) in zip(head.kv, whole.kv):
