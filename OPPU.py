@@ -96,6 +96,20 @@ def check_task_lora(path: Path, args: argparse.Namespace, task: Task) -> None:
             raise UserError(f"{path}: task adapter was trained with {key} {trained[key]!r}, not {want!r}")
 
 
+def answer_user(peft_model, tokenizer, task: Task, user: User, profile: str | None, args: argparse.Namespace) -> dict:
+    """A user's queries answered with their PEFT: the result fields it fills (the parsed
+    predictions, the raw generations and the share of invalid answers)."""
+    _, decode_cfg = cli.personal_configs(args, task)
+    prompts = query_prompts(task, user, args.k, profile, args.retrieval)
+    raw = answer(peft_model, tokenizer, task, prompts, decode_cfg, args.answer_mode, show=False)
+    predictions = {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)}
+    return {
+        "invalid_fraction": invalid_fraction(task, predictions),
+        "predictions": predictions,
+        "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
+    }
+
+
 def train_user(
     model,
     tokenizer,
@@ -115,12 +129,10 @@ def train_user(
     pairs = history_pairs(task, user, args.k, profile, args.retrieval, args.history_format)
     encoded = encode_pairs(tokenizer, pairs, args.cut_off)
     epochs = epochs_for_min_steps(len(encoded), args.batch_size, args.max_epoch, args.min_steps)
-    train_cfg, decode_cfg = cli.personal_configs(args, task)
+    train_cfg, _ = cli.personal_configs(args, task)
     cfg = replace(train_cfg, seed=seed, max_epoch=epochs)
     fit = train(peft_model, tokenizer, encoded, cfg, desc=f"user {user['user_id']}")
-    prompts = query_prompts(task, user, args.k, profile, args.retrieval)
-    raw = answer(peft_model, tokenizer, task, prompts, decode_cfg, args.answer_mode, show=False)
-    predictions = {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)}
+    answers = answer_user(peft_model, tokenizer, task, user, profile, args)
     staging = staging_dir(run_dir, user["user_id"])
     save_adapter(peft_model, staging / "adapter")
     result = {
@@ -138,10 +150,8 @@ def train_user(
         "final_loss": fit.final_loss,
         "losses": [round(x, 4) for x in fit.losses],  # training loss per optimiser step
         "seconds": round(time.time() - start, 2),
-        "invalid_fraction": invalid_fraction(task, predictions),
         "config": fingerprint,
-        "predictions": predictions,
-        "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
+        **answers,
     }
     commit_user_result(run_dir, user["user_id"], staging, result)
     return remove_adapter(peft_model), result
@@ -192,18 +202,13 @@ def answer_with_saved(
     shutil.copytree(user_result_dir(source, user["user_id"]) / "adapter", staging / "adapter")
     peft_model = PeftModel.from_pretrained(model, str(staging / "adapter"), use_safetensors=True)
     peft_model.eval()
-    _, decode_cfg = cli.personal_configs(args, task)
-    prompts = query_prompts(task, user, args.k, profile, args.retrieval)
-    raw = answer(peft_model, tokenizer, task, prompts, decode_cfg, args.answer_mode, show=False)
-    predictions = {q["id"]: parse_prediction(task, text) for q, text in zip(user["query"], raw)}
-    result = {k: v for k, v in trained.items() if k not in ("predictions", "raw_generations")} | {
+    answers = answer_user(peft_model, tokenizer, task, user, profile, args)
+    result = trained | {
         "source_seconds": trained.get("source_seconds", trained["seconds"]),  # training and answering there
         "seconds": round(time.time() - start, 2),  # this run's own: answering only
         "adapter_from": str(source),
-        "invalid_fraction": invalid_fraction(task, predictions),
         "config": fingerprint,
-        "predictions": predictions,
-        "raw_generations": {q["id"]: text for q, text in zip(user["query"], raw)},
+        **answers,
     }
     commit_user_result(run_dir, user["user_id"], staging, result)
     return remove_adapter(peft_model), result
