@@ -159,7 +159,8 @@ def add_personal_args(parser: argparse.ArgumentParser) -> None:
         "--reuse_adapters",
         metavar="RUN_DIR",
         help="an OPPU run folder trained under these settings except how queries are answered (--answer_mode, "
-        "--max_new_tokens, sampling): its users' PEFTs are loaded and only answer; users it lacks are trained",
+        "--max_new_tokens, sampling): its users' PEFTs are loaded and only answer; users it lacks are trained, and "
+        "so is every user, with a note, if it was trained under other settings",
     )
     parser.set_defaults(target_modules=None)
 

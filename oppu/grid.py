@@ -242,11 +242,16 @@ def as_flags(**values: object) -> list[str]:
     return [item for name, value in values.items() for item in (f"--{name}", str(value))]
 
 
+def flags_within(flags: Sequence[str], names: set[str]) -> bool:
+    """Whether every ``--name`` (or ``--name=value``) in ``flags`` is one of ``names``."""
+    return all(f[2:].split("=")[0] in names for f in flags if f.startswith("--"))
+
+
 def answer_only(flags: Sequence[str]) -> bool:
     """Whether ``flags`` leave the task adapter as it is: they change only how queries are
     answered (runs.ANSWER_ONLY) or personal training (runs.PERSONAL_ONLY), so that a task adapter
     trained without them serves."""
-    return all(f[2:].split("=")[0] in ANSWER_ONLY | PERSONAL_ONLY for f in flags if f.startswith("--"))
+    return flags_within(flags, ANSWER_ONLY | PERSONAL_ONLY)
 
 
 def stage_argv(
@@ -326,8 +331,7 @@ def run_task_lora(grid: Grid, names: Sequence[str], key: tuple) -> tuple[dict[st
 def reusable_oppu_run(grid: Grid, row: Row) -> Path | None:
     """For an OPPU row that changes only how queries are answered (e.g. OPPU[score]): the plain
     row's run folder, whose personal PEFTs it can answer with instead of training them again."""
-    personal_answer_only = all(f[2:].split("=")[0] in PERSONAL_ANSWER_ONLY for f in row.flags if f.startswith("--"))
-    if not row.flags or row.user_flags or not personal_answer_only:
+    if not row.flags or row.user_flags or not flags_within(row.flags, PERSONAL_ANSWER_ONLY):
         return None
     plain = oppu_dir(run_dirs(grid, ())[0], grid.task, row.k, grid.settings.model_name, row.profile)
     return plain if (plain / CONFIG_FILE).is_file() else None

@@ -182,7 +182,7 @@ def fold_lm_head(model) -> None:
     in training), and torch multiplies a non-contiguous (rows, n, d) slice by the (d, vocabulary)
     weight as ``rows`` separate products, each of them reading the whole weight: for the embedded
     model in training, 0.9 s against 0.26 s per batch of 8, forward and backward
-    (docs/cost.md). A contiguous copy of the slice is a few kB. Idempotent; values unchanged."""
+    (benchmarks/README.md). A contiguous copy of the slice is a few kB. Idempotent; values unchanged."""
     head = model.get_output_embeddings()
     if head is not None and not getattr(head, "_oppu_folded", False):
         head.register_forward_pre_hook(_contiguous_input)

@@ -97,7 +97,7 @@ def reuse_mismatch(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
     resume-neutral ones, in which two OPPU runs' configs differ; None when one run's personal
     PEFTs are the other's."""
     # the task adapter and the data are compared by their contents' hashes, not their paths
-    skip = PERSONAL_ANSWER_ONLY | RESUME_NEUTRAL | {"access_token", "debug", "task_lora", "data_dir"}
+    skip = PERSONAL_ANSWER_ONLY | RESUME_NEUTRAL | {"task_lora", "data_dir"}
     return next((k for k in sorted(set(ours) | set(theirs)) if k not in skip and ours.get(k) != theirs.get(k)), None)
 
 
