@@ -10,7 +10,15 @@ from tqdm.auto import tqdm
 
 from oppu.generation import DecodeConfig, generate
 from oppu.tasks import Task
-from oppu.training import IGNORE_INDEX, MIN_SHARED_PREFIX, Prefix, common_prefix_length, run_prefix, tokenize_and_mask
+from oppu.training import (
+    IGNORE_INDEX,
+    MIN_SHARED_PREFIX,
+    Prefix,
+    common_prefix_length,
+    prompt_tuned,
+    run_prefix,
+    tokenize_and_mask,
+)
 from prompts import format_target, is_valid_prediction
 
 RATING_ANSWERS = ("1", "2", "3", "4", "5")
@@ -46,43 +54,81 @@ def answer_rows(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list[in
     return encoded[0].input_ids[:n_prompt], [e.input_ids[n_prompt:] for e in encoded]
 
 
-def extend_prefix(prefix: Prefix, held: int, ids: Sequence[int]) -> Prefix:
-    """``prefix`` (``held`` positions: virtual tokens and its text) followed by ``ids`` (one row, at
-    least one token), as one Prefix: the shared tokens' keys and values are reused, not computed
-    again, and stay untouched."""
-    device = prefix.last_logits.device
-    positions = torch.arange(held, held + len(ids), device=device).unsqueeze(0)
-    ids_t = torch.tensor([list(ids)], device=device, dtype=torch.long)
-    out = prefix.model(input_ids=ids_t, cache=prefix.cache(1), position_ids=positions, use_cache=True, logits_to_keep=1)
-    return Prefix(prefix.model, [(k, v) for k, v, *_ in out.cache], prefix.virtual, out.logits[0, -1])
+SCORE_TOKENS = 512  # packed tokens per forward pass in scoring mode (memory; attention grows with it)
 
 
-def _log_likelihoods(head: Prefix, held: int, tails: Sequence[Sequence[int]], pad_id: int) -> list[float]:
-    """Each tail's log-likelihood behind ``head`` (the whole prompt, run; ``held`` positions in its
-    cache, virtual tokens included): its rows share the prompt's keys and values."""
-    first = torch.log_softmax(head.last_logits.float(), dim=-1)  # predicts each answer's first token
-    device = first.device
-    width = max(len(t) for t in tails)
-    ids = torch.full((len(tails), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(tails), held + width), dtype=torch.long, device=device)
-    mask[:, :held] = 1
-    for i, tail in enumerate(tails):
-        ids[i, : len(tail)] = torch.tensor(tail)
-        mask[i, held : held + len(tail)] = 1
-    positions = torch.arange(held, held + width, device=device).expand(len(tails), -1)
-    logits = head.model(input_ids=ids, attention_mask=mask, cache=head.cache(len(tails)), position_ids=positions).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return [float(first[t[0]] + sum(logp[i, j - 1, t[j]] for j in range(1, len(t)))) for i, t in enumerate(tails)]
+def packed_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], held: int
+) -> tuple[list[int], list[int], torch.Tensor, list[list[list[int]]]]:
+    """One sequence holding every prompt's own tokens and every answer behind it, for one forward
+    pass behind ``held`` cached positions (virtual tokens and shared text) that all of it sees.
+
+    ``rows`` are (the prompt's tokens behind the cache, each answer's tokens and EOS). An answer's
+    last token predicts nothing, so it is left out. Returns the token ids, their position ids, the
+    boolean mask (tokens, held + tokens): a prompt's token sees the cache and its own prompt's
+    earlier tokens, an answer's token the cache, its prompt and its own earlier tokens; and, per
+    prompt and answer, the packed indices whose logits predict the answer's tokens in turn."""
+    ids: list[int] = []
+    positions: list[int] = []
+    block: list[int] = []  # every prompt and every answer is a block of its own
+    owner: list[int] = []  # the prompt block each token sees besides its own
+    where: list[list[list[int]]] = []
+    for rest, tails in rows:
+        if not rest:
+            raise ValueError("every prompt needs a token of its own behind the cached prefix")
+        prompt_block, last = len(where) + sum(len(w) for w in where), len(ids) + len(rest) - 1
+        ids += rest
+        positions += range(held, held + len(rest))
+        block += [prompt_block] * len(rest)
+        owner += [prompt_block] * len(rest)
+        per_answer = []
+        for n, tail in enumerate(tails, 1):
+            body = list(tail[:-1])
+            per_answer.append([last, *range(len(ids), len(ids) + len(body))])
+            ids += body
+            positions += range(held + len(rest), held + len(rest) + len(body))
+            block += [prompt_block + n] * len(body)
+            owner += [prompt_block] * len(body)
+        where.append(per_answer)
+    b, o, p = torch.tensor(block), torch.tensor(owner), torch.tensor(positions)
+    sees = (p[:, None] >= p[None, :]) & ((b[:, None] == b[None, :]) | (o[:, None] == b[None, :]))
+    return ids, positions, torch.cat([torch.ones(len(ids), held, dtype=torch.bool), sees], dim=1), where
+
+
+def packed_log_likelihoods(
+    model, prefix: Prefix | None, rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+) -> list[list[float]]:
+    """Every answer's log-likelihood behind its prompt, all ``rows`` in one forward pass (see
+    ``packed_rows``) behind ``prefix``'s cached keys and values, which stay untouched; without a
+    prefix the rows hold whole prompts."""
+    held = prefix.kv[0][0].size(-2) if prefix else 0  # virtual tokens and shared text
+    ids, positions, mask, where = packed_rows(rows, held)
+    device = next(model.parameters()).device
+    keep = sorted({i for per_answer in where for idx in per_answer for i in idx})
+    column = {i: n for n, i in enumerate(keep)}
+    out = (prefix.model if prefix else model)(
+        input_ids=torch.tensor([ids], device=device),
+        attention_mask=mask[None, None].to(device),
+        position_ids=torch.tensor([positions], device=device),
+        cache=prefix.cache(1) if prefix else None,
+        use_cache=bool(prefix),
+        logits_to_keep=torch.tensor(keep, device=device),
+    )
+    logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+    return [
+        [sum(float(logp[column[i], t]) for i, t in zip(idx, tail)) for idx, tail in zip(per_answer, tails)]
+        for per_answer, (_, tails) in zip(where, rows)
+    ]
 
 
 @torch.no_grad()
 def answer_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[str]) -> list[float]:
-    """Log-likelihood of each answer after the prompt. The prompt runs once; its keys and values
-    are shared by every answer's row."""
+    """Log-likelihood of each answer after the prompt: the prompt's tokens run once and every
+    answer sees them (see ``packed_rows``)."""
     prompt_ids, tails = answer_rows(tokenizer, prompt, answers)
     device = next(model.parameters()).device
-    head = run_prefix(model, torch.tensor([prompt_ids], device=device))
-    return _log_likelihoods(head, head.virtual + len(prompt_ids), tails, tokenizer.pad_token_id)
+    prefix = run_prefix(model, torch.tensor([[]], device=device, dtype=torch.long)) if prompt_tuned(model) else None
+    return packed_log_likelihoods(model, prefix, [(prompt_ids, tails)])[0]
 
 
 @torch.no_grad()
@@ -94,24 +140,29 @@ def score_answers(
     desc: str = "score",
     show: bool = True,
     shared_prefix: bool = True,
+    max_tokens: int = SCORE_TOKENS,
 ) -> list[str]:
     """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer).
-    With ``shared_prefix``, the tokens all prompts start with (chat template, instruction, label
-    list) run once for the call, as in generate(); each prompt then runs only its own tokens."""
+    Prompts and their answers are packed into forward passes of about ``max_tokens`` tokens (see
+    ``packed_rows``); with ``shared_prefix``, the tokens all prompts start with (chat template,
+    instruction, label list) run once for the call, as in generate(), and every pass sees them."""
     rows = [answer_rows(tokenizer, p, answers) for p in prompts]
-    shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix and len(rows) > 1 else 0
+    shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     device = next(model.parameters()).device
-    base = run_prefix(model, torch.tensor([rows[0][0][:shared]], device=device)) if shared else None
+    # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.
+    cached = bool(shared) or prompt_tuned(model)
+    prefix = run_prefix(model, torch.tensor([rows[0][0][:shared]], device=device, dtype=torch.long)) if cached else None
+    passes: list[list[tuple[list[int], list[list[int]]]]] = [[]]
+    for ids, tails in rows:
+        size = len(ids) - shared + sum(len(t) - 1 for t in tails)
+        if passes[-1] and sum(len(i) + sum(len(t) - 1 for t in ts) for i, ts in passes[-1]) + size > max_tokens:
+            passes.append([])
+        passes[-1].append((ids[shared:], tails))
     chosen = []
-    for prompt_ids, tails in tqdm(rows, desc=desc, leave=False, disable=not show):
-        head = (
-            extend_prefix(base, base.virtual + shared, prompt_ids[shared:])
-            if base
-            else run_prefix(model, torch.tensor([prompt_ids], device=device))
-        )
-        scores = _log_likelihoods(head, head.virtual + len(prompt_ids), tails, tokenizer.pad_token_id)
-        chosen.append(answers[max(range(len(answers)), key=lambda i: (scores[i], -i))])
+    for batch in tqdm(passes, desc=desc, leave=False, disable=not show):
+        for scores in packed_log_likelihoods(model, prefix, batch):
+            chosen.append(answers[max(range(len(answers)), key=lambda i: (scores[i], -i))])
     return chosen
 
 

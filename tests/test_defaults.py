@@ -147,6 +147,8 @@ class BigramLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None, position_ids=None, use_cache=False, logits_to_keep=0):
         logits = self.table[input_ids]
+        if isinstance(logits_to_keep, torch.Tensor):
+            return SimpleNamespace(logits=logits[:, logits_to_keep], cache=[])
         return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, cache=[])
 
 

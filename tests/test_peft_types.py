@@ -301,7 +301,7 @@ def test_prompt_tuning_decodes_as_peft_does_under_a_repetition_penalty(tiny_mode
 
 
 def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokenizer, make_args):
-    from oppu.answers import _log_likelihoods, answer_log_likelihoods, answer_rows, extend_prefix, score_answers
+    from oppu.answers import answer_log_likelihoods, answer_rows, packed_log_likelihoods, score_answers
     from oppu.training import MIN_SHARED_PREFIX, common_prefix_length, run_prefix
     from prompts import format_target
 
@@ -326,9 +326,8 @@ def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokeniz
     with torch.no_grad():
         base = run_prefix(model, torch.tensor([rows[0][0][:shared]]))
         assert base.virtual == 20
-        for prompt, (ids, tails) in zip(prompts, rows):
-            head = extend_prefix(base, base.virtual + shared, ids[shared:])
-            got = _log_likelihoods(head, base.virtual + len(ids), tails, tokenizer.pad_token_id)
+        packed = packed_log_likelihoods(model, base, [(ids[shared:], tails) for ids, tails in rows])
+        for prompt, got in zip(prompts, packed):
             assert got == pytest.approx(answer_log_likelihoods(model, tokenizer, prompt, answers), abs=1e-4)
     assert score_answers(model, tokenizer, prompts, answers, show=False) == score_answers(
         model, tokenizer, prompts, answers, show=False, shared_prefix=False

@@ -154,10 +154,13 @@ def test_shared_prefix_decoding_gives_the_same_greedy_answers(tiny_model, tokeni
 
 
 def test_scoring_with_a_shared_prefix_gives_the_same_likelihoods_and_answers(tiny_model, tokenizer, make_args):
-    """--answer_mode score runs the prompts' common first tokens once per call: every answer's
-    log-likelihood equals the one from running its whole prompt, and so does the choice."""
-    from oppu.answers import answer_log_likelihoods, answer_rows, extend_prefix, score_answers
+    """--answer_mode score packs several prompts and all their answers into one forward pass
+    behind the prompts' common first tokens, run once per call: every answer's log-likelihood
+    equals the one from running its whole prompt and answer, and so does the choice, however
+    the prompts are split into passes."""
+    from oppu.answers import answer_log_likelihoods, answer_rows, packed_log_likelihoods, score_answers
     from oppu.training import run_prefix
+    from prompts import format_target
 
     model = lora_model(tiny_model, make_args).eval()
     prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES]
@@ -167,20 +170,45 @@ def test_scoring_with_a_shared_prefix_gives_the_same_likelihoods_and_answers(tin
     assert shared >= MIN_SHARED_PREFIX
     with torch.no_grad():
         base = run_prefix(model, torch.tensor([rows[0][0][:shared]]))
-        for ids, _ in rows:
-            head = extend_prefix(base, base.virtual + shared, ids[shared:])
-            whole = run_prefix(model, torch.tensor([ids]))
-            torch.testing.assert_close(head.last_logits, whole.last_logits, rtol=1e-4, atol=1e-4)
-            for (k1, v1), (k2, v2) in zip(head.kv, whole.kv):
-                torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-4)
+        packed = packed_log_likelihoods(model, base, [(ids[shared:], tails) for ids, tails in rows])
         assert base.kv[0][0].size(-2) == shared  # the shared keys and values were not extended in place
+        for prompt, got in zip(prompts, packed):
+            want = []
+            for label in labels:  # the whole prompt and answer, one plain forward each
+                enc = tokenize_and_mask(tokenizer, prompt, format_target(label), 4096)
+                logp = torch.log_softmax(model(input_ids=torch.tensor([enc.input_ids])).logits[0].float(), -1)
+                want.append(sum(float(logp[j - 1, enc.input_ids[j]]) for j, y in enumerate(enc.labels) if y != -100))
+            assert got == pytest.approx(want, abs=1e-4)
+            assert answer_log_likelihoods(model, tokenizer, prompt, labels) == pytest.approx(want, abs=1e-4)
     chosen = score_answers(model, tokenizer, prompts, labels, show=False)
     assert chosen == score_answers(model, tokenizer, prompts, labels, show=False, shared_prefix=False)
-    for prompt, label in zip(prompts, chosen):
-        scores = answer_log_likelihoods(model, tokenizer, prompt, labels)
-        assert label == labels[max(range(len(labels)), key=lambda i: (scores[i], -i))]
+    assert chosen == score_answers(model, tokenizer, prompts, labels, show=False, max_tokens=1)  # a pass per prompt
+    for got, label in zip(packed, chosen):
+        assert label == labels[max(range(len(labels)), key=lambda i: (got[i], -i))]
     assert len(set(chosen)) > 1  # the choice depends on the article, so the comparison means something
+
+
+def test_packed_answers_see_their_prompt_and_their_own_tokens_only():
+    """The packed sequence's mask: a prompt's tokens see the cache and their own prompt causally;
+    an answer's tokens see the cache, their prompt and their own earlier tokens, never another
+    answer or another prompt; positions continue each prompt; each answer's last token is left out."""
+    from oppu.answers import packed_rows
+
+    ids, positions, mask, where = packed_rows([([1, 2], [[7, 0], [8, 9, 0]]), ([3], [[7, 0]])], held=2)
+    assert ids == [1, 2, 7, 8, 9, 3, 7]
+    assert positions == [2, 3, 4, 4, 5, 2, 3]
+    assert where == [[[1, 2], [1, 3, 4]], [[5, 6]]]
+    assert mask.shape == (7, 9) and mask[:, :2].all()
+    rows = [[int(x) for x in r] for r in mask[:, 2:]]
+    assert rows == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
 
 
 # --- the bench's padding figure ----------------------------------------------------------------
