@@ -291,8 +291,8 @@ def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float)
 
 
 def bench_serving(model, tokenizer, data: Path, args) -> dict:
-    """8 users' queries with 8 personal LoRAs: one mixed batch (peft's per-row adapter_names,
-    through oppu.serving), one adapter for the whole batch, and user after user. The LoRAs are
+    """8 users' queries with 8 personal LoRAs: one mixed batch (each row through its own LoRA,
+    oppu.serving.RowAdapters), one adapter for the whole batch, and user after user. The LoRAs are
     random (non-zero B) so every row really goes through its own weights. No shared prefix in
     any of the three: a prefix's keys and values differ per adapter."""
     from peft import get_peft_model

@@ -9,7 +9,7 @@ Figures, written to --output as JSON and printed as a table:
   (oppu.cost.train_flops: forward, activation gradients, attention, the LM head only where the
   loss is) for the plain path and the shared-prefix path, and their ratio;
 - decoding with one personal LoRA per row: a batch of --users rows, each with its own adapter
-  (peft's per-row ``adapter_names``), against the same batch on one adapter and against user after
+  (each row through its own LoRA: ``oppu.serving.rows_through_their_loras``), against the same batch on one adapter and against user after
   user; new tokens/s, a fixed number of new tokens per row;
 - peak accelerator memory.
 
@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 from oppu.adapters import USER_TARGETS, add_adapter, lora_config  # noqa: E402
 from oppu.cost import train_flops  # noqa: E402
 from oppu.modeling import fold_lm_head  # noqa: E402
+from oppu.serving import rows_through_their_loras  # noqa: E402
 from oppu.training import IGNORE_INDEX, Encoded, TrainConfig, train  # noqa: E402
 from utils import UserError, run_cli, write_json  # noqa: E402
 
@@ -168,15 +170,10 @@ def measure_decoding(model, args, device: torch.device) -> dict:
     new = args.new_tokens
 
     def run(rows: slice, adapter_names: list[str] | None = None):
-        with torch.no_grad():
-            extra = {"adapter_names": adapter_names} if adapter_names else {}
+        mixed = rows_through_their_loras(peft, adapter_names) if adapter_names else contextlib.nullcontext()
+        with torch.no_grad(), mixed:
             peft.generate(
-                input_ids=ids[rows],
-                attention_mask=mask[rows],
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                **extra,
+                input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=new, min_new_tokens=new, do_sample=False
             )
 
     run(slice(0, 1))  # first-call costs out of the timings

@@ -84,6 +84,30 @@ def test_mixed_batch_answers_equal_per_user_answers(pefts, tiny_model, tokenizer
     assert pool.peak <= max_loaded and pool.loads == 3  # each user loaded once: their requests go together
 
 
+def test_rows_through_their_loras_equal_peft_s_per_row_selection(pefts, tiny_model):
+    """Each row through its own LoRA by stacked products gives peft's per-row logits, and every
+    projection has its own forward back afterwards."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from oppu.serving import rows_through_their_loras
+
+    model = PeftModel.from_pretrained(tiny_model(0), str(pefts[0]), adapter_name="a")
+    model.load_adapter(str(pefts[1]), adapter_name="b")
+    model.eval()
+    ids, names = torch.randint(5, 200, (3, 7)), ["b", "a", "b"]
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=names).logits
+        with rows_through_their_loras(model, names):
+            got = model(input_ids=ids).logits
+        model.set_adapter("a")
+        plain = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], plain[0])  # row 0 went through b, not the active adapter a
+    torch.testing.assert_close(got[1], plain[1], rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(m) for m in model.modules() if isinstance(m, LoraLayer))
+
+
 def test_lazy_loading_respects_the_bound_and_evicts_least_recently_used(pefts, tiny_model):
     a, b, c = pefts
     pool = AdapterPool(tiny_model(0), max_loaded=2)
