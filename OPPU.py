@@ -51,6 +51,7 @@ from oppu.runs import (
     public_config,
     read_user_result,
     reuse_mismatch,
+    split_users,
     staging_dir,
     user_result_dir,
     wait_for_users,
@@ -247,6 +248,14 @@ def train_own(args: argparse.Namespace, task: Task, spec) -> dict[str, Path]:
     return {"peft_dir": job.peft_dir, "result": result}
 
 
+def user_cost(user: User, args: argparse.Namespace) -> float:
+    """A user's share of the run, for splitting users over processes: the characters of their
+    history items times the epochs they will be trained for, plus their queries' characters."""
+    text = sum(len(str(v)) for item in user["profile"] for v in item.values())
+    epochs = epochs_for_min_steps(len(user["profile"]), args.batch_size, args.max_epoch, args.min_steps)
+    return text * epochs + sum(len(str(q.get("input", ""))) for q in user["query"])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     task, spec = cli.validate(args)
@@ -276,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         clean_stale_staging(run_dir)
         model, tokenizer = load_model(spec, accelerator.device)
         model = merge_adapter(model, Path(args.task_lora))
-        mine = list(range(rank, len(users), world))
+        mine = split_users([user_cost(u, args) for u in users], world)[rank] if world > 1 else list(range(len(users)))
         done = reused = 0
         bar = tqdm(mine, desc=f"OPPU users (process {rank})", position=rank)
         for i in bar:

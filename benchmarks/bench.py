@@ -39,6 +39,7 @@ from oppu.modeling import ModelSpec, load_model  # noqa: E402
 from oppu.tasks import get_task  # noqa: E402
 from oppu.training import (  # noqa: E402
     IGNORE_INDEX,
+    MIN_SHARED_PREFIX,
     TrainConfig,
     batch_plan,
     common_prefix_length,
@@ -201,6 +202,7 @@ def own_tokens(tokenizer, prompts: list[str]) -> int:
     """Prompt tokens to run at least once: the prompts' common first tokens once, the rest each."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     shared = common_prefix_length(encoded)
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0  # as generate() and score_answers() decide
     return shared + sum(len(e) - shared for e in encoded)
 
 

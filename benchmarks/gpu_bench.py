@@ -170,10 +170,15 @@ def measure_decoding(model, args, device: torch.device) -> dict:
     new = args.new_tokens
 
     def run(rows: slice, adapter_names: list[str] | None = None):
-        mixed = rows_through_their_loras(peft, adapter_names) if adapter_names else contextlib.nullcontext()
-        with torch.no_grad(), mixed:
+        mixed = rows_through_their_loras(peft, adapter_names) if adapter_names else contextlib.nullcontext({})
+        with torch.no_grad(), mixed as extra:
             peft.generate(
-                input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=new, min_new_tokens=new, do_sample=False
+                input_ids=ids[rows],
+                attention_mask=mask[rows],
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                **extra,
             )
 
     run(slice(0, 1))  # first-call costs out of the timings

@@ -106,9 +106,13 @@ def packed_log_likelihoods(
     device = next(model.parameters()).device
     keep = sorted({i for per_answer in where for idx in per_answer for i in idx})
     column = {i: n for n, i in enumerate(keep)}
-    out = (prefix.model if prefix else model)(
+    runner = prefix.model if prefix else model
+    dtype = next(runner.parameters()).dtype
+    # additive, as eager attention adds the mask to the scores (sdpa takes either form)
+    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    out = runner(
         input_ids=torch.tensor([ids], device=device),
-        attention_mask=mask[None, None].to(device),
+        attention_mask=additive[None, None].to(device),
         position_ids=torch.tensor([positions], device=device),
         cache=prefix.cache(1) if prefix else None,
         use_cache=bool(prefix),
@@ -146,6 +150,8 @@ def score_answers(
     Prompts and their answers are packed into forward passes of about ``max_tokens`` tokens (see
     ``packed_rows``); with ``shared_prefix``, the tokens all prompts start with (chat template,
     instruction, label list) run once for the call, as in generate(), and every pass sees them."""
+    if not prompts:  # e.g. a user file with a history and no queries
+        return []
     rows = [answer_rows(tokenizer, p, answers) for p in prompts]
     shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0

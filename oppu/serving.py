@@ -79,22 +79,59 @@ class AdapterPool:
         self.peak = max(self.peak, len(self.loaded))
 
 
+def _stackable(module, names: Sequence[str]) -> bool:
+    """Whether a LoRA layer's update for these adapters is plain x A B (scaled) on a Linear."""
+    mine = [n for n in dict.fromkeys(names) if n in module.lora_A]
+    return (
+        isinstance(module.base_layer, torch.nn.Linear)
+        and not module.merged
+        and not module.disable_adapters
+        and not any(module.use_dora.get(n) for n in mine)
+        and not any(getattr(module, "lora_bias", {}).get(n) for n in mine)
+    )
+
+
+def _row_weights(module, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' A (rows, in, r) and scaled B (rows, r, out), every rank zero-padded to the
+    largest (the padding adds nothing); a row whose adapter leaves this layer alone gets zeros."""
+    base = module.base_layer.weight
+    mine = [n for n in dict.fromkeys(names) if n in module.lora_A]
+    rank = max((module.lora_A[n].weight.size(0) for n in mine), default=1)
+    dtype = module.lora_A[mine[0]].weight.dtype if mine else base.dtype
+    a = base.new_zeros((len(names), base.size(1), rank), dtype=dtype)
+    b = base.new_zeros((len(names), rank, base.size(0)), dtype=dtype)
+    for row, name in enumerate(names):
+        if name in module.lora_A:
+            r = module.lora_A[name].weight.size(0)
+            a[row, :, :r] = module.lora_A[name].weight.t()
+            b[row, :r] = (module.lora_B[name].weight * module.scaling[name]).t()
+    return a, b
+
+
 @contextmanager
 def rows_through_their_loras(peft_model, names: Sequence[str]):
     """Inside, each row of a batch goes through its own LoRA (``names``, one per row): for every
     adapted projection the rows' A and B (scaled) are stacked once, and all rows' updates are
     two batched products. peft's ``adapter_names`` loops over the adapters in every projection
     instead, which cost a decoding step of 8 users half as much again as one adapter's (0.57 s
-    against 0.37 s, 1 thread). LoRA dropout is off: serving runs in eval mode."""
+    against 0.37 s, 1 thread). LoRA dropout is off: serving runs in eval mode.
+
+    Yields the keyword arguments the model's call needs: none, or, where some layer is not a
+    plain LoRA on a Linear (an embedding, DoRA, a LoRA bias), ``adapter_names`` for peft's own
+    per-row path, untouched."""
     from peft.tuners.lora import LoraLayer
 
+    def holds(m) -> bool:  # lora_A/B, or lora_embedding_A/B in an embedding layer
+        return any(n in getattr(m, attr) for attr in m.adapter_layer_names for n in names)
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and holds(m)]
+    if not all(_stackable(m, names) for m in layers):
+        yield {"adapter_names": list(names)}
+        return
     patched = []
     try:
-        for module in peft_model.modules():
-            if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, torch.nn.Linear):
-                continue
-            a = torch.stack([module.lora_A[n].weight for n in names]).transpose(1, 2)  # rows, in, r
-            b = torch.stack([module.lora_B[n].weight * module.scaling[n] for n in names]).transpose(1, 2)
+        for module in layers:
+            a, b = _row_weights(module, names)
 
             def forward(x, *args, _base=module.base_layer, _a=a, _b=b, **kwargs):
                 if x.size(0) != _a.size(0):
@@ -104,7 +141,7 @@ def rows_through_their_loras(peft_model, names: Sequence[str]):
 
             module.forward = forward
             patched.append(module)
-        yield
+        yield {}
     finally:
         for module in patched:
             del module.forward
@@ -148,8 +185,8 @@ class RowAdapters:
         new = [n for n in dict.fromkeys(names) if n not in self.prefix_kv]
         if new:
             ids = self.prefix_ids.expand(len(new), -1)
-            with rows_through_their_loras(self.peft_model, new):
-                out = self.peft_model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            with rows_through_their_loras(self.peft_model, new) as extra:
+                out = self.peft_model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
             layers = [(k, v) for k, v, *_ in out.cache]
             for i, name in enumerate(new):
                 self.prefix_kv[name] = [(k[i : i + 1], v[i : i + 1]) for k, v in layers]
@@ -168,8 +205,8 @@ class RowAdapters:
         if len(set(names)) == 1:  # one user: the plain single-adapter path
             self.peft_model.set_adapter(names[0])
             return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        with rows_through_their_loras(self.peft_model, names):
-            return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with rows_through_their_loras(self.peft_model, names) as extra:
+            return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **kwargs)
 
 
 def plan_waves(folders: Sequence[Path], max_loaded: int) -> list[list[int]]:

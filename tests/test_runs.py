@@ -159,3 +159,16 @@ def test_processes_wait_for_every_users_result_on_disk_not_in_a_collective(tmp_p
     wait_for_users(tmp_path, users, "fp", poll_seconds=7, sleep=sleep)
     assert sleeps == [7, 7]
     wait_for_users(tmp_path, users, "fp", sleep=lambda _: pytest.fail("all users are done: no wait"))
+
+
+def test_users_split_over_processes_balance_their_cost():
+    """The costliest users go first, each to the least loaded process: one heavy user gets a
+    process to itself; every user is in exactly one process; one process keeps them all."""
+    from oppu.runs import split_users
+
+    assert split_users([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [[0], list(range(1, 11))]
+    costs = [9, 1, 8, 1, 7, 1]  # round robin: 9+8+7 = 24 against 3
+    split = split_users(costs, 2)
+    assert split == [[0, 1, 3, 5], [2, 4]]  # 12 against 15
+    assert split_users(costs, 1) == [list(range(6))]
+    assert split_users([1, 1], 3) == [[0], [1], []]  # a process may get none

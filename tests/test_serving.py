@@ -108,6 +108,37 @@ def test_rows_through_their_loras_equal_peft_s_per_row_selection(pefts, tiny_mod
     assert all("forward" not in vars(m) for m in model.modules() if isinstance(m, LoraLayer))
 
 
+def test_rows_of_adapters_of_other_ranks_and_targets_mix_and_others_fall_back_to_peft(tiny_model, tmp_path):
+    """Users' LoRAs may differ in rank and in the projections they adapt: the stacked path pads
+    ranks with zeros and gives a row no update where its adapter is absent, as peft's per-row
+    path does. A LoRA on the embeddings is left to peft's own path."""
+    from peft import LoraConfig, PeftModel
+
+    from oppu.serving import rows_through_their_loras
+
+    def saved(name: str, **settings) -> Path:
+        torch.manual_seed(len(name))
+        config = LoraConfig(init_lora_weights=False, lora_alpha=8, **settings)
+        peft_model = add_adapter(tiny_model(0), config)
+        save_adapter(peft_model, tmp_path / name)
+        return tmp_path / name
+
+    a, b = saved("a", r=8, target_modules=["q_proj", "v_proj"]), saved("bb", r=4, target_modules=["q_proj", "k_proj"])
+    model = PeftModel.from_pretrained(tiny_model(0), str(a), adapter_name="a")
+    model.load_adapter(str(b), adapter_name="b")
+    model.eval()
+    ids, names = torch.randint(5, 200, (3, 7)), ["b", "a", "a"]
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=names).logits
+        with rows_through_their_loras(model, names) as extra:
+            assert extra == {}
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    emb = PeftModel.from_pretrained(tiny_model(0), str(saved("ccc", r=4, target_modules=["embed_tokens", "q_proj"])))
+    with rows_through_their_loras(emb, ["default", "default"]) as extra:
+        assert extra == {"adapter_names": ["default", "default"]}
+
+
 def test_lazy_loading_respects_the_bound_and_evicts_least_recently_used(pefts, tiny_model):
     a, b, c = pefts
     pool = AdapterPool(tiny_model(0), max_loaded=2)

@@ -153,7 +153,10 @@ def test_shared_prefix_decoding_gives_the_same_greedy_answers(tiny_model, tokeni
     assert len(set(plain)) > 1  # the answers depend on the article, so the comparison means something
 
 
-def test_scoring_with_a_shared_prefix_gives_the_same_likelihoods_and_answers(tiny_model, tokenizer, make_args):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_scoring_with_a_shared_prefix_gives_the_same_likelihoods_and_answers(
+    tiny_model, tokenizer, make_args, attention
+):
     """--answer_mode score packs several prompts and all their answers into one forward pass
     behind the prompts' common first tokens, run once per call: every answer's log-likelihood
     equals the one from running its whole prompt and answer, and so does the choice, however
@@ -162,9 +165,12 @@ def test_scoring_with_a_shared_prefix_gives_the_same_likelihoods_and_answers(tin
     from oppu.training import run_prefix
     from prompts import format_target
 
-    model = lora_model(tiny_model, make_args).eval()
+    base_model = tiny_model(0)
+    base_model.set_attn_implementation(attention)  # eager adds the mask to the scores, sdpa reads it
+    model = lora_model(lambda *_: base_model, make_args).eval()
     prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES]
     labels = [t.strip() for _, t in ARTICLES]
+    assert score_answers(model, tokenizer, [], labels, show=False) == []  # a user with no queries
     rows = [answer_rows(tokenizer, p, labels) for p in prompts]
     shared = common_prefix_length([ids for ids, _ in rows])
     assert shared >= MIN_SHARED_PREFIX
