@@ -182,7 +182,8 @@ def measure_train(model, tokenizer, encoded, settings: dict, limit: float) -> tu
     figures = {
         "examples_per_s": len(encoded) / seconds,
         "tokens_per_s": fit.tokens / seconds,
-        "mfu": flops / seconds / 1e9 / limit,
+        "gflops_per_s": flops / seconds / 1e9,
+        "mfu": flops / seconds / 1e9 / limit,  # against the run's best limit in the end (apply_limit)
         "padding_fraction": fit.padded_tokens / (fit.padded_tokens + fit.tokens),
         "shared_prefix_tokens": fit.shared_prefix_tokens,
         "seconds": seconds,
@@ -216,14 +217,15 @@ def measure_decode(model, tokenizer, prompts: list[str], settings: dict, limit: 
     new = sum(min(len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1, cfg.max_new_tokens) for o in outputs)
     # The floor: these prompts and new tokens at the matmul limit (each new token but the last
     # runs through the model; every one needs logits). No decoder of these answers does less.
-    floor = forward_flops(model.config, own_tokens(tokenizer, prompts) + new - len(prompts), new) / (limit * 1e9)
+    floor = forward_flops(model.config, own_tokens(tokenizer, prompts) + new - len(prompts), new) / 1e9
     return {
         "queries_per_s": len(prompts) / seconds,
         "new_tokens_per_s": new / seconds,
         "seconds": seconds,
         "queries": len(prompts),
         "new_tokens": new,
-        "floor_seconds": floor,
+        "floor_gflop": floor,
+        "floor_seconds": floor / limit,
     }
 
 
@@ -241,7 +243,8 @@ def measure_score(model, tokenizer, task, prompts: list[str], limit: float) -> d
         "queries_per_s": len(prompts) / seconds,
         "seconds": seconds,
         "queries": len(chosen),
-        "floor_seconds": flops / (limit * 1e9),
+        "floor_gflop": flops / 1e9,
+        "floor_seconds": flops / 1e9 / limit,
     }
 
 
@@ -451,6 +454,19 @@ def bench_e2e(model, data: Path, work: Path, args) -> dict:
 # --- report ------------------------------------------------------------------------------------
 
 
+def apply_limit(r: dict) -> None:
+    """The machine's limit is the best of the run's matmul measurements (start, after training,
+    end): a shared machine sometimes gives less for a while, and a low limit would inflate every
+    utilisation. Utilisations and floors are recomputed against it."""
+    limit = r["matmul_gflops"] = max(r["matmul_samples"])
+    for task in r.get("train", {}).values():
+        for figures in task["train"].values():
+            figures["mfu"] = figures["gflops_per_s"] / limit
+        for figures in task["decode"].values():
+            if "floor_gflop" in figures:
+                figures["floor_seconds"] = figures["floor_gflop"] / limit
+
+
 def headline(r: dict) -> dict:
     """The top-level figures of results.json (README: benchmarks/README.md)."""
     out = {"matmul_gflops": r.get("matmul_gflops")}
@@ -531,6 +547,7 @@ def table(r: dict) -> str:
 
 def save(results: dict, path: Path, start: float) -> dict:
     """results.json: the headline figures first, then everything measured so far."""
+    apply_limit(results)
     results["headline"] = headline(results)
     results["seconds"] = time.perf_counter() - start
     out = results["headline"] | {k: v for k, v in results.items() if k != "headline"}
@@ -561,19 +578,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
     }
     limit = matmul_gflops()
-    results["matmul_gflops"] = limit
+    results["matmul_samples"] = [limit]
     print(f"matmul limit: {limit:.1f} GFLOP/s (fp32, {torch.get_num_threads()} threads)", flush=True)
     data = make_data(work)
     model, tokenizer = load_model(ModelSpec())
     # Written after every section, so a long run stopped half-way keeps what it measured.
     if sections & {"train", "decode"}:
         results["train"] = {t: bench_task(model, tokenizer, t, data, args, limit) for t in RECORD_FLAGS}
+        results["matmul_samples"].append(matmul_gflops())
         save(results, Path(args.output), start)
     if "serve" in sections:
         results["serve"] = bench_serving(model, tokenizer, data, args)
         save(results, Path(args.output), start)
     if "e2e" in sections:
         results["e2e"] = bench_e2e(model, data, work, args)
+    results["matmul_samples"].append(matmul_gflops())
     out = save(results, Path(args.output), start)
     print(table(results))
     print(f"wrote {args.output} in {results['seconds']:.0f} s")
