@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         clean_stale_staging(run_dir)
         model, tokenizer = load_model(spec, accelerator.device)
         model = merge_adapter(model, Path(args.task_lora))
-        mine = split_users([user_cost(u, args) for u in users], world)[rank] if world > 1 else list(range(len(users)))
+        mine = split_users([user_cost(u, args) for u in users], world)[rank]
         done = reused = 0
         bar = tqdm(mine, desc=f"OPPU users (process {rank})", position=rank)
         for i in bar:

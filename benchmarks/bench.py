@@ -236,7 +236,7 @@ def measure_score(model, tokenizer, task, prompts: list[str], limit: float) -> d
     chosen = score_answers(model, tokenizer, prompts, candidates(task), show=False)
     seconds = time.perf_counter() - start
     # The floor: the prompts, then every answer's tokens but its last, at the matmul limit.
-    tails = [t for _, ts in (answer_rows(tokenizer, prompts[0], candidates(task)),) for t in ts]
+    _, tails = answer_rows(tokenizer, prompts[0], candidates(task))  # the same for every prompt
     answer_tokens = len(prompts) * sum(len(t) - 1 for t in tails)
     flops = forward_flops(model.config, own_tokens(tokenizer, prompts) + answer_tokens, answer_tokens + len(prompts))
     return {

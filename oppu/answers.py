@@ -160,11 +160,14 @@ def score_answers(
     cached = bool(shared) or prompt_tuned(model)
     prefix = run_prefix(model, torch.tensor([rows[0][0][:shared]], device=device, dtype=torch.long)) if cached else None
     passes: list[list[tuple[list[int], list[list[int]]]]] = [[]]
+    filled = 0  # tokens in the last pass
     for ids, tails in rows:
         size = len(ids) - shared + sum(len(t) - 1 for t in tails)
-        if passes[-1] and sum(len(i) + sum(len(t) - 1 for t in ts) for i, ts in passes[-1]) + size > max_tokens:
+        if passes[-1] and filled + size > max_tokens:
             passes.append([])
+            filled = 0
         passes[-1].append((ids[shared:], tails))
+        filled += size
     chosen = []
     for batch in tqdm(passes, desc=desc, leave=False, disable=not show):
         for scores in packed_log_likelihoods(model, prefix, batch):

@@ -94,12 +94,11 @@ def _stackable(module, names: Sequence[str]) -> bool:
 def _row_weights(module, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' A (rows, in, r) and scaled B (rows, r, out), every rank zero-padded to the
     largest (the padding adds nothing); a row whose adapter leaves this layer alone gets zeros."""
-    base = module.base_layer.weight
-    mine = [n for n in dict.fromkeys(names) if n in module.lora_A]
-    rank = max((module.lora_A[n].weight.size(0) for n in mine), default=1)
-    dtype = module.lora_A[mine[0]].weight.dtype if mine else base.dtype
-    a = base.new_zeros((len(names), base.size(1), rank), dtype=dtype)
-    b = base.new_zeros((len(names), rank, base.size(0)), dtype=dtype)
+    # sizes from the layer, not the base weight, which a quantized base stores packed
+    like = next(module.lora_A[n].weight for n in names if n in module.lora_A)
+    rank = max(module.lora_A[n].weight.size(0) for n in names if n in module.lora_A)
+    a = like.new_zeros((len(names), module.in_features, rank))
+    b = like.new_zeros((len(names), rank, module.out_features))
     for row, name in enumerate(names):
         if name in module.lora_A:
             r = module.lora_A[name].weight.size(0)
