@@ -33,7 +33,7 @@ from oppu.adapters import (
     save_adapter,
     trainable_parameters,
 )
-from oppu.answers import answer, answer_stats, invalid_fraction, report_answers
+from oppu.answers import answer, answer_stats, history_inputs, invalid_fraction, report_answers
 from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, golds_of, predictions_json
 from oppu.defaults import epochs_for_min_steps
 from oppu.examples import history_pairs, query_prompts
@@ -125,9 +125,11 @@ def train_user(
     saved, and used to answer the user's queries. Returns the clean model and the result."""
     start = time.time()
     seed = stable_seed(args.seed, user["user_id"])
+    _, decode_cfg = cli.personal_configs(args, task)
+    inputs = history_inputs(model, tokenizer, task, user, decode_cfg, args.history_inputs)  # before the adapter
     set_seed(seed)
     peft_model = add_user_adapter(model, tokenizer, args, cli.target_modules(args))
-    pairs = history_pairs(task, user, args.k, profile, args.retrieval, args.history_format)
+    pairs = history_pairs(task, user, args.k, profile, args.retrieval, args.history_format, inputs)
     encoded = encode_pairs(tokenizer, pairs, args.cut_off)
     epochs = epochs_for_min_steps(len(encoded), args.batch_size, args.max_epoch, args.min_steps)
     train_cfg, _ = cli.personal_configs(args, task)
@@ -140,6 +142,7 @@ def train_user(
         "user_id": user["user_id"],
         "history_items": len(user["profile"]),
         "train_examples": len(encoded),
+        **({"history_inputs": inputs} if inputs is not None else {}),  # the task model's rewrites
         "trained_item_ids": [item["id"] for item in user["profile"]],
         "peft_type": args.peft_type,
         "trainable_params": trainable_parameters(peft_model),

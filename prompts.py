@@ -86,14 +86,18 @@ def split_query_input(task: Task, query_input: str) -> tuple[str, str]:
     return query_input[:cut], query_input[cut:]
 
 
-def history_example(task: Task, item: Mapping[str, str], form: str = "query") -> tuple[str, str]:
+def history_example(
+    task: Task, item: Mapping[str, str], form: str = "query", text: str | None = None
+) -> tuple[str, str]:
     """Turn one history item into a (query input, target) pair shaped like the task's queries,
-    or with ``form`` "plain" into (the item's bare input text, target).
+    or with ``form`` "plain" into (the item's bare input text, target). ``text`` replaces the
+    item's input (a tweet's neutral rewrite: its item has no input but the target itself).
 
     Citation history items are the user's own papers, which carry no reference options, so
     they teach the user's topics by asking for the abstract of each paper from its title.
     """
-    text, target = str(item[task.text_field]), str(item[task.target_field])
+    text = str(item[task.text_field]) if text is None else text
+    target = str(item[task.target_field])
     if form == "plain":
         return text, target
     if task.name == "citation":

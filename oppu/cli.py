@@ -87,7 +87,12 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument(
         "--batch_size", type=int, default=None, help="examples per optimiser step (default 16 paper, 8 small)"
     )
-    g.add_argument("--micro_batch_size", type=int, default=4, help="examples per forward pass (memory only)")
+    g.add_argument(
+        "--micro_batch_size",
+        type=int,
+        default=None,
+        help="examples per forward pass (memory only; default 4 paper, 8 small)",
+    )
     g.add_argument("--max_epoch", type=int, default=None, help="default: 3 (task adapter) / 2 (personal)")
     g.add_argument(
         "--min_steps",
@@ -133,6 +138,9 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument("--top_p", type=float, default=0.9)
 
 
+HISTORY_INPUTS = ("auto", "item", "task_model")
+
+
 def add_personal_args(parser: argparse.ArgumentParser) -> None:
     """OPPU.py's personal-adapter flags; --target_modules and --learning_rate then default by type."""
     g = parser.add_argument_group("personal PEFT (the task adapter is always LoRA)")
@@ -156,6 +164,14 @@ def add_personal_args(parser: argparse.ArgumentParser) -> None:
         help="history items for personal training in the query prompt, or plain 'input -> output'",
     )
     g.add_argument(
+        "--history_inputs",
+        choices=HISTORY_INPUTS,
+        default="auto",
+        help="the inputs of the personal training pairs: the items' own (item), or, for a task whose items hold "
+        "only the user's output (tweets), that output rewritten by the task model as a query asks (task_model); "
+        "auto: task_model where the items have no input, else item",
+    )
+    g.add_argument(
         "--reuse_adapters",
         metavar="RUN_DIR",
         help="an OPPU run folder trained under these settings except how queries are answered (--answer_mode, "
@@ -167,7 +183,16 @@ def add_personal_args(parser: argparse.ArgumentParser) -> None:
 
 def resolve_personal_args(args: argparse.Namespace) -> None:
     """Fill --target_modules and (except for LoRA, whose rate follows the model size)
-    --learning_rate from --peft_type when they were not given, in place."""
+    --learning_rate from --peft_type when they were not given, and --history_inputs from the
+    task, in place."""
+    task = get_task(args.task_name)
+    if args.history_inputs == "auto":
+        args.history_inputs = "item" if task.history_has_input else "task_model"
+    elif args.history_inputs == "task_model" and task.history_has_input:
+        raise UserError(
+            f"--history_inputs task_model: {task.name}'s history items have inputs of their own "
+            f"({task.text_field}); it is for tasks whose items hold only the output (tweet_paraphrase)"
+        )
     if args.peft_type == "prompt_tuning":
         if args.target_modules:
             raise UserError("--target_modules does not apply to --peft_type prompt_tuning (it adapts no module)")

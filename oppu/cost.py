@@ -84,9 +84,15 @@ def batch_train_flops(shape: Shape, length: int, logit_positions: int, batch: in
     """Model FLOPs of one batch of ``batch`` examples of ``length`` tokens whose first ``prefix``
     tokens are the same: with a shared prefix, those tokens' projections and attention are
     computed once per batch (forward and backward) instead of once per example."""
-    linear = linear_flops(shape, prefix + batch * (length - prefix))
-    attention = attention_flops(shape, prefix) + batch * attention_flops(shape, length, prefix)
-    head = shape.hidden * shape.vocab * logit_positions * batch
+    return pass_train_flops(shape, [length] * batch, [logit_positions] * batch, prefix)
+
+
+def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequence[int], prefix: int = 0) -> float:
+    """``batch_train_flops`` for one forward pass over examples of the given ``lengths`` (padding
+    not counted), each with its own number of logit positions."""
+    linear = linear_flops(shape, prefix + sum(n - prefix for n in lengths))
+    attention = attention_flops(shape, prefix) + sum(attention_flops(shape, n, prefix) for n in lengths)
+    head = shape.hidden * shape.vocab * sum(logit_positions)
     return 2.0 * (2 * linear + 3 * attention + 2 * head)
 
 

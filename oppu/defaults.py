@@ -21,14 +21,18 @@ class Defaults:
     task_epochs: int  # task adapter (task_LoRA.py)
     user_epochs: int  # personal adapters (OPPU.py)
     min_steps: int  # personal adapters: more epochs until a user gets at least this many steps
+    micro_batch_size: int  # examples per forward pass; gradients accumulate up to batch_size
 
 
 # REFERENCE.md §1: AdamW lr 1e-4, batch 16, 3 epochs (task) / 2 epochs (user), no step floor.
-PAPER = Defaults(learning_rate=1e-4, batch_size=16, task_epochs=3, user_epochs=2, min_steps=0)
+# Micro-batches of 4 keep a 7B model's activations small on one GPU.
+PAPER = Defaults(learning_rate=1e-4, batch_size=16, task_epochs=3, user_epochs=2, min_steps=0, micro_batch_size=4)
 # Small models: lr 1e-4 never teaches a 135M model the answer format (invalid answers on every
 # rating query); 1e-3 does. Batch 8 and a floor of 24 steps give short histories enough updates
-# (at batch 16 x 2 epochs a 12-item history gets 2 steps). See docs/defaults.md.
-SMALL = Defaults(learning_rate=1e-3, batch_size=8, task_epochs=3, user_epochs=2, min_steps=24)
+# (at batch 16 x 2 epochs a 12-item history gets 2 steps). See docs/defaults.md. A whole batch
+# in one forward pass: the shared prefix runs once per step, not once per micro-batch (on the
+# demo's news data 1.3x the examples/s of micro-batches of 4; benchmarks/README.md).
+SMALL = Defaults(learning_rate=1e-3, batch_size=8, task_epochs=3, user_epochs=2, min_steps=24, micro_batch_size=8)
 
 
 def estimate_parameters(config) -> int:
@@ -74,6 +78,7 @@ def resolve_training_defaults(args: argparse.Namespace, stage: str, parameters: 
         "batch_size": chosen.batch_size,
         "max_epoch": chosen.task_epochs if stage == "task_LoRA" else chosen.user_epochs,
         "min_steps": 0 if stage == "task_LoRA" else chosen.min_steps,
+        "micro_batch_size": chosen.micro_batch_size,
     }
     for name, value in values.items():
         if getattr(args, name, None) is None:

@@ -3,10 +3,19 @@ training pairs (retrieval for item j among items before j only)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from oppu.data import User
 from oppu.retrieval import retrieve, retrieve_before
 from oppu.tasks import Task
-from prompts import build_prompt, format_target, history_example, history_item_text, retrieval_query
+from prompts import (
+    build_prompt,
+    format_target,
+    history_example,
+    history_item_text,
+    render_query_input,
+    retrieval_query,
+)
 
 
 def _documents(task: Task, user: User) -> list[str]:
@@ -39,18 +48,31 @@ def history_pairs(
     profile: str | None = None,
     retrieval: str = "most",
     history_format: str = "query",
+    inputs: Sequence[str] | None = None,
 ) -> list[tuple[str, str]]:
     """(prompt, target) for each history item: the personal adapter's training data, written in
-    ``history_format`` (prompts.HISTORY_FORMATS). Item j retrieves only among the items before
-    it, so it never sees its own future."""
+    ``history_format`` (prompts.HISTORY_FORMATS). ``inputs`` (one per item) replace the items'
+    own inputs (``rewrite_inputs``). Item j retrieves only among the items before it, so it never
+    sees its own future."""
+    if inputs is not None and len(inputs) != len(user["profile"]):
+        raise ValueError(f"{len(inputs)} inputs for {len(user['profile'])} history items")
     docs = _documents(task, user) if k > 0 else []
     pairs = []
     for j, item in enumerate(user["profile"]):
-        query_input, target = history_example(task, item)
+        own = None if inputs is None else inputs[j]
+        query_input, target = history_example(task, item, text=own)
         # Search with the same text a test query would use (its article), for the same ranking,
         # whichever form the item is written in.
         hits = retrieve_before(docs, j, k, retrieval_query(task, query_input), retrieval) if k > 0 else []
-        text = query_input if history_format == "query" else history_example(task, item, history_format)[0]
+        text = query_input if history_format == "query" else history_example(task, item, history_format, own)[0]
         prompt = build_prompt(task, text, [user["profile"][i] for i in hits], profile, history_format)
         pairs.append((prompt, format_target(target)))
     return pairs
+
+
+def rewrite_prompts(task: Task, user: User) -> list[str]:
+    """For a task whose history items hold only the user's output (a tweet): one prompt per item
+    asking the task model to rewrite it, exactly as a query asks. Its answer, the output in the
+    shared model's words, becomes the item's input, so the personal adapter learns what the user
+    adds to it rather than copying its input (the query inputs are neutral paraphrases)."""
+    return [build_prompt(task, render_query_input(task, text=str(item[task.text_field]))) for item in user["profile"]]

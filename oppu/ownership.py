@@ -16,6 +16,7 @@ from typing import Any
 
 from oppu import cli
 from oppu.adapters import ADAPTER_WEIGHTS, save_adapter
+from oppu.answers import history_inputs
 from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, load_profiles, validate_users
 from oppu.defaults import epochs_for_min_steps
 from oppu.examples import history_pairs
@@ -112,7 +113,13 @@ def prompt_setting(identity: dict, key: str):
     if key in identity:
         return identity[key]
     return identity["settings"].get(
-        key, {"retrieval": "most", "history_format": "query", "peft_type": "lora", "answer_mode": "generate"}.get(key)
+        key, {
+            "retrieval": "most",
+            "history_format": "query",
+            "history_inputs": "item",
+            "peft_type": "lora",
+            "answer_mode": "generate",
+        }.get(key)
     )
 
 
@@ -424,6 +431,8 @@ def update_peft(model, tokenizer, job: OwnJob, args: argparse.Namespace) -> dict
         raise UserError(
             f"{args.user_file}: no history items since the PEFT was trained (every item id is in its manifest)"
         )
+    mode, decode = prompt_setting(identity, "history_inputs"), cli.personal_configs(args, job.task)[1]
+    inputs = history_inputs(model, tokenizer, job.task, user, decode, mode, only=new + replay)  # before the PEFT
     pairs = history_pairs(
         job.task,
         user,
@@ -431,6 +440,7 @@ def update_peft(model, tokenizer, job: OwnJob, args: argparse.Namespace) -> dict
         job.profile,
         prompt_setting(identity, "retrieval"),
         prompt_setting(identity, "history_format"),
+        inputs,
     )
     encoded = encode_pairs(tokenizer, [pairs[i] for i in sorted(new + replay)], args.cut_off)
     # The same rule as a first training (oppu/defaults.py): small models get a floor of steps.

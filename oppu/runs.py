@@ -45,6 +45,14 @@ RESUME_NEUTRAL = {
     "no_answer",
     "reuse_adapters",
 }
+# Settings added after runs were made, at the value that reproduces what runs did before them: a
+# config holding that value is the same run as one without the key (fingerprints and comparisons
+# leave it out), so adding a flag does not invalidate every finished run.
+ADDED_SETTINGS = {"history_inputs": "item"}
+
+
+def _settled(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
 
 
 def run_name(task: Task, k: int, model_name: str, add_profile: bool) -> str:
@@ -82,13 +90,14 @@ def public_config(config: dict[str, Any]) -> dict[str, Any]:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Settings whose change would change results (outputs' locations and batch sizes for
     memory do not)."""
+    old, new = _settled(old), _settled(new)
     return sorted(k for k in set(old) | set(new) if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:
     """A short hash of the settings that determine results, stored with every user's result so
     that a resumed run never keeps results made under other settings."""
-    relevant = {k: v for k, v in public_config(config).items() if k not in RESUME_NEUTRAL}
+    relevant = {k: v for k, v in _settled(public_config(config)).items() if k not in RESUME_NEUTRAL}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -98,6 +107,7 @@ def reuse_mismatch(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
     PEFTs are the other's."""
     # the task adapter and the data are compared by their contents' hashes, not their paths
     skip = PERSONAL_ANSWER_ONLY | RESUME_NEUTRAL | {"task_lora", "data_dir"}
+    ours, theirs = _settled(ours), _settled(theirs)
     return next((k for k in sorted(set(ours) | set(theirs)) if k not in skip and ours.get(k) != theirs.get(k)), None)
 
 

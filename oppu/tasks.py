@@ -22,6 +22,11 @@ class Task:
     def is_classification(self) -> bool:
         return self.kind == "classification"
 
+    @property
+    def history_has_input(self) -> bool:
+        """Whether a history item holds an input besides its output (a tweet holds only itself)."""
+        return self.text_field != self.target_field
+
 
 NEWS_CATEGORIES = (
     "food & drink", "sports", "education", "parents", "religion", "travel", "business",

@@ -73,6 +73,7 @@ def test_embedded_model_gets_small_model_defaults(stage, epochs, min_steps):
     chosen = resolve_training_defaults(args, args.stage, EMBEDDED_PARAMS)
     assert chosen["defaults"] == "small-model"
     assert (args.learning_rate, args.batch_size, args.max_epoch, args.min_steps) == (1e-3, 8, epochs, min_steps)
+    assert args.micro_batch_size == 8  # the whole batch in one pass: its shared prefix runs once
 
 
 @pytest.mark.parametrize("stage, epochs", [("task_LoRA", 3), ("OPPU", 2)])
@@ -82,12 +83,16 @@ def test_llama2_7b_keeps_the_papers_values(stage, epochs):
     chosen = resolve_training_defaults(args, args.stage, estimate_parameters(llama2_7b_config()))
     assert chosen["defaults"] == "paper"
     assert (args.learning_rate, args.batch_size, args.max_epoch, args.min_steps) == (1e-4, 16, epochs, 0)
+    assert args.micro_batch_size == 4
 
 
 def test_paper_defaults_flag_and_explicit_flags_win():
     args = OPPU.parse_args(["--task_name", "LaMP_2N", "--task_lora", "x", "--paper_defaults", "--max_epoch", "5"])
     resolve_training_defaults(args, "OPPU", EMBEDDED_PARAMS)
     assert (args.learning_rate, args.batch_size, args.max_epoch, args.min_steps) == (1e-4, 16, 5, 0)
+    args = OPPU.parse_args(["--task_name", "LaMP_2N", "--task_lora", "x", "--micro_batch_size", "2"])
+    resolve_training_defaults(args, "OPPU", EMBEDDED_PARAMS)
+    assert (args.batch_size, args.micro_batch_size) == (8, 2)
     assert defaults_for(None) is PAPER and defaults_for(10**8) is SMALL and defaults_for(10**8, paper=True) is PAPER
 
 

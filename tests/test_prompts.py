@@ -482,3 +482,32 @@ def test_plain_prompt_never_splits_at_a_marker_and_keeps_768_words():
     task = TASKS["news_categorize"]
     assert build_prompt(task, "Read this article: a cup win.", form="plain") == "Read this article: a cup win. ->"
     assert build_prompt(task, words(INPUT_WORDS + 5), form="plain") == words(INPUT_WORDS) + " ->"
+
+
+def test_tweet_pairs_with_rewritten_inputs_golden():
+    """A tweet item holds only the tweet: the task model is asked to rewrite it as a query would
+    ask, and its rewrite is the training pair's input; the tweet stays the target; retrieval
+    searches with the rewrite among the earlier tweets."""
+    from oppu.examples import history_pairs, rewrite_prompts
+
+    task = TASKS["tweet_paraphrase"]
+    user = {"user_id": "u", "profile": ITEMS["tweet_paraphrase"], "query": []}
+    assert rewrite_prompts(task, user) == [
+        TWEET_HEAD + "loving the sun today\nAnswer:",
+        TWEET_HEAD + "coffee first, then code\nAnswer:",
+    ]
+    rewrites = ["I love the sun today.", "First coffee, then code."]
+    assert history_pairs(task, user, inputs=rewrites) == [
+        (TWEET_HEAD + "I love the sun today.\nAnswer:", " loving the sun today"),
+        (TWEET_HEAD + "First coffee, then code.\nAnswer:", " coffee first, then code"),
+    ]
+    assert history_pairs(task, user, k=1, inputs=rewrites)[1] == (
+        'Past items of this user:\n"loving the sun today"\n' + TWEET_HEAD + "First coffee, then code.\nAnswer:",
+        " coffee first, then code",
+    )
+    assert history_pairs(task, user, history_format="plain", inputs=rewrites)[0] == (
+        "I love the sun today. ->",
+        " loving the sun today",
+    )
+    with pytest.raises(ValueError, match="1 inputs for 2 history items"):
+        history_pairs(task, user, inputs=rewrites[:1])

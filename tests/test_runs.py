@@ -15,11 +15,13 @@ from oppu.runs import (
     check_or_save_config,
     clean_stale_staging,
     commit_user_result,
+    config_differences,
     config_fingerprint,
     file_fingerprint,
     oppu_dir,
     predictions_path,
     read_user_result,
+    reuse_mismatch,
     staging_dir,
     task_lora_dir,
     user_result_dir,
@@ -172,3 +174,13 @@ def test_users_split_over_processes_balance_their_cost():
     assert split == [[0, 1, 3, 5], [2, 4]]  # 12 against 15
     assert split_users(costs, 1) == [list(range(6))]
     assert split_users([1, 1], 3) == [[0], [1], []]  # a process may get none
+
+
+def test_a_setting_added_later_at_its_old_value_keeps_finished_runs():
+    """Runs made before --history_inputs existed used the items' own inputs: the same run."""
+    old = {"learning_rate": 1e-3, "task_name": "news_categorize"}
+    assert config_fingerprint(old | {"history_inputs": "item"}) == config_fingerprint(old)
+    assert config_fingerprint(old | {"history_inputs": "task_model"}) != config_fingerprint(old)
+    assert config_differences(old, old | {"history_inputs": "item"}) == []
+    assert config_differences(old, old | {"history_inputs": "task_model"}) == ["history_inputs"]
+    assert reuse_mismatch(old, old | {"history_inputs": "item"}) is None
