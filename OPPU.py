@@ -33,11 +33,12 @@ from oppu.adapters import (
     save_adapter,
     trainable_parameters,
 )
-from oppu.answers import answer, answer_stats, history_inputs, invalid_fraction, report_answers
+from oppu.answers import answer, answer_stats, invalid_fraction, report_answers
 from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, golds_of, predictions_json
 from oppu.defaults import epochs_for_min_steps
 from oppu.examples import history_pairs, query_prompts
 from oppu.modeling import load_model
+from oppu.rewriter import check_rewriter, rewrite_histories
 from oppu.runs import (
     CONFIG_FILE,
     PERSONAL_ANSWER_ONLY,
@@ -120,13 +121,13 @@ def train_user(
     args: argparse.Namespace,
     run_dir: Path,
     fingerprint: str = "",
+    inputs: list[str] | None = None,
 ) -> tuple[object, dict]:
     """One user: a fresh personal adapter (--peft_type) on the clean merged model, trained on this user's history only,
-    saved, and used to answer the user's queries. Returns the clean model and the result."""
+    saved, and used to answer the user's queries. ``inputs``: the rewriter's input for each history
+    item (oppu/rewriter.py), else the items' own. Returns the clean model and the result."""
     start = time.time()
     seed = stable_seed(args.seed, user["user_id"])
-    _, decode_cfg = cli.personal_configs(args, task)
-    inputs = history_inputs(model, tokenizer, task, user, decode_cfg, args.history_inputs)  # before the adapter
     set_seed(seed)
     peft_model = add_user_adapter(model, tokenizer, args, cli.target_modules(args))
     pairs = history_pairs(task, user, args.k, profile, args.retrieval, args.history_format, inputs)
@@ -142,7 +143,7 @@ def train_user(
         "user_id": user["user_id"],
         "history_items": len(user["profile"]),
         "train_examples": len(encoded),
-        **({"history_inputs": inputs} if inputs is not None else {}),  # the task model's rewrites
+        **({"history_inputs": inputs} if inputs is not None else {}),  # the rewriter's
         "trained_item_ids": [item["id"] for item in user["profile"]],
         "peft_type": args.peft_type,
         "trainable_params": trainable_parameters(peft_model),
@@ -238,17 +239,29 @@ def train_own(args: argparse.Namespace, task: Task, spec) -> dict[str, Path]:
     written as a self-contained folder; with --update, their PEFT continued on the new items."""
     job = ownership.plan_own(args, task)
     model, tokenizer = load_model(spec)
+    inputs = None
+    mode = ownership.prompt_setting(job.identity, "history_inputs") if args.update else args.history_inputs
+    if mode == "rewriter":  # on the clean base, before the task adapter is merged
+        model, rewrites = rewrite_histories(
+            model, tokenizer, task, [job.user], job.task_lora, cli.decode_config(args, task)
+        )
+        inputs = rewrites[job.user["user_id"]]
     model = merge_adapter(model, job.task_lora)
     if args.update:
-        done = ownership.update_peft(model, tokenizer, job, args)
+        done = ownership.update_peft(model, tokenizer, job, args, inputs)
         items = f"{len(done['new_item_ids'])} new + {len(done['replayed_item_ids'])} replayed items"
         print(f"updated {job.peft_dir}: {items}, {done['steps']} steps, {done['seconds']} s")
         return {"peft_dir": job.peft_dir, "update": done}
     with tempfile.TemporaryDirectory(prefix=".oppu-user-", dir=ensure_writable_dir(job.peft_dir.parent)) as work:
-        _, result = train_user(model, tokenizer, task, job.user, job.profile, args, Path(work))
+        _, result = train_user(model, tokenizer, task, job.user, job.profile, args, Path(work), inputs=inputs)
         ownership.export_trained(job, args, Path(work), result)
     print(f"wrote the PEFT of user {job.user['user_id']} to {job.peft_dir}")
     return {"peft_dir": job.peft_dir, "result": result}
+
+
+def finished(run_dir: Path, user: User, fingerprint: str) -> bool:
+    """Whether the user already has a result under these settings."""
+    return read_user_result(run_dir, user["user_id"], [q["id"] for q in user["query"]], fingerprint) is not None
 
 
 def user_cost(user: User, args: argparse.Namespace) -> float:
@@ -276,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         inputs.append(Path(args.data_dir) / task.name / TEST_PROFILES_FILE)
     config = vars(args) | {"task_name": task.name, "stage": "OPPU", "data_sha256": file_fingerprint(*inputs)}
     config["task_lora_sha256"] = ownership.task_adapter_sha(Path(args.task_lora))  # a retrained one invalidates results
+    if args.history_inputs == "rewriter":
+        config["rewriter_sha256"] = ownership.sha256_file(check_rewriter(args.task_lora) / ADAPTER_WEIGHTS)
     fingerprint = config_fingerprint(config)
     source = reused_source(args, config, run_dir)
 
@@ -287,14 +302,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         check_or_save_config(run_dir, config, args.overwrite)
         clean_stale_staging(run_dir)
         model, tokenizer = load_model(spec, accelerator.device)
-        model = merge_adapter(model, Path(args.task_lora))
         mine = split_users([user_cost(u, args) for u in users], world)[rank]
+        rewrites: dict[str, list[str]] = {}
+        if args.history_inputs == "rewriter":  # on the clean base, before the task adapter is merged
+            todo = [u for u in (users[i] for i in mine) if args.overwrite or not finished(run_dir, u, fingerprint)]
+            _, decode_cfg = cli.personal_configs(args, task)
+            model, rewrites = rewrite_histories(model, tokenizer, task, todo, args.task_lora, decode_cfg)
+        model = merge_adapter(model, Path(args.task_lora))
         done = reused = 0
         bar = tqdm(mine, desc=f"OPPU users (process {rank})", position=rank)
         for i in bar:
             user = users[i]
             qids = [q["id"] for q in user["query"]]
-            if not args.overwrite and read_user_result(run_dir, user["user_id"], qids, fingerprint) is not None:
+            if not args.overwrite and finished(run_dir, user, fingerprint):
                 continue
             trained = read_user_result(source[0], user["user_id"], qids, source[1]) if source else None
             if trained is not None:
@@ -303,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                 )
                 reused += 1
             else:
-                model, result = train_user(model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint)
+                model, result = train_user(
+                    model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint, rewrites.get(user["user_id"])
+                )
                 done += 1
             bar.set_postfix(user=user["user_id"], loss=f"{result['final_loss']:.3f}")
         reuse_note = f", answered {reused} with the PEFTs of {source[0]}" if source else ""

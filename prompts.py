@@ -48,6 +48,11 @@ _QUERY_TEMPLATES = {
         "Paraphrase the following tweet without any explanation before or after it: {text}"
     ),
 }  # fmt: skip
+# What the rewriter (oppu/rewriter.py) is asked for tasks whose history items hold only the user's
+# output: the query's input, written from the output. It ends with the task's marker.
+_REWRITE_TEMPLATES = {
+    "tweet_paraphrase": "Rewrite the following tweet in plain, neutral words without any explanation before or after it: {text}",
+}
 # The words that end each instruction; the article text follows them. Short on purpose: LaMP
 # inputs whose label list is ordered or worded otherwise still split at the right place.
 _MARKERS = {
@@ -69,6 +74,13 @@ def render_query_input(task: Task, text: str = "", title: str = "", ref1: str = 
     if task.name == "citation":
         return _CITATION.format(title=title, ref1=ref1, ref2=ref2)
     return _QUERY_TEMPLATES[task.name].format(text=text)
+
+
+def rewrite_prompt(task: Task, output: str) -> str:
+    """The rewriter's prompt for one output of a user (a tweet): asks for its neutral input."""
+    if task.name not in _REWRITE_TEMPLATES:
+        raise ValueError(f"{task.name} has no rewrite prompt: its history items have inputs")
+    return build_prompt(task, _REWRITE_TEMPLATES[task.name].format(text=output))
 
 
 def split_query_input(task: Task, query_input: str) -> tuple[str, str]:

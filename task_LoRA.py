@@ -20,6 +20,7 @@ from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, User, golds_of, pre
 from oppu.examples import query_pairs, query_prompts
 from oppu.generation import DecodeConfig
 from oppu.modeling import load_model
+from oppu.rewriter import needs_rewriter, rewriter_dir, train_rewriter
 from oppu.runs import (
     CONFIG_FILE,
     PERSONAL_ONLY,
@@ -101,6 +102,27 @@ def reusable_adapter(folder: Path, config: dict) -> bool:
     return not config_differences(training_config(old), public_config(training_config(config)))
 
 
+def ensure_rewriter(
+    accelerator, model, tokenizer, task: Task, others: list[User], args, adapter_dir: Path, config: dict
+):
+    """For a task whose history items hold only the output (tweets): train the rewriter on the
+    clean base (oppu/rewriter.py) into the task adapter's folder, unless a finished one of the same
+    settings is there. ``model`` carries the task adapter and is returned carrying it again."""
+    from peft import PeftModel
+
+    folder = rewriter_dir(adapter_dir)
+    if reusable_adapter(folder, config) and not args.overwrite:
+        print(f"reusing the rewriter in {folder} (same config; --overwrite retrains)")
+        return model
+    rewriter, fit = train_rewriter(model.unload(), tokenizer, task, others, args, accelerator)
+    accelerator.print(f"rewriter: {fit.steps} steps on {fit.examples} examples, final loss {fit.final_loss:.4f}")
+    if accelerator.is_main_process:
+        save_adapter(rewriter, folder)
+        write_json(folder / CONFIG_FILE, public_config(config) | {"final_loss": fit.final_loss})
+    accelerator.wait_for_everyone()
+    return PeftModel.from_pretrained(rewriter.unload(), str(adapter_dir), use_safetensors=True)
+
+
 def stage_config(args: argparse.Namespace, task: Task, inputs: Sequence[Path]) -> dict:
     """The run's recorded config: the flags (less the personal-training-only ones) and the data's hash."""
     config = {k: v for k, v in vars(args).items() if k not in PERSONAL_ONLY}
@@ -163,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         if accelerator.is_main_process:
             save_adapter(model, adapter_dir)
             write_json(adapter_dir / CONFIG_FILE, public_config(adapter_config) | {"final_loss": result.final_loss})
+    if needs_rewriter(task):
+        model = ensure_rewriter(accelerator, model, tokenizer, task, others, args, adapter_dir, adapter_config)
     if args.no_answer:
         accelerator.wait_for_everyone()
         return {k: v for k, v in outputs.items() if k != "predictions"}

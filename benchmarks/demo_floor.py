@@ -89,7 +89,12 @@ def task_flops(shape: Shape, tokenizer, data: Path, name: str, micro: int, seed:
         )
         flops, steps = plan_flops(shape, mine, user_cfg)
         personal, personal_steps = personal + flops, personal_steps + steps
-    return {"task_adapter": task_adapter, "task_steps": task_steps, "personal": personal, "personal_steps": personal_steps}
+    return {
+        "task_adapter": task_adapter,
+        "task_steps": task_steps,
+        "personal": personal,
+        "personal_steps": personal_steps,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

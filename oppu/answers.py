@@ -4,13 +4,10 @@ how many answers are not answers (invalid labels or ratings, which the metrics s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from oppu.data import User
-from oppu.examples import rewrite_prompts
 from oppu.generation import DecodeConfig, generate
 from oppu.tasks import Task
 from oppu.training import (
@@ -22,7 +19,7 @@ from oppu.training import (
     run_prefix,
     tokenize_and_mask,
 )
-from prompts import format_target, is_valid_prediction, parse_prediction
+from prompts import format_target, is_valid_prediction
 
 RATING_ANSWERS = ("1", "2", "3", "4", "5")
 WARN_INVALID = 0.10  # above this share of invalid answers a stage prints a warning
@@ -48,31 +45,6 @@ def answer(
     if mode == "score":
         return score_answers(model, tokenizer, prompts, candidates(task), desc, show, decode.shared_prefix)
     return generate(model, tokenizer, prompts, decode, desc=desc, show=show)
-
-
-def history_inputs(
-    model,
-    tokenizer,
-    task: Task,
-    user: User,
-    decode: DecodeConfig,
-    mode: str,
-    only: Sequence[int] | None = None,
-) -> list[str] | None:
-    """The inputs of a user's personal training pairs (``history_pairs(inputs=...)``): None for
-    ``mode`` "item" (each item's own); for "task_model", the model's (the merged task model's:
-    call it before the personal adapter is added) rewrite of each item's output, asked as a query
-    (``rewrite_prompts``), greedy whatever ``decode`` samples. ``only``: rewrite just these items
-    and keep the others' text (their pairs go unused). An empty rewrite keeps the item's text."""
-    if mode == "item":
-        return None
-    texts = [str(item[task.text_field]) for item in user["profile"]]
-    wanted = range(len(texts)) if only is None else sorted(set(only))
-    prompts = rewrite_prompts(task, user)
-    raw = generate(model, tokenizer, [prompts[i] for i in wanted], replace(decode, do_sample=False), show=False)
-    for i, text in zip(wanted, raw):
-        texts[i] = parse_prediction(task, text) or texts[i]
-    return texts
 
 
 def answer_rows(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list[int], list[list[int]]]:

@@ -138,7 +138,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument("--top_p", type=float, default=0.9)
 
 
-HISTORY_INPUTS = ("auto", "item", "task_model")
+HISTORY_INPUTS = ("auto", "item", "rewriter")
 
 
 def add_personal_args(parser: argparse.ArgumentParser) -> None:
@@ -168,8 +168,8 @@ def add_personal_args(parser: argparse.ArgumentParser) -> None:
         choices=HISTORY_INPUTS,
         default="auto",
         help="the inputs of the personal training pairs: the items' own (item), or, for a task whose items hold "
-        "only the user's output (tweets), that output rewritten by the task model as a query asks (task_model); "
-        "auto: task_model where the items have no input, else item",
+        "only the user's output (tweets), a neutral input written from it by the rewriter stage 1 trains beside "
+        "the task adapter (rewriter; oppu/rewriter.py); auto: rewriter where the items have no input, else item",
     )
     g.add_argument(
         "--reuse_adapters",
@@ -187,10 +187,10 @@ def resolve_personal_args(args: argparse.Namespace) -> None:
     task, in place."""
     task = get_task(args.task_name)
     if args.history_inputs == "auto":
-        args.history_inputs = "item" if task.history_has_input else "task_model"
-    elif args.history_inputs == "task_model" and task.history_has_input:
+        args.history_inputs = "item" if task.history_has_input else "rewriter"
+    elif args.history_inputs == "rewriter" and task.history_has_input:
         raise UserError(
-            f"--history_inputs task_model: {task.name}'s history items have inputs of their own "
+            f"--history_inputs rewriter: {task.name}'s history items have inputs of their own "
             f"({task.text_field}); it is for tasks whose items hold only the output (tweet_paraphrase)"
         )
     if args.peft_type == "prompt_tuning":

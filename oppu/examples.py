@@ -13,8 +13,9 @@ from prompts import (
     format_target,
     history_example,
     history_item_text,
-    render_query_input,
     retrieval_query,
+    rewrite_prompt,
+    split_query_input,
 )
 
 
@@ -71,8 +72,16 @@ def history_pairs(
 
 
 def rewrite_prompts(task: Task, user: User) -> list[str]:
-    """For a task whose history items hold only the user's output (a tweet): one prompt per item
-    asking the task model to rewrite it, exactly as a query asks. Its answer, the output in the
-    shared model's words, becomes the item's input, so the personal adapter learns what the user
-    adds to it rather than copying its input (the query inputs are neutral paraphrases)."""
-    return [build_prompt(task, render_query_input(task, text=str(item[task.text_field]))) for item in user["profile"]]
+    """The rewriter's prompt for each history item of the user (oppu/rewriter.py)."""
+    return [rewrite_prompt(task, str(item[task.text_field])) for item in user["profile"]]
+
+
+def rewrite_pairs(task: Task, users: Sequence[User]) -> list[tuple[str, str]]:
+    """The rewriter's training data: each query with a gold answer in reverse, (the rewrite
+    prompt for the gold, the query's input text without its instruction)."""
+    return [
+        (rewrite_prompt(task, str(q["gold"])), format_target(split_query_input(task, q["input"])[1]))
+        for user in users
+        for q in user["query"]
+        if q.get("gold") is not None
+    ]

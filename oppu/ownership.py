@@ -16,7 +16,6 @@ from typing import Any
 
 from oppu import cli
 from oppu.adapters import ADAPTER_WEIGHTS, save_adapter
-from oppu.answers import history_inputs
 from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, load_profiles, validate_users
 from oppu.defaults import epochs_for_min_steps
 from oppu.examples import history_pairs
@@ -113,13 +112,14 @@ def prompt_setting(identity: dict, key: str):
     if key in identity:
         return identity[key]
     return identity["settings"].get(
-        key, {
+        key,
+        {
             "retrieval": "most",
             "history_format": "query",
             "history_inputs": "item",
             "peft_type": "lora",
             "answer_mode": "generate",
-        }.get(key)
+        }.get(key),
     )
 
 
@@ -418,9 +418,10 @@ def update_plan(identity: dict, user: User, replay_fraction: float, seed: int) -
     return new, sorted(random.Random(seed).sample(old, count))
 
 
-def update_peft(model, tokenizer, job: OwnJob, args: argparse.Namespace) -> dict:
+def update_peft(model, tokenizer, job: OwnJob, args: argparse.Namespace, inputs: list[str] | None = None) -> dict:
     """Continue the user's PEFT on the new history items plus a replay of older ones, save it
-    in place, and record the update (items, steps, seconds) in its identity."""
+    in place, and record the update (items, steps, seconds) in its identity. ``inputs``: the
+    rewriter's input for each history item, for a PEFT trained on them."""
     from peft import PeftModel
 
     start = time.time()
@@ -431,8 +432,6 @@ def update_peft(model, tokenizer, job: OwnJob, args: argparse.Namespace) -> dict
         raise UserError(
             f"{args.user_file}: no history items since the PEFT was trained (every item id is in its manifest)"
         )
-    mode, decode = prompt_setting(identity, "history_inputs"), cli.personal_configs(args, job.task)[1]
-    inputs = history_inputs(model, tokenizer, job.task, user, decode, mode, only=new + replay)  # before the PEFT
     pairs = history_pairs(
         job.task,
         user,

@@ -485,17 +485,20 @@ def test_plain_prompt_never_splits_at_a_marker_and_keeps_768_words():
 
 
 def test_tweet_pairs_with_rewritten_inputs_golden():
-    """A tweet item holds only the tweet: the task model is asked to rewrite it as a query would
-    ask, and its rewrite is the training pair's input; the tweet stays the target; retrieval
-    searches with the rewrite among the earlier tweets."""
+    """A tweet item holds only the tweet: the rewriter is asked for its neutral input, and that
+    rewrite is the training pair's input; the tweet stays the target; retrieval searches with the
+    rewrite among the earlier tweets."""
     from oppu.examples import history_pairs, rewrite_prompts
 
     task = TASKS["tweet_paraphrase"]
     user = {"user_id": "u", "profile": ITEMS["tweet_paraphrase"], "query": []}
+    rewrite = "Rewrite the following tweet in plain, neutral words without any explanation before or after it: "
     assert rewrite_prompts(task, user) == [
-        TWEET_HEAD + "loving the sun today\nAnswer:",
-        TWEET_HEAD + "coffee first, then code\nAnswer:",
+        rewrite + "loving the sun today\nAnswer:",
+        rewrite + "coffee first, then code\nAnswer:",
     ]
+    with pytest.raises(ValueError, match="news_categorize has no rewrite prompt"):
+        rewrite_prompts(TASKS["news_categorize"], {"user_id": "u", "profile": ITEMS["news_categorize"], "query": []})
     rewrites = ["I love the sun today.", "First coffee, then code."]
     assert history_pairs(task, user, inputs=rewrites) == [
         (TWEET_HEAD + "I love the sun today.\nAnswer:", " loving the sun today"),

@@ -33,8 +33,7 @@ from oppu.training import (
     tokenize_and_mask,
     train,
 )
-from prompts import ANSWER_CUE, parse_prediction, render_query_input
-from utils import UserError
+from prompts import render_query_input
 
 PROMPT = "Which category does this article relate to? article: The storm flooded the harbour town overnight.\nAnswer:"
 TOY = [
@@ -299,50 +298,3 @@ def test_greedy_decoding_is_deterministic_new_text_only_and_padding_invariant(ti
     assert batched == alone
     for prompt, out in zip(prompts, batched):
         assert prompt.split("\n")[0] not in out and "assistant" not in out and "helpful AI" not in out
-
-
-# --- tweets: personal pairs whose inputs the task model rewrote ----------------------------------
-
-
-def tweet_user() -> dict:
-    task = get_task("tweet_paraphrase")
-    items = [{"id": f"t{j}", "text": f"Baked bread number {j} today lol"} for j in range(3)]
-    query = {"id": "q0", "input": render_query_input(task, text="I baked bread today."), "gold": "baked bread lol"}
-    return {"user_id": "u-tweets", "profile": items, "query": [query]}
-
-
-def test_tweet_inputs_are_the_task_models_rewrites(tiny_model, tokenizer, make_args, tmp_path, monkeypatch):
-    """A tweet's history item holds only the tweet: by default (auto) its training pair's input
-    is the clean model's greedy answer to the query prompt for that tweet, never the tweet."""
-    task = get_task("tweet_paraphrase")
-    args = make_args("--task_name", "tweet_paraphrase", "--max_step", "1", "--batch_size", "2", "--cut_off", "256")
-    assert args.history_inputs == "task_model"
-    user = tweet_user()
-    base = tiny_model()
-    prompts = [render_query_input(task, text=it["text"]) for it in user["profile"]]
-    cfg = DecodeConfig(max_new_tokens=task.max_new_tokens, batch_size=8)
-    expected = [
-        parse_prediction(task, g) or it["text"]
-        for g, it in zip(generate(base, tokenizer, [p + ANSWER_CUE for p in prompts], cfg, show=False), user["profile"])
-    ]
-    seen: list[tuple[str, str]] = []
-
-    def recording(tok, pairs, cut_off):
-        seen.extend(pairs)
-        return [tokenize_and_mask(tok, prompt, target, cut_off) for prompt, target in pairs]
-
-    monkeypatch.setattr(OPPU, "encode_pairs", recording)
-    _, result = OPPU.train_user(base, tokenizer, task, user, None, args, tmp_path / "run")
-    assert result["history_inputs"] == expected
-    assert seen == history_pairs(task, user, inputs=expected)
-    assert [t for _, t in seen] == [" " + it["text"] for it in user["profile"]]  # the targets: the tweets
-    item_args = make_args("--task_name", "tweet_paraphrase", "--history_inputs", "item")
-    seen.clear()
-    _, result = OPPU.train_user(base, tokenizer, task, user, None, item_args, tmp_path / "run_item")
-    assert "history_inputs" not in result and seen == history_pairs(task, user)
-
-
-def test_history_inputs_task_model_is_refused_where_items_have_inputs(make_args):
-    assert make_args().history_inputs == "item"  # news items have their article
-    with pytest.raises(UserError, match="news_categorize's history items have inputs"):
-        make_args("--history_inputs", "task_model")

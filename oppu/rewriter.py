@@ -1,0 +1,99 @@
+"""Inputs for history items that hold only the user's output (LaMP-7: a tweet and nothing else).
+
+A tweet history item asked as a query would be (paraphrase this tweet: T) -> T: a personal adapter
+trained on such pairs learns to copy its input, and a query's input is a neutral paraphrase, so it
+answers the paraphrase back. The queries of the task adapter's users pair a neutral input with the
+user's tweet; read in reverse they teach a **rewriter** (a LoRA on the base model, trained in stage 1
+beside the task adapter) to write a tweet's neutral input, as back-translation does. Its rewrite of
+each history tweet becomes that item's input, so the personal adapter learns what the user adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from oppu.adapters import ADAPTER_WEIGHTS
+from oppu.data import User
+from oppu.examples import rewrite_pairs, rewrite_prompts
+from oppu.generation import DecodeConfig, generate
+from oppu.tasks import Task
+from oppu.training import encode_pairs
+from prompts import parse_prediction
+from utils import UserError
+
+REWRITER_DIR = "rewriter"  # inside the task adapter's folder
+
+
+def rewriter_dir(task_lora: str | Path) -> Path:
+    return Path(task_lora) / REWRITER_DIR
+
+
+def needs_rewriter(task: Task) -> bool:
+    """Whether stage 1 trains a rewriter for ``task``: its history items hold no input."""
+    return not task.history_has_input
+
+
+def check_rewriter(task_lora: str | Path) -> Path:
+    folder = rewriter_dir(task_lora)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise UserError(
+            f"{folder}: no rewriter here ({ADAPTER_WEIGHTS} missing); task_LoRA.py trains it beside the task "
+            "adapter (rerun it), or pass --history_inputs item to train on the items as they are"
+        )
+    return folder
+
+
+def train_rewriter(model, tokenizer, task: Task, users: Sequence[User], args: argparse.Namespace, accelerator=None):
+    """A fresh LoRA on ``model`` (the clean base) trained on the users' queries in reverse (gold
+    output -> the query's neutral text), with the task adapter's settings. Returns the PEFT model
+    and the training result."""
+    from oppu import cli
+    from oppu.adapters import add_adapter, lora_config
+    from oppu.training import train
+
+    peft_model = add_adapter(model, lora_config(args, cli.target_modules(args)))
+    encoded = encode_pairs(tokenizer, rewrite_pairs(task, users), args.cut_off)
+    fit = train(peft_model, tokenizer, encoded, cli.train_config(args), accelerator, desc="rewriter")
+    return (accelerator.unwrap_model(peft_model) if accelerator else peft_model), fit
+
+
+def rewrite_histories(
+    model,
+    tokenizer,
+    task: Task,
+    users: Sequence[User],
+    task_lora: str | Path,
+    decode: DecodeConfig,
+    only: Mapping[str, Sequence[int]] | None = None,
+):
+    """Every history item's input written by the rewriter in ``task_lora`` loaded on ``model``
+    (the clean base: call it before the task adapter is merged), greedy, all users' items in one
+    batched pass. Returns (the clean model, {user id: one input per item}). ``only`` (user id ->
+    item indices) rewrites just those items and keeps the others' own text (their pairs go
+    unused); an empty rewrite keeps the item's text."""
+    from peft import PeftModel
+
+    jobs = [
+        (user, i)
+        for user in users
+        for i in (range(len(user["profile"])) if only is None else sorted(set(only.get(user["user_id"], ()))))
+    ]
+    inputs = {u["user_id"]: [str(item[task.text_field]) for item in u["profile"]] for u in users}
+    if not jobs:
+        return model, inputs
+    peft_model = PeftModel.from_pretrained(model, str(check_rewriter(task_lora)), use_safetensors=True)
+    peft_model.eval()
+    prompts = {u["user_id"]: rewrite_prompts(task, u) for u in users}
+    raw = generate(
+        peft_model,
+        tokenizer,
+        [prompts[u["user_id"]][i] for u, i in jobs],
+        replace(decode, do_sample=False),
+        desc="rewrite history",
+    )
+    for (user, i), text in zip(jobs, raw):
+        inputs[user["user_id"]][i] = parse_prediction(task, text) or inputs[user["user_id"]][i]
+    return peft_model.unload(), inputs

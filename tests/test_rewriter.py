@@ -1,0 +1,123 @@
+"""Tweets: stage 1 trains a rewriter beside the task adapter; OPPU asks each history tweet's
+personal pair with the rewriter's neutral input, never the tweet itself (tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import OPPU
+import prepare_data
+import task_LoRA
+from oppu.data import TEST_USERS_FILE, load_users
+from oppu.examples import history_pairs, rewrite_pairs
+from oppu.generation import DecodeConfig, generate
+from oppu.modeling import ModelSpec, load_model
+from oppu.rewriter import REWRITER_DIR, rewrite_histories
+from oppu.runs import user_result_dir
+from oppu.tasks import get_task
+from prompts import parse_prediction
+from utils import UserError
+
+TWEETS = get_task("tweet_paraphrase")
+SIZES = ["--num_test_users", "2", "--num_other_users", "2", "--history_len", "3", "--queries_per_user", "2"]
+QUICK = ["--max_step", "1", "--batch_size", "2", "--max_new_tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, tiny_model, tokenizer) -> dict:
+    root = tmp_path_factory.mktemp("tweets")
+    model_dir = root / "tiny-llama"
+    tiny_model(0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prepare_data.main(["demo", "--tasks", TWEETS.name, "--output_dir", str(root / "data")] + SIZES)
+    flags = ["--task_name", TWEETS.name, "--data_dir", str(root / "data"), "--model_name", str(model_dir), *QUICK]
+    flags += ["--ckpt_dir", str(root / "ckpt"), "--output_dir", str(root / "output")]
+    out = task_LoRA.main(flags + ["--no_answer"])
+    return {"root": root, "flags": flags, "model_dir": model_dir, "adapter": out["adapter"]}
+
+
+def test_stage1_trains_the_rewriter_on_the_queries_in_reverse(stage1, capsys):
+    folder = stage1["adapter"] / REWRITER_DIR
+    assert (folder / "adapter_model.safetensors").is_file()
+    assert json.loads((folder / "run_config.json").read_text())["task_name"] == TWEETS.name
+    users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / "user_others.json", need_history=False)
+    pairs = rewrite_pairs(TWEETS, users)
+    assert len(pairs) == 4  # every query of the 2 other users
+    for (prompt, target), query in zip(pairs, [q for u in users for q in u["query"]]):
+        assert query["gold"] in prompt and prompt.startswith("Rewrite the following tweet")
+        assert query["input"].endswith(target.strip())  # the query's neutral text, no instruction
+    task_LoRA.main(stage1["flags"] + ["--no_answer"])
+    assert "reusing the rewriter" in capsys.readouterr().out
+
+
+def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(stage1):
+    from peft import PeftModel
+
+    model, tokenizer = load_model(ModelSpec(str(stage1["model_dir"])), device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
+    cfg = DecodeConfig(max_new_tokens=6, batch_size=4)
+    model, inputs = rewrite_histories(model, tokenizer, TWEETS, users, stage1["adapter"], cfg)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not hasattr(model, "peft_config")
+    peft = PeftModel.from_pretrained(model, str(stage1["adapter"] / REWRITER_DIR)).eval()
+    for user in users:
+        prompts = [
+            "Rewrite the following tweet in plain, neutral words without any explanation before or after it: "
+            f"{item['text']}\nAnswer:"
+            for item in user["profile"]
+        ]
+        greedy = generate(peft, tokenizer, prompts, DecodeConfig(max_new_tokens=6, batch_size=1), show=False)
+        own = [item["text"] for item in user["profile"]]
+        assert inputs[user["user_id"]] == [parse_prediction(TWEETS, g) or t for g, t in zip(greedy, own)]
+    # only some items: the others keep their own text
+    model = peft.unload()
+    first = users[0]
+    _, some = rewrite_histories(model, tokenizer, TWEETS, [first], stage1["adapter"], cfg, only={first["user_id"]: [1]})
+    assert some[first["user_id"]][0] == first["profile"][0]["text"]
+    assert some[first["user_id"]][1] == inputs[first["user_id"]][1]
+
+
+def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
+    seen: list[tuple[str, str]] = []
+    encode = OPPU.encode_pairs
+
+    def recording(tok, pairs, cut_off):
+        seen.extend(pairs)
+        return encode(tok, pairs, cut_off)
+
+    monkeypatch.setattr(OPPU, "encode_pairs", recording)
+    out = OPPU.main(stage1["flags"] + ["--task_lora", str(stage1["adapter"])])
+    users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
+    expected = []
+    for user in users:
+        result = json.loads((user_result_dir(out["run_dir"], user["user_id"]) / "result.json").read_text())
+        assert len(result["history_inputs"]) == len(user["profile"])
+        expected += history_pairs(TWEETS, user, inputs=result["history_inputs"])
+    assert seen == expected
+    assert [t for _, t in seen] == [" " + it["text"] for u in users for it in u["profile"]]  # targets: the tweets
+    config = json.loads((out["run_dir"] / "run_config.json").read_text())
+    assert config["history_inputs"] == "rewriter" and len(config["rewriter_sha256"]) == 64
+
+
+def test_a_task_adapter_without_rewriter_is_refused_unless_items_are_asked_as_they_are(stage1, tmp_path):
+    bare = tmp_path / "bare-task-adapter"
+    shutil.copytree(stage1["adapter"], bare, ignore=shutil.ignore_patterns(REWRITER_DIR))
+    flags = stage1["flags"] + ["--task_lora", str(bare), "--ckpt_dir", str(tmp_path / "ckpt")]
+    with pytest.raises(UserError, match="no rewriter here"):
+        OPPU.main(flags)
+    out = OPPU.main(flags + ["--history_inputs", "item"])
+    assert Path(out["predictions"]).is_file()
+
+
+def test_history_inputs_rewriter_is_refused_where_items_have_inputs(make_args):
+    assert make_args().history_inputs == "item"  # news items have their article
+    assert make_args("--task_name", "tweet_paraphrase").history_inputs == "rewriter"
+    with pytest.raises(UserError, match="news_categorize's history items have inputs"):
+        make_args("--history_inputs", "rewriter")
