@@ -11,6 +11,7 @@ from oppu.cost import (
     batch_train_flops,
     decode_seconds,
     lora_parameters,
+    pass_train_flops,
     train_flops,
     train_seconds,
     user_train_flops,
@@ -59,6 +60,15 @@ def test_a_shared_prefix_is_computed_once_per_batch():
     # Training: 2 x (2 x 576 + 3 x 72 + 2 x 160) = 3376, against 2 x 2336 = 4672 without it.
     assert batch_train_flops(shape, 3, 2, batch=2, prefix=2) == 3376
     assert batch_train_flops(shape, 3, 2, batch=2) == 2 * 2336
+
+
+def test_a_pass_of_unequal_examples_behind_a_shared_prefix():
+    shape = Shape.from_config(TINY)
+    # examples of 3 and 4 tokens sharing 2, with 2 and 1 logit positions: projections for
+    # 2 + 1 + 2 = 5 tokens (720); attention: the prefix's 3 pairs once, then 3 and 3 + 4 pairs,
+    # x 8: (3 + 3 + 7) x 8 = 104; head 4 x 10 x 3 = 120. 2 x (2 x 720 + 3 x 104 + 2 x 120) = 3984.
+    assert pass_train_flops(shape, [3, 4], [2, 1], prefix=2) == 3984
+    assert pass_train_flops(shape, [3, 3], [2, 2], prefix=2) == batch_train_flops(shape, 3, 2, batch=2, prefix=2)
 
 
 def test_user_flops_follow_min_steps_padding_and_recomputation():
