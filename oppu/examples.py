@@ -53,7 +53,7 @@ def history_pairs(
 ) -> list[tuple[str, str]]:
     """(prompt, target) for each history item: the personal adapter's training data, written in
     ``history_format`` (prompts.HISTORY_FORMATS). ``inputs`` (one per item) replace the items'
-    own inputs (``rewrite_inputs``). Item j retrieves only among the items before it, so it never
+    own inputs (the rewriter's, oppu/rewriter.py). Item j retrieves only among the items before it, so it never
     sees its own future."""
     if inputs is not None and len(inputs) != len(user["profile"]):
         raise ValueError(f"{len(inputs)} inputs for {len(user['profile'])} history items")
