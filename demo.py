@@ -83,23 +83,23 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def prepare_demo_data(args: argparse.Namespace, data_dir: Path) -> None:
+    """The demo's data for ``args.tasks`` at its sizes and seed, written to ``data_dir``."""
+    sizes = {
+        "--num_test_users": args.num_test_users,
+        "--num_other_users": args.num_other_users,
+        "--history_len": args.history_len,
+        "--queries_per_user": args.queries_per_user,
+    }
+    flags = [str(x) for pair in sizes.items() for x in pair]
+    prepare_data.main(["demo", "--output_dir", str(data_dir), "--tasks", args.tasks, "--seed", str(args.seed), *flags])
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.time()
     work = Path(args.work_dir)
-    sizes = [
-        "--num_test_users",
-        str(args.num_test_users),
-        "--num_other_users",
-        str(args.num_other_users),
-        "--history_len",
-        str(args.history_len),
-        "--queries_per_user",
-        str(args.queries_per_user),
-    ]
-    prepare_data.main(
-        ["demo", "--output_dir", str(work / "data"), "--tasks", args.tasks, "--seed", str(args.seed)] + sizes
-    )
+    prepare_demo_data(args, work / "data")
     results = {name: run_task(name, work, args) for name in args.tasks.split(",")}
     text = table(results)
     minutes = (time.time() - start) / 60

@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
-import prepare_data  # noqa: E402
 from oppu.cost import Shape, pass_train_flops  # noqa: E402
 from oppu.data import OTHER_USERS_FILE, TEST_USERS_FILE, load_users  # noqa: E402
 from oppu.defaults import SMALL, epochs_for_min_steps  # noqa: E402
@@ -77,8 +76,8 @@ def task_flops(shape: Shape, tokenizer, data: Path, name: str, micro: int, seed:
     task_adapter, task_steps = plan_flops(shape, encoded, cfg)
     personal, personal_steps = 0.0, 0
     for user in tests:
-        # A tweet's pairs ask with the task model's rewrite of the tweet: its own text stands in
-        # for it here (a rewrite is about as long).
+        # A tweet's pairs ask with the rewriter's neutral input: the tweet's own text stands in
+        # for it here (about as long); the rewriter's own training is not counted.
         mine = encode_pairs(tokenizer, history_pairs(task, user), 2048)
         epochs = epochs_for_min_steps(len(mine), SMALL.batch_size, SMALL.user_epochs, SMALL.min_steps)
         user_cfg = TrainConfig(
@@ -110,25 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        prepare_data.main(
-            [
-                "demo",
-                "--output_dir",
-                str(data),
-                "--tasks",
-                sizes.tasks,
-                "--seed",
-                str(sizes.seed),
-                "--num_test_users",
-                str(sizes.num_test_users),
-                "--num_other_users",
-                str(sizes.num_other_users),
-                "--history_len",
-                str(sizes.history_len),
-                "--queries_per_user",
-                str(sizes.queries_per_user),
-            ]
-        )
+        demo.prepare_demo_data(sizes, data)
         for name in sizes.tasks.split(","):
             rows[name] = task_flops(shape, tokenizer, data, name, args.micro_batch_size, sizes.seed)
     print(f"\nmatmul limit {limit:.1f} GFLOP/s; micro-batch {args.micro_batch_size}")

@@ -20,7 +20,15 @@ from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, load_profiles, 
 from oppu.defaults import epochs_for_min_steps
 from oppu.examples import history_pairs
 from oppu.modeling import ModelSpec, resolve_model_path, short_name
-from oppu.runs import CONFIG_FILE, file_fingerprint, public_config, read_user_result, safe_dirname, user_result_dir
+from oppu.runs import (
+    ADDED_SETTINGS,
+    CONFIG_FILE,
+    file_fingerprint,
+    public_config,
+    read_user_result,
+    safe_dirname,
+    user_result_dir,
+)
 from oppu.tasks import Task, get_task
 from oppu.training import encode_pairs, train
 from utils import UserError, read_json, set_seed, stable_seed, write_json
@@ -113,13 +121,10 @@ def prompt_setting(identity: dict, key: str):
         return identity[key]
     return identity["settings"].get(
         key,
-        {
-            "retrieval": "most",
-            "history_format": "query",
-            "history_inputs": "item",
-            "peft_type": "lora",
-            "answer_mode": "generate",
-        }.get(key),
+        (
+            {"retrieval": "most", "history_format": "query", "peft_type": "lora", "answer_mode": "generate"}
+            | ADDED_SETTINGS
+        ).get(key),
     )
 
 

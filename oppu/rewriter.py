@@ -11,7 +11,7 @@ each history tweet becomes that item's input, so the personal adapter learns wha
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,20 +67,14 @@ def rewrite_histories(
     users: Sequence[User],
     task_lora: str | Path,
     decode: DecodeConfig,
-    only: Mapping[str, Sequence[int]] | None = None,
 ):
     """Every history item's input written by the rewriter in ``task_lora`` loaded on ``model``
     (the clean base: call it before the task adapter is merged), greedy, all users' items in one
-    batched pass. Returns (the clean model, {user id: one input per item}). ``only`` (user id ->
-    item indices) rewrites just those items and keeps the others' own text (their pairs go
-    unused); an empty rewrite keeps the item's text."""
+    batched pass. Returns (the clean model, {user id: one input per item}); an empty rewrite
+    keeps the item's own text."""
     from peft import PeftModel
 
-    jobs = [
-        (user, i)
-        for user in users
-        for i in (range(len(user["profile"])) if only is None else sorted(set(only.get(user["user_id"], ()))))
-    ]
+    jobs = [(user, i) for user in users for i in range(len(user["profile"]))]
     inputs = {u["user_id"]: [str(item[task.text_field]) for item in u["profile"]] for u in users}
     if not jobs:
         return model, inputs

@@ -76,12 +76,6 @@ def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(
         greedy = generate(peft, tokenizer, prompts, DecodeConfig(max_new_tokens=6, batch_size=1), show=False)
         own = [item["text"] for item in user["profile"]]
         assert inputs[user["user_id"]] == [parse_prediction(TWEETS, g) or t for g, t in zip(greedy, own)]
-    # only some items: the others keep their own text
-    model = peft.unload()
-    first = users[0]
-    _, some = rewrite_histories(model, tokenizer, TWEETS, [first], stage1["adapter"], cfg, only={first["user_id"]: [1]})
-    assert some[first["user_id"]][0] == first["profile"][0]["text"]
-    assert some[first["user_id"]][1] == inputs[first["user_id"]][1]
 
 
 def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
