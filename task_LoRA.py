@@ -10,6 +10,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, User, golds_of, pre
 from oppu.examples import query_pairs, query_prompts
 from oppu.generation import DecodeConfig
 from oppu.modeling import load_model
-from oppu.rewriter import needs_rewriter, rewriter_dir, train_rewriter
+from oppu.rewriter import REWRITER_DIR, needs_rewriter, rewriter_config, rewriter_dir, train_rewriter
 from oppu.runs import (
     CONFIG_FILE,
     PERSONAL_ONLY,
@@ -94,11 +95,13 @@ def predict_shared(
     return {q["id"]: merged[q["id"]] for u in users for q in u["query"]}
 
 
-def reusable_adapter(folder: Path, config: dict) -> bool:
-    """A finished adapter trained with the same settings can be reused instead of retrained."""
+def reusable_adapter(folder: Path, config: dict, project=None) -> bool:
+    """A finished adapter trained with the same settings can be reused instead of retrained.
+    ``project`` maps a saved config to what is compared (the rewriter's: ``rewriter_config``)."""
     if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / CONFIG_FILE).is_file():
         return False
     old = {k: v for k, v in read_json(folder / CONFIG_FILE).items() if k != "final_loss"}
+    old = project(old) if project else old
     return not config_differences(training_config(old), public_config(training_config(config)))
 
 
@@ -107,18 +110,32 @@ def ensure_rewriter(
 ):
     """For a task whose history items hold only the output (tweets): train the rewriter on the
     clean base (oppu/rewriter.py) into the task adapter's folder, unless a finished one of the same
-    settings is there. ``model`` carries the task adapter and is returned carrying it again."""
+    settings is there or beside another task adapter of the task (then it is copied: a grid's three
+    settings share one). ``model`` carries the task adapter and is returned carrying it again."""
     from peft import PeftModel
 
     folder = rewriter_dir(adapter_dir)
-    if reusable_adapter(folder, config) and not args.overwrite:
+    others_sha256 = file_fingerprint(Path(args.data_dir) / task.name / OTHER_USERS_FILE)
+    wanted = rewriter_config(config, others_sha256)
+    if reusable_adapter(folder, wanted, rewriter_config) and not args.overwrite:
         print(f"reusing the rewriter in {folder} (same config; --overwrite retrains)")
+        return model
+    siblings = sorted(p for p in adapter_dir.parent.glob(f"*/{REWRITER_DIR}") if p != folder)
+    twin = next((p for p in siblings if reusable_adapter(p, wanted, rewriter_config)), None)
+    if twin is not None and not args.overwrite:
+        if accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(twin, folder)
+        accelerator.wait_for_everyone()
+        accelerator.print(
+            f"copied the rewriter of {twin.parent.name} (same settings; its prompts hold no k or profile)"
+        )
         return model
     rewriter, fit = train_rewriter(model.unload(), tokenizer, task, others, args, accelerator)
     accelerator.print(f"rewriter: {fit.steps} steps on {fit.examples} examples, final loss {fit.final_loss:.4f}")
     if accelerator.is_main_process:
         save_adapter(rewriter, folder)
-        write_json(folder / CONFIG_FILE, public_config(config) | {"final_loss": fit.final_loss})
+        write_json(folder / CONFIG_FILE, public_config(wanted) | {"final_loss": fit.final_loss})
     accelerator.wait_for_everyone()
     return PeftModel.from_pretrained(rewriter.unload(), str(adapter_dir), use_safetensors=True)
 

@@ -25,10 +25,21 @@ from prompts import parse_prediction
 from utils import UserError
 
 REWRITER_DIR = "rewriter"  # inside the task adapter's folder
+# The task adapter's prompt settings: the rewriter's own prompts hold no retrieved item and no
+# profile, so the rewriters beside the k=0, k=1 and profile task adapters are the same weights.
+PROMPT_ONLY = ("k", "add_profile", "retrieval")
 
 
 def rewriter_dir(task_lora: str | Path) -> Path:
     return Path(task_lora) / REWRITER_DIR
+
+
+def rewriter_config(adapter_config: dict, others_sha256: str | None = None) -> dict:
+    """What determines the rewriter: the task adapter's config less its prompt settings, with the
+    hash of the other users' file alone (a profile task adapter's hash also covers profiles);
+    without ``others_sha256`` (a saved rewriter's config) the config's own hash is kept."""
+    kept = {k: v for k, v in adapter_config.items() if k not in PROMPT_ONLY}
+    return kept | ({"data_sha256": others_sha256} if others_sha256 else {})
 
 
 def needs_rewriter(task: Task) -> bool:

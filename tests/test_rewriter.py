@@ -100,6 +100,25 @@ def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
     assert config["history_inputs"] == "rewriter" and len(config["rewriter_sha256"]) == 64
 
 
+def test_other_settings_copy_the_same_rewriter_and_other_training_retrains_it(stage1, tmp_path, capsys):
+    """The k=1 and profile task adapters' rewriters are the k=0 one's weights (their prompts hold
+    no k or profile), copied, not trained again; another seed trains its own."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(stage1["root"] / "ckpt", ckpt)
+    flags = stage1["flags"] + ["--ckpt_dir", str(ckpt), "--no_answer"]
+    first = (stage1["adapter"] / REWRITER_DIR / "adapter_model.safetensors").read_bytes()
+    out = task_LoRA.main(flags + ["--k", "1"])
+    assert "copied the rewriter of" in capsys.readouterr().out
+    assert (out["adapter"] / REWRITER_DIR / "adapter_model.safetensors").read_bytes() == first
+    task_LoRA.main(flags + ["--k", "1"])
+    assert "reusing the rewriter" in capsys.readouterr().out
+    out = task_LoRA.main(flags + ["--k", "1", "--seed", "1"])
+    printed = capsys.readouterr().out
+    assert "copied" not in printed and "rewriter: 1 steps" in printed
+    saved = json.loads((out["adapter"] / REWRITER_DIR / "run_config.json").read_text())
+    assert saved["seed"] == 1 and "k" not in saved
+
+
 def test_a_task_adapter_without_rewriter_is_refused_unless_items_are_asked_as_they_are(stage1, tmp_path):
     bare = tmp_path / "bare-task-adapter"
     shutil.copytree(stage1["adapter"], bare, ignore=shutil.ignore_patterns(REWRITER_DIR))

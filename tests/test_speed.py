@@ -238,6 +238,44 @@ def test_the_lm_head_gets_one_contiguous_matrix_of_the_kept_positions(tiny_model
     assert len(model.lm_head._forward_pre_hooks) == 1
 
 
+def test_grouped_key_value_heads_give_the_stock_attentions_loss_gradients_and_answers(tiny_model, tokenizer):
+    """sdpa_grouped (the tiny model's 2 key/value heads for 4 query heads, on CPU) against
+    transformers' sdpa, which copies the key/value heads: a padded batch behind a shared prefix,
+    its loss and LoRA gradients, and greedy answers from left-padded prompts."""
+    from oppu.modeling import GROUPED_SDPA
+
+    def run(model):
+        torch.manual_seed(0)  # the LoRA's random initial weights
+        peft = add_adapter(model, lora_config_for_test())
+        peft.train()
+        examples = shared_examples(tokenizer)
+        batch = collate(examples, tokenizer.pad_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            loss, _ = _summed_loss(peft, batch, common_prefix_length([e.input_ids for e in examples]))
+        loss.backward()
+        grads = [p.grad.clone() for p in peft.parameters() if p.requires_grad]
+        peft.eval()
+        prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES]
+        return loss.detach(), grads, generate(peft, tokenizer, prompts, DecodeConfig(max_new_tokens=6))
+
+    grouped, stock = tiny_model(), tiny_model()
+    stock.set_attn_implementation("sdpa")
+    assert grouped.config._attn_implementation == GROUPED_SDPA
+    loss, grads, answers = run(grouped)
+    loss_ref, grads_ref, answers_ref = run(stock)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    assert answers == answers_ref
+
+
+def lora_config_for_test():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
 def test_planned_padding_on_a_hand_made_case():
     from benchmarks.bench import planned_padding
 
