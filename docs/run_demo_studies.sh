@@ -4,7 +4,8 @@
 # (OPPU[ia3], OPPU[prompt_tuning], RAG[least], OPPU+RAG[least], OPPU[plain]) and writes
 # W/studies/<study>/<task>/table.md, table.json (and activity.png).
 # Usage: bash docs/run_demo_studies.sh [WORK_DIR] [stage flags...]
-# Cost: estimated at about 4 hours on one CPU thread from the demo grid's per-step times; not yet run to the end.
+# Cost: run here for scholarly_title and citation (one thread each, side by side): 35 and 37
+# minutes for the four studies; the other five tasks not yet (docs/studies.md, Results).
 # Resumable: run it again and it continues where it stopped (finished rows and users are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
