@@ -230,4 +230,7 @@ def group_kv_heads(model) -> None:
         return
     AttentionInterface.register(GROUPED_SDPA, sdpa_grouped)
     AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
-    model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        model.set_attn_implementation(GROUPED_SDPA)
+    except (ValueError, AttributeError, NotImplementedError):
+        pass  # a model class that takes no registered attention keeps its sdpa
