@@ -139,3 +139,9 @@ def test_citation_gold_reference_is_on_the_topics_of_the_users_papers():
             gold, other = (refs[0], refs[1]) if query["gold"] == "[1]" else (refs[1], refs[0])
             shared = [sum(p in ref and p in papers for p in phrases) for ref in (gold, other)]
             assert shared[0] >= 1 and shared[1] == 0
+
+
+def test_citation_answers_are_half_first_half_second_reference_for_every_user():
+    users = make_demo_users(TASKS["citation"], num_users=20, history_len=12, queries_per_user=4, seed=0)
+    for user in users:
+        assert Counter(q["gold"] for q in user["query"]) == {"[1]": 2, "[2]": 2}
