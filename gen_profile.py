@@ -21,12 +21,14 @@ from oppu import cli
 from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, TEST_PROFILES_FILE, TEST_USERS_FILE, load_users
 from oppu.generation import DecodeConfig
 from oppu.modeling import EMBEDDED_MODEL, check_spec, load_model
+from oppu.ownership import sha256_file
 from oppu.profiles import ProfileCounts, generate_profiles, label_mentions, profile_file, read_aligned
 from oppu.runs import config_differences, public_config
 from oppu.tasks import Task, get_task
 from utils import UserError, ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
 CONFIG_FILE = "profile_config.json"
+USERS_KEY = "users_sha256"
 FILES = ((TEST_USERS_FILE, TEST_PROFILES_FILE), (OTHER_USERS_FILE, OTHER_PROFILES_FILE))
 
 
@@ -69,10 +71,21 @@ def check_config(path: Path, config: dict, resuming: bool) -> None:
     if not resuming or not path.is_file():
         return
     old = read_json(path)
-    diff = config_differences(old, config)
+    # a config written before the user files' hashes were recorded cannot tell; it is kept
+    diff = [k for k in config_differences(old, config) if k in old or k != USERS_KEY]
+    if USERS_KEY in diff:
+        raise UserError(f"{path}: the profiles here were made from other user files in this folder; use --overwrite")
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4])
         raise UserError(f"{path}: the profiles here were made with another config ({shown}); use --overwrite")
+
+
+def profile_config(args: argparse.Namespace, task: Task, folder: Path) -> dict:
+    """What the profiles in ``folder`` depend on: the settings (data_dir left out, the config
+    sits in the folder it describes) and the user files' hashes, so that profiles of histories
+    that prepare_data has since rewritten are not kept."""
+    config = {k: v for k, v in public_config(vars(args)).items() if k != "data_dir"} | {"task_name": task.name}
+    return config | {USERS_KEY: {name: sha256_file(folder / name) for name, _ in FILES}}
 
 
 def wanted(num_users: int, max_users: int) -> int:
@@ -101,8 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     users = {name: load_users(task, folder / name, need_history=False) for name, _ in FILES}
     ensure_writable_dir(folder)
     existing = {} if args.overwrite else {out: read_aligned(folder / out, users[name]) for name, out in FILES}
-    # data_dir is left out: the config file sits in the data folder it describes
-    config = {k: v for k, v in public_config(vars(args)).items() if k != "data_dir"} | {"task_name": task.name}
+    config = profile_config(args, task, folder)
     check_config(folder / CONFIG_FILE, config, any(existing.values()))
     if all(len(existing.get(out, [])) >= wanted(len(users[name]), args.max_users) for name, out in FILES):
         print(f"every profile is already in {folder} (--overwrite regenerates them)")

@@ -167,3 +167,22 @@ def test_gen_profile_reports_label_mentions_of_finished_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "profile_user_100.json: of 2 profiles, 1 name a label of the task and 1 the user's most frequent" in out
     assert "profile_user_others.json: of 1 profiles, 1 name a label of the task and 0 the user's most frequent" in out
+
+
+def test_profiles_of_rewritten_user_files_are_rejected_and_an_old_config_is_kept(tmp_path):
+    folder = tmp_path / TASK.name
+    folder.mkdir()
+    (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 2)]))
+    (folder / "user_others.json").write_text(json.dumps([user("o", 1)]))
+    (folder / "profile_user_100.json").write_text(json.dumps([{"user_id": "a", "output": "writes"}]))
+    (folder / "profile_user_others.json").write_text(json.dumps([{"user_id": "o", "output": "writes"}]))
+    argv = ["--task_name", TASK.name, "--data_dir", str(tmp_path)]
+    config = gen_profile.profile_config(gen_profile.parse_args(argv), TASK, folder)
+    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
+    gen_profile.main(argv)  # the same user files: the profiles are kept
+    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps({k: v for k, v in config.items() if k != "users_sha256"}))
+    (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 3)]))
+    gen_profile.main(argv)  # a config from before the hashes were recorded cannot tell: kept
+    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(UserError, match="made from other user files in this folder; use --overwrite"):
+        gen_profile.main(argv)
