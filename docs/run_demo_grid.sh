@@ -3,7 +3,7 @@
 # and seed (4 test users with 12 history items and 4 queries each, 16 other users), every row of
 # run_grid.py on the stages' defaults for the embedded model, then one overview table.
 # Usage: bash docs/run_demo_grid.sh [WORK_DIR] [stage flags...]
-# Cost: every task has run here, one thread each beside other jobs: 1.0 to 2.2 hours a task,
+# Cost: every task has run here, one thread each beside other jobs: 0.9 to 2.2 hours a task,
 # about 10.9 hours of one thread for the 7 (README "The demo grid").
 # Resumable: run it again and it continues where it stopped (finished rows and users are kept).
 set -euo pipefail
