@@ -5,7 +5,8 @@
 # W/studies/<study>/<task>/table.md, table.json (and activity.png).
 # Usage: bash docs/run_demo_studies.sh [WORK_DIR] [stage flags...]
 # Cost: run here for scholarly_title and citation (one thread each, side by side): 35 and 37
-# minutes for the four studies; the other five tasks not yet (docs/studies.md, Results).
+# minutes for the four studies (citations again after the generator's change: 44 minutes beside
+# other jobs); the other five tasks not yet (docs/studies.md, Results).
 # Resumable: run it again and it continues where it stopped (finished rows and users are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
