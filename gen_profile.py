@@ -21,9 +21,8 @@ from oppu import cli
 from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, TEST_PROFILES_FILE, TEST_USERS_FILE, load_users
 from oppu.generation import DecodeConfig
 from oppu.modeling import EMBEDDED_MODEL, check_spec, load_model
-from oppu.ownership import sha256_file
 from oppu.profiles import ProfileCounts, generate_profiles, label_mentions, profile_file, read_aligned
-from oppu.runs import config_differences, public_config
+from oppu.runs import config_differences, file_fingerprint, public_config
 from oppu.tasks import Task, get_task
 from utils import UserError, ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
@@ -85,7 +84,7 @@ def profile_config(args: argparse.Namespace, task: Task, folder: Path) -> dict:
     sits in the folder it describes) and the user files' hashes, so that profiles of histories
     that prepare_data has since rewritten are not kept."""
     config = {k: v for k, v in public_config(vars(args)).items() if k != "data_dir"} | {"task_name": task.name}
-    return config | {USERS_KEY: {name: sha256_file(folder / name) for name, _ in FILES}}
+    return config | {USERS_KEY: {name: file_fingerprint(folder / name) for name, _ in FILES}}
 
 
 def wanted(num_users: int, max_users: int) -> int:

@@ -314,7 +314,7 @@ def _paper(rng: random.Random, area: str) -> tuple[str, str]:
 
 def _citation_item(task: Task, rng: random.Random, area: str, favoured: bool) -> Item:
     """A paper of the user's area; in its query the reference of that area is [1] when
-    ``favoured`` (the user's flags are drawn half and half for this task, see ``_make_user``)."""
+    ``favoured`` (the user's flags are drawn half and half for this task, see ``_GENERATORS``)."""
     title, abstract = _paper(rng, area)
     related = _paper(rng, area)[0]
     unrelated = _paper(rng, rng.choice([a for a in AREAS if a != area]))[0]
@@ -323,19 +323,22 @@ def _citation_item(task: Task, rng: random.Random, area: str, favoured: bool) ->
     return {"title": title, "abstract": abstract}, query, "[1]" if favoured else "[2]"
 
 
-# task name -> (the preferences users are spread over, the item maker)
-_GENERATORS: dict[str, tuple[tuple, Maker]] = {
-    "citation": (tuple(AREAS), _citation_item),
-    "news_categorize": (NEWS_CATEGORIES, _news_item),
-    "movie_tagging": (MOVIE_TAGS, _movie_item),
-    "product_rating": (RATING_BIASES, _rating_item),
-    "news_headline": (HEADLINE_STYLES, _headline_item),
-    "scholarly_title": (TITLE_STYLES, _scholarly_item),
-    "tweet_paraphrase": (TWEET_STYLES, _tweet_item),
+# task name -> (the preferences users are spread over, the item maker, the share of favoured
+# items). A citation's flag is the gold's position: each user's answers are [1] and [2] half and
+# half, so no answer order can be learnt from the other users (a 50/50 draw per query made 14 of
+# the 16 test golds [2] under seed 0).
+_GENERATORS: dict[str, tuple[tuple, Maker, float]] = {
+    "citation": (tuple(AREAS), _citation_item, 0.5),
+    "news_categorize": (NEWS_CATEGORIES, _news_item, FAVOURED_SHARE),
+    "movie_tagging": (MOVIE_TAGS, _movie_item, FAVOURED_SHARE),
+    "product_rating": (RATING_BIASES, _rating_item, FAVOURED_SHARE),
+    "news_headline": (HEADLINE_STYLES, _headline_item, FAVOURED_SHARE),
+    "scholarly_title": (TITLE_STYLES, _scholarly_item, FAVOURED_SHARE),
+    "tweet_paraphrase": (TWEET_STYLES, _tweet_item, FAVOURED_SHARE),
 }
 
 
-def _favoured_flags(rng: random.Random, n: int, share: float = FAVOURED_SHARE) -> list[bool]:
+def _favoured_flags(rng: random.Random, n: int, share: float) -> list[bool]:
     """Exactly round(share * n) of n items offer the favourite, in random positions."""
     hits = round(share * n)
     return rng.sample([True] * hits + [False] * (n - hits), n)
@@ -343,12 +346,8 @@ def _favoured_flags(rng: random.Random, n: int, share: float = FAVOURED_SHARE) -
 
 def _make_user(task: Task, index: int, preference: Any, history_len: int, queries: int, seed: int) -> dict:
     rng = random.Random(f"{seed}:{task.name}:{index}")
-    maker = _GENERATORS[task.name][1]
+    _, maker, share = _GENERATORS[task.name]
     user_id = f"demo-{SHORT_NAMES[task.name]}-{index:03d}"
-    # A citation's flag is the gold's position: each user's answers are [1] and [2] half and
-    # half, so no answer order can be learnt from the other users (a 50/50 draw per query made
-    # 14 of the 16 test golds [2] under seed 0).
-    share = 0.5 if task.name == "citation" else FAVOURED_SHARE
     flags = _favoured_flags(rng, history_len, share) + _favoured_flags(rng, queries, share)
     items = [maker(task, rng, preference, favoured) for favoured in flags]
     profile = [{"id": f"{user_id}-h{j:03d}", **fields} for j, (fields, _, _) in enumerate(items[:history_len])]
