@@ -298,7 +298,9 @@ def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
     assert json.loads(out.read_text())["shape"] == "tiny"
     for key in ("matmul_tflops", "train_mfu", "prefix_speedup", "mixed_vs_single_adapter", "mixed_vs_sequential"):
         assert r[key] > 0, key
-    plain, shared = r["train"]["plain"], r["train"]["shared_prefix"]
-    assert plain["steps"] == shared["steps"] == 2
+    plain, shared, paper = (r["train"][k] for k in ("plain", "shared_prefix", "paper"))
+    assert plain["steps"] == shared["steps"] == paper["steps"] == 2
     assert shared["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert paper["losses"] == pytest.approx(plain["losses"], rel=1e-5)  # recomputation, same sums
+    assert r["train_speedup_vs_paper"] > 0
     assert set(r["decode"]["new_tokens_per_s"]) == {"mixed", "single_adapter", "sequential"}
