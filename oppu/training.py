@@ -15,6 +15,16 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 MEGA_BATCH = 50  # length grouping sorts within 50 batches at a time, as the HF Trainer does
 # A shared prefix costs one extra (batch 1) forward call; below this many tokens it does not pay.
 MIN_SHARED_PREFIX = 16
+# On a GPU a training step of a 7B model is bound by the CPU's kernel launches, and the extra call
+# doubles them: on an H200 (benchmarks/README.md) 16 rows sharing 96 of 128 tokens trained at 0.48x
+# the plain path's speed, 192 of 256 at 0.85x, 384 of 512 at 2.09x.
+MIN_SHARED_PREFIX_ACCELERATOR = 256
+
+
+def min_shared_prefix(device: torch.device) -> int:
+    """The fewest shared tokens for which training runs them once: on CPU the saved arithmetic
+    pays from MIN_SHARED_PREFIX on; on an accelerator only long prefixes pay."""
+    return MIN_SHARED_PREFIX if device.type == "cpu" else MIN_SHARED_PREFIX_ACCELERATOR
 
 
 @dataclass(frozen=True)
@@ -231,7 +241,7 @@ def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int | None = 0) 
     keep = labels.size(1) - first + 1  # logits at positions first-1 .. end predict tokens first .. end
     shared = prefix is not None
     prefix = min(prefix or 0, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
-    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    prefix = prefix if prefix >= min_shared_prefix(labels.device) else 0
     if shared and (prefix or prompt_tuned(model)):
         logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)
     else:

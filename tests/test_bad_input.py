@@ -278,3 +278,9 @@ def test_user_ids_never_leave_the_run_folder(tmp_path, user_id):
     assert folder.resolve().parent == (run_dir / "users").resolve()
     assert not folder.name.startswith(".") and "/" not in folder.name
     assert safe_dirname(user_id) != safe_dirname(user_id + "x")
+
+
+def test_a_transformers_older_than_the_cache_argument_is_refused():
+    modeling.check_transformers(modeling.MIN_TRANSFORMERS)  # the minimum itself is fine
+    with pytest.raises(UserError, match=r"transformers 5\.17\.0 is installed; OPPU needs transformers>=5\.24"):
+        modeling.check_transformers("5.17.0")

@@ -12,12 +12,14 @@ from oppu.adapters import USER_TARGETS, add_adapter, lora_config
 from oppu.generation import DecodeConfig, generate
 from oppu.training import (
     MIN_SHARED_PREFIX,
+    MIN_SHARED_PREFIX_ACCELERATOR,
     TrainConfig,
     _summed_loss,
     batch_plan,
     collate,
     common_prefix_length,
     encode_prompt,
+    min_shared_prefix,
     tokenize_and_mask,
     train,
 )
@@ -89,6 +91,11 @@ def test_a_short_shared_prefix_falls_back_to_the_plain_forward(tiny_model, token
     batch = collate(shared_examples(tokenizer), tokenizer.pad_token_id)
     _, used, _ = loss_and_grads(lora_model(tiny_model, make_args), batch, MIN_SHARED_PREFIX - 1)
     assert used == 0
+
+
+def test_on_an_accelerator_only_a_long_prefix_is_shared():
+    assert min_shared_prefix(torch.device("cpu")) == MIN_SHARED_PREFIX
+    assert min_shared_prefix(torch.device("cuda")) == MIN_SHARED_PREFIX_ACCELERATOR > MIN_SHARED_PREFIX
 
 
 def test_training_with_and_without_the_shared_prefix_takes_the_same_steps(tiny_model, tokenizer, make_args):
@@ -303,4 +310,4 @@ def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
     assert shared["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert paper["losses"] == pytest.approx(plain["losses"], rel=1e-5)  # recomputation, same sums
     assert r["train_speedup_vs_paper"] > 0
-    assert set(r["decode"]["new_tokens_per_s"]) == {"mixed", "single_adapter", "sequential"}
+    assert set(r["decode"]["new_tokens_per_s"]) == {"mixed", "peft_adapter_names", "single_adapter", "sequential"}
