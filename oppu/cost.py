@@ -49,6 +49,8 @@ class Machine:
     memory_gbs: float  # memory bandwidth: a decoding step reads every weight once
     bytes_per_param: int  # 4 for fp32, 2 for bf16
     decode_efficiency: float = 0.5
+    step_seconds: float = 0.0  # the least a new-token step takes (an eager model's kernel launches)
+    min_shared_prefix: int = 16  # training runs a shared prefix once from this many tokens (oppu.training)
 
 
 def linear_flops(shape: Shape, tokens: int) -> float:
@@ -137,12 +139,12 @@ def decode_seconds(
 ) -> float:
     """Greedy decoding of ``queries`` in batches of ``batch``: the prompt pass is compute-bound
     (2 FLOPs per parameter and token at ``decode_efficiency`` of the peak); each new-token step
-    costs the larger of reading every weight once and its compute."""
+    costs the largest of reading every weight once, its compute and ``machine.step_seconds``."""
     peak = machine.matmul_tflops * 1e12
     prompt = 2 * shape.parameters * prompt_tokens * queries / (peak * machine.decode_efficiency)
     weights = shape.parameters * machine.bytes_per_param / (machine.memory_gbs * 1e9)
     steps = math.ceil(queries / batch) * new_tokens
-    step = max(weights, 2 * shape.parameters * batch / (peak * machine.decode_efficiency))
+    step = max(weights, 2 * shape.parameters * batch / (peak * machine.decode_efficiency), machine.step_seconds)
     return prompt + steps * step
 
 

@@ -98,6 +98,42 @@ def test_decoding_is_bound_by_reading_the_weights_or_by_compute():
     step = 2 * 1e9 * 2 / (1e9 * 0.5)  # 8 s a step for a batch of 2
     seconds = decode_seconds(shape, slow_compute, queries=4, prompt_tokens=0, new_tokens=5, batch=2)
     assert seconds == pytest.approx(10 * step)
+    # a GPU's eager decoding: each step takes at least its kernel launches' time
+    launch_bound = Machine("m", 1000.0, 0.5, memory_gbs=1e6, bytes_per_param=2, step_seconds=0.04)
+    seconds = decode_seconds(shape, launch_bound, queries=4, prompt_tokens=0, new_tokens=5, batch=2)
+    assert seconds == pytest.approx(10 * 0.04)
+
+
+def test_on_a_gpu_a_short_prefix_is_trained_per_example():
+    from benchmarks.cost_model import GPUS, OURS, as_trained
+
+    h = History(items=10, tokens=120.0, answer_tokens=2.0, prefix=90)
+    cpu = Machine("cpu", 0.1, 0.5, 30.0, 4)
+    assert as_trained(h, OURS, cpu) == h  # 90 tokens pay on a CPU
+    assert as_trained(h, OURS, GPUS["H200"]).prefix == 0  # not under 256 on a GPU
+    long = History(items=10, tokens=600.0, answer_tokens=2.0, prefix=400)
+    assert as_trained(long, OURS, GPUS["H200"]) == long
+
+
+def test_the_gpu_check_reads_a_gpu_bench_run():
+    from benchmarks.cost_model import GPUS, check_against_gpu_bench
+
+    path = {"mfu": 0.5, "seconds": 2.0}
+    gpu = {
+        "device": "g",
+        "matmul_tflops": 700.0,
+        "train": {"plain": path, "paper": path},
+        "settings": {"examples": 64, "prompt_length": 256},
+        "decode": {"rows": 8, "new_tokens_per_row": 32, "new_tokens_per_s": {"single_adapter": 128.0}},
+    }
+    rows = check_against_gpu_bench(gpu, GPUS["H200"])
+    h200 = GPUS["H200"]
+    plain = rows["train plain, 64 examples (s)"]
+    assert plain["measured"] == 2.0
+    # 0.5 x 2 s x 700 TFLOP/s of model FLOPs at 989 x 0.35 TFLOP/s
+    assert plain["predicted"] == pytest.approx(700e12 / (h200.matmul_tflops * 1e12 * h200.efficiency))
+    assert rows["train paper, 64 examples (s)"]["predicted"] == pytest.approx(1.5 * plain["predicted"])
+    assert rows["decode 8 rows x 32 new tokens, one adapter (s)"]["measured"] == pytest.approx(2.0)
 
 
 def test_lora_parameters_and_a_clear_error_for_unknown_targets():
