@@ -40,7 +40,7 @@ from oppu.adapters import USER_TARGETS, add_adapter, lora_config  # noqa: E402
 from oppu.cost import train_flops  # noqa: E402
 from oppu.modeling import check_transformers, fold_lm_head  # noqa: E402
 from oppu.serving import rows_through_their_loras  # noqa: E402
-from oppu.training import IGNORE_INDEX, Encoded, TrainConfig, train  # noqa: E402
+from oppu.training import IGNORE_INDEX, MIN_SHARED_PREFIX, Encoded, TrainConfig, _summed_loss, collate, train  # noqa: E402
 from utils import UserError, run_cli, write_json  # noqa: E402
 
 # Llama-2-7b (its config.json) and a tiny shape of the same architecture for the CPU check
@@ -67,6 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt_length", type=int, default=256, help="decoding: prompt tokens per row")
     parser.add_argument("--new_tokens", type=int, default=32, help="decoding: new tokens per row")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "gpu_results.json"))
+    parser.add_argument("--profile", help="also write torch.profiler tables of one training step per path here")
     parser.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
 
@@ -124,11 +125,14 @@ def make_examples(n: int, length: int, prefix: int, answer: int, vocab: int, see
     return examples
 
 
-# the training paths compared; "paper": the paper's configuration (gradient checkpointing on, no
-# length grouping, no shared prefix)
+# the training paths compared. "shared_prefix": the library's default, which on an accelerator
+# shares only prefixes of MIN_SHARED_PREFIX_ACCELERATOR tokens or more; "shared_prefix_forced":
+# shared from MIN_SHARED_PREFIX on, as on CPU (to find where it pays); "paper": the paper's
+# configuration (gradient checkpointing on, no length grouping, no shared prefix)
 TRAIN_PATHS = {
     "plain": {"shared_prefix": False},
     "shared_prefix": {"shared_prefix": True},
+    "shared_prefix_forced": {"shared_prefix": True, "min_shared_prefix": MIN_SHARED_PREFIX},
     "paper": {"shared_prefix": False, "group_by_length": False, "gradient_checkpointing": True},
 }
 
@@ -160,6 +164,39 @@ def measure_training(model, examples: list[Encoded], args, path: dict, peak: flo
         "steps": result.steps,
         "losses": result.losses,
     }
+
+
+def profile_training(model, examples: list[Encoded], args, folder: Path) -> dict:
+    """One micro-batch's forward and backward on the plain and the forced shared-prefix path:
+    mean milliseconds over 5 (after 2 warm-ups), and torch.profiler's table of one more, sorted by
+    device time, in ``folder/train_<path>.txt``. Where the device is idle for most of a step, the
+    step is bound by the CPU launching kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(model.parameters()).device
+    peft = add_adapter(model, lora_config(argparse.Namespace(lora_r=8, lora_alpha=8, lora_dropout=0.0), USER_TARGETS))
+    peft.train()
+    chunk = examples[: args.micro_batch_size]
+    batch = {k: v.to(device) for k, v in collate(chunk, 0).items()}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, prefix in (("plain", None), ("shared_prefix_forced", args.prefix)):
+
+        def step(prefix=prefix):
+            loss, _ = _summed_loss(peft, batch, prefix, MIN_SHARED_PREFIX)
+            loss.backward()
+
+        for _ in range(2):
+            step()
+        out[name] = 1000 * timed(device, lambda step=step: [step() for _ in range(5)]) / 5
+        with profile(activities=activities) as prof:
+            step()
+            synchronize(device)
+        (folder / f"train_{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    peft.unload()
+    return {"step_ms": out, "micro_batch": len(chunk), "folder": str(folder)}
 
 
 def measure_decoding(model, args, device: torch.device) -> dict:
@@ -244,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     examples = make_examples(args.examples, args.length, args.prefix, args.answer, model.config.vocab_size)
     training = {name: measure_training(model, examples, args, path, peak) for name, path in TRAIN_PATHS.items()}
     decoding = measure_decoding(model, args, device)
+    profiled = profile_training(model, examples, args, Path(args.profile)) if args.profile else None
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "shape": args.shape,
@@ -253,11 +291,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "train": training,
         "train_mfu": training["plain"]["mfu"],
         "prefix_speedup": training["shared_prefix"]["examples_per_s"] / training["plain"]["examples_per_s"],
+        "prefix_speedup_forced": training["shared_prefix_forced"]["examples_per_s"]
+        / training["plain"]["examples_per_s"],
         "train_speedup_vs_paper": training["shared_prefix"]["examples_per_s"] / training["paper"]["examples_per_s"],
         "decode": decoding,
         "mixed_vs_single_adapter": decoding["mixed_vs_single_adapter"],
         "mixed_vs_sequential": decoding["mixed_vs_sequential"],
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "profile": profiled,
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "debug")},
     }
     write_json(Path(args.output), results)
@@ -267,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"shared prefix over plain: {results['prefix_speedup']:.2f}x, "
         f"over the paper's configuration: {results['train_speedup_vs_paper']:.2f}x"
     )
+    if profiled:
+        print(f"one step (ms): {profiled['step_ms']}; profiler tables in {profiled['folder']}")
     for name, v in decoding["new_tokens_per_s"].items():
         print(f"decode {name:14s} {v:10.1f} new tokens/s")
     print(

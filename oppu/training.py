@@ -51,6 +51,7 @@ class TrainConfig:
     # Speed-ups the paper's code does not have; both leave the loss of every example unchanged.
     group_by_length: bool = True  # batches of similar lengths: almost no padding
     shared_prefix: bool = True  # run the tokens every example of a micro-batch starts with once
+    min_shared_prefix: int | None = None  # fewest tokens worth sharing; None: min_shared_prefix(device)
 
 
 @dataclass
@@ -226,7 +227,9 @@ def forward_shared_prefix(
     return out.logits
 
 
-def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int | None = 0) -> tuple[torch.Tensor, int]:
+def _summed_loss(
+    model, batch: dict[str, torch.Tensor], prefix: int | None = 0, min_prefix: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Sum of token losses (so micro-batches add up to the same gradient as one big batch), and
     how many of the ``prefix`` tokens all rows share were run once (0: none). ``prefix`` None
     asks for the plain forward; a prefix too short to pay is not shared, but a prompt-tuning
@@ -241,7 +244,8 @@ def _summed_loss(model, batch: dict[str, torch.Tensor], prefix: int | None = 0) 
     keep = labels.size(1) - first + 1  # logits at positions first-1 .. end predict tokens first .. end
     shared = prefix is not None
     prefix = min(prefix or 0, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
-    prefix = prefix if prefix >= min_shared_prefix(labels.device) else 0
+    least = min_shared_prefix(labels.device) if min_prefix is None else min_prefix
+    prefix = prefix if prefix >= least else 0
     if shared and (prefix or prompt_tuned(model)):
         logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)
     else:
@@ -291,7 +295,7 @@ def train(
             sync = nullcontext() if not accelerator or m == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
                 common = common_prefix_length([e.input_ids for e in chunk]) if share_prefix else None
-                summed, prefix = _summed_loss(model, batch, common)
+                summed, prefix = _summed_loss(model, batch, common, cfg.min_shared_prefix)
                 loss = weight * summed / max(n_tokens, 1)
                 accelerator.backward(loss) if accelerator else loss.backward()
             total += loss.item()

@@ -98,6 +98,15 @@ def test_on_an_accelerator_only_a_long_prefix_is_shared():
     assert min_shared_prefix(torch.device("cuda")) == MIN_SHARED_PREFIX_ACCELERATOR > MIN_SHARED_PREFIX
 
 
+def test_the_fewest_shared_tokens_can_be_set(tiny_model, tokenizer, make_args):
+    """TrainConfig.min_shared_prefix overrides the device's threshold (gpu_bench forces sharing with it)."""
+    batch = collate(shared_examples(tokenizer), tokenizer.pad_token_id)
+    model = lora_model(tiny_model, make_args)
+    common = common_prefix_length([row[row != tokenizer.pad_token_id].tolist() for row in batch["input_ids"]])
+    assert _summed_loss(model, batch, common, min_prefix=common + 1)[1] == 0
+    assert _summed_loss(model, batch, common, min_prefix=common)[1] > 0
+
+
 def test_training_with_and_without_the_shared_prefix_takes_the_same_steps(tiny_model, tokenizer, make_args):
     examples = shared_examples(tokenizer)
     runs = []
@@ -301,13 +310,18 @@ def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--matmul_n", "128", "--examples", "8"]
     argv += ["--length", "24", "--prefix", "16", "--batch_size", "4", "--micro_batch_size", "4", "--users", "3"]
+    argv += ["--profile", str(tmp_path / "prof")]
     r = gpu_bench.main(argv + ["--prompt_length", "8", "--new_tokens", "3", "--output", str(out)])
     assert json.loads(out.read_text())["shape"] == "tiny"
     for key in ("matmul_tflops", "train_mfu", "prefix_speedup", "mixed_vs_single_adapter", "mixed_vs_sequential"):
         assert r[key] > 0, key
-    plain, shared, paper = (r["train"][k] for k in ("plain", "shared_prefix", "paper"))
-    assert plain["steps"] == shared["steps"] == paper["steps"] == 2
+    plain, shared, forced, paper = (r["train"][k] for k in ("plain", "shared_prefix", "shared_prefix_forced", "paper"))
+    assert plain["steps"] == shared["steps"] == forced["steps"] == paper["steps"] == 2
     assert shared["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert forced["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert r["prefix_speedup_forced"] > 0
+    assert set(r["profile"]["step_ms"]) == {"plain", "shared_prefix_forced"}
+    assert "aten::" in (tmp_path / "prof" / "train_shared_prefix_forced.txt").read_text()
     assert paper["losses"] == pytest.approx(plain["losses"], rel=1e-5)  # recomputation, same sums
     assert r["train_speedup_vs_paper"] > 0
     assert set(r["decode"]["new_tokens_per_s"]) == {"mixed", "peft_adapter_names", "single_adapter", "sequential"}
