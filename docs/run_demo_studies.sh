@@ -6,7 +6,8 @@
 # Usage: bash docs/run_demo_studies.sh [WORK_DIR] [stage flags...]
 # Cost: run here for scholarly_title and citation (one thread each, side by side): 35 and 37
 # minutes for the four studies (citations again after the generator's change: 44 minutes beside
-# other jobs); the other five tasks not yet (docs/studies.md, Results).
+# other jobs); news categorization 34 minutes (after its grid, rerun: 63 minutes); the other
+# four tasks not yet (docs/studies.md, Results).
 # Resumable: run it again and it continues where it stopped (finished rows and users are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
