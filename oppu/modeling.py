@@ -185,10 +185,60 @@ def load_model(spec: ModelSpec, device=None):
     model.config.pad_token_id = tokenizer.pad_token_id
     fold_lm_head(model)
     group_kv_heads(model)
+    lean_mlp(model)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def _silu_mul_class():
+    import torch
+
+    class SiluMul(torch.autograd.Function):
+        """silu(gate) * up, keeping gate and up for the backward pass and computing silu(gate)
+        again there: autograd would keep silu(gate) too, a third tensor of the MLP's width per
+        token and layer. The same operations as autograd's, so values and gradients are equal."""
+
+        @staticmethod
+        def forward(ctx, gate, up):
+            ctx.save_for_backward(gate, up)
+            return torch.nn.functional.silu(gate) * up
+
+        @staticmethod
+        def backward(ctx, grad):
+            gate, up = ctx.saved_tensors
+            grad_up = grad * torch.nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+            return grad_gate, grad_up
+
+    return SiluMul
+
+
+def _lean_mlp_forward(self, x):
+    import torch
+
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return self.down_proj(self._oppu_silu_mul.apply(gate, up))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def lean_mlp(model) -> None:
+    """Llama-style MLPs (down(silu(gate(x)) * up(x))) keep two tensors of their width per token
+    for the backward pass instead of three (``SiluMul``): for the embedded model a batch of 8 demo
+    examples keeps about 70 MB less. Other MLPs and activations keep their forward. Idempotent."""
+    silu_mul = None
+    for module in model.modules():
+        if type(module).__name__ != "LlamaMLP" or getattr(module, "_oppu_silu_mul", None) is not None:
+            continue
+        if getattr(module.config, "hidden_act", None) != "silu" or not all(
+            hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")
+        ):
+            continue
+        silu_mul = silu_mul or _silu_mul_class()
+        module._oppu_silu_mul = silu_mul
+        module.forward = _lean_mlp_forward.__get__(module)
 
 
 def _contiguous_input(module, args):

@@ -20,7 +20,7 @@ def tiny_model(tokenizer):
     weights, so two calls give identical, independent base models."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from oppu.modeling import fold_lm_head, group_kv_heads
+    from oppu.modeling import fold_lm_head, group_kv_heads, lean_mlp
 
     def make(seed: int = 0):
         config = LlamaConfig(
@@ -44,6 +44,7 @@ def tiny_model(tokenizer):
         model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
         fold_lm_head(model)
         group_kv_heads(model)  # 2 key/value heads for 4 query heads, on CPU: torch's grouped kernel
+        lean_mlp(model)  # as load_model does
         return model.eval()
 
     return make

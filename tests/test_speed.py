@@ -325,3 +325,35 @@ def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
     assert paper["losses"] == pytest.approx(plain["losses"], rel=1e-5)  # recomputation, same sums
     assert r["train_speedup_vs_paper"] > 0
     assert set(r["decode"]["new_tokens_per_s"]) == {"mixed", "peft_adapter_names", "single_adapter", "sequential"}
+
+
+def test_the_lean_mlp_keeps_less_and_changes_nothing(tiny_model, tokenizer, make_args):
+    """oppu.modeling.lean_mlp: the same loss and LoRA gradients, bit for bit, as transformers' own
+    MLP forward, with one tensor of the MLP's width per token and layer less kept for backward."""
+    batch = collate(shared_examples(tokenizer), tokenizer.pad_token_id)
+    model = lora_model(tiny_model, make_args)
+
+    def run():
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size() if t.requires_grad or t.grad_fn is not None else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _, grads = loss_and_grads(model, batch, None)
+        return loss, grads, sum(kept)
+
+    lean_loss, lean_grads, lean_kept = run()
+    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps and all(m._oppu_silu_mul is not None for m in mlps)
+    for m in mlps:  # back to transformers' forward
+        del m.forward
+    loss, grads, kept = run()
+    assert lean_loss == loss
+    assert grads.keys() == lean_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], lean_grads[name]), name
+    config = model.get_base_model().config
+    rows, width = batch["input_ids"].shape
+    assert kept - lean_kept == config.num_hidden_layers * rows * width * config.intermediate_size * 4
