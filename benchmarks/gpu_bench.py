@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from oppu.adapters import USER_TARGETS, add_adapter, lora_config  # noqa: E402
 from oppu.cost import train_flops  # noqa: E402
-from oppu.modeling import check_transformers, fold_lm_head  # noqa: E402
+from oppu.modeling import check_transformers, prepare_model  # noqa: E402
 from oppu.serving import rows_through_their_loras  # noqa: E402
 from oppu.training import IGNORE_INDEX, MIN_SHARED_PREFIX, Encoded, TrainConfig, _summed_loss, collate, train  # noqa: E402
 from utils import UserError, run_cli, write_json  # noqa: E402
@@ -108,7 +108,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(default)
     model.generation_config.eos_token_id = None  # random weights: every row decodes exactly --new_tokens
     model.generation_config.pad_token_id = 0
-    fold_lm_head(model)  # as load_model does
+    prepare_model(model)  # as load_model does
     return model.eval()
 
 
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     write_json(Path(args.output), results)
     for name, r in training.items():
-        print(f"train {name:13s} {r['tokens_per_s']:10.0f} tokens/s  MFU {r['mfu']:.2f}  ({r['steps']} steps)")
+        print(f"train {name:20s} {r['tokens_per_s']:10.0f} tokens/s  MFU {r['mfu']:.2f}  ({r['steps']} steps)")
     print(
         f"shared prefix over plain: {results['prefix_speedup']:.2f}x, "
         f"over the paper's configuration: {results['train_speedup_vs_paper']:.2f}x"

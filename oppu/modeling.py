@@ -183,13 +183,20 @@ def load_model(spec: ModelSpec, device=None):
     if not spec.load_in_4bit:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.config.pad_token_id = tokenizer.pad_token_id
-    fold_lm_head(model)
-    group_kv_heads(model)
-    lean_mlp(model)
+    prepare_model(model)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def prepare_model(model) -> None:
+    """What every loaded model gets, values unchanged: the LM head as one product, grouped
+    key/value heads on CPU, and the lean MLP. load_model calls it; so do models built from a
+    config (tests, benchmarks/gpu_bench.py), to run as loaded ones do."""
+    fold_lm_head(model)
+    group_kv_heads(model)
+    lean_mlp(model)
 
 
 def _silu_mul_class():

@@ -20,7 +20,7 @@ def tiny_model(tokenizer):
     weights, so two calls give identical, independent base models."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from oppu.modeling import fold_lm_head, group_kv_heads, lean_mlp
+    from oppu.modeling import prepare_model
 
     def make(seed: int = 0):
         config = LlamaConfig(
@@ -42,9 +42,7 @@ def tiny_model(tokenizer):
         # Set after construction, as load_model does: pad is EOS here, and a pad id in the config
         # would zero EOS's embedding row at init, so the tied head could never predict EOS.
         model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-        fold_lm_head(model)
-        group_kv_heads(model)  # 2 key/value heads for 4 query heads, on CPU: torch's grouped kernel
-        lean_mlp(model)  # as load_model does
+        prepare_model(model)  # as load_model does (2 key/value heads for 4 query heads: grouped on CPU)
         return model.eval()
 
     return make
