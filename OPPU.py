@@ -136,7 +136,9 @@ def train_user(
     train_cfg, _ = cli.personal_configs(args, task)
     cfg = replace(train_cfg, seed=seed, max_epoch=epochs)
     fit = train(peft_model, tokenizer, encoded, cfg, desc=f"user {user['user_id']}")
+    trained = time.time()
     answers = answer_user(peft_model, tokenizer, task, user, profile, args)
+    answered = time.time()
     staging = staging_dir(run_dir, user["user_id"])
     save_adapter(peft_model, staging / "adapter")
     result = {
@@ -154,7 +156,9 @@ def train_user(
         "steps": fit.steps,
         "final_loss": fit.final_loss,
         "losses": [round(x, 4) for x in fit.losses],  # training loss per optimiser step
-        "seconds": round(time.time() - start, 2),
+        "seconds": round(time.time() - start, 2),  # all of it: adapter, data, training, answering, saving
+        "train_seconds": round(trained - start, 2),  # a fresh adapter, the user's examples and training
+        "answer_seconds": round(answered - trained, 2),
         "config": fingerprint,
         **answers,
     }

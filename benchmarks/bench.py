@@ -431,6 +431,8 @@ def run_oppu(work: Path, data: Path, task_lora: Path, name: str, flags: list[str
     return {
         "wall_seconds": seconds,
         "seconds_per_user": sum(m["seconds"] for m in manifest) / len(manifest),
+        "train_seconds_per_user": sum(m["train_seconds"] for m in manifest) / len(manifest),
+        "answer_seconds_per_user": sum(m["answer_seconds"] for m in manifest) / len(manifest),
         "users": len(manifest),
         "peak_rss_gb": peak,
         "peft_mb": sum(f.stat().st_size for f in adapter.parent.iterdir()) / 1024**2,
@@ -526,7 +528,7 @@ def table(r: dict) -> str:
             q = t["decode"]["score"]["queries_per_s"]
             lines.append(f"| {task} answered by scoring (--answer_mode score): queries/s | | | {q:.2f} |")
     if "e2e" in r:
-        for key in ("seconds_per_user", "peak_rss_gb", "peft_mb"):
+        for key in ("seconds_per_user", "train_seconds_per_user", "answer_seconds_per_user", "peak_rss_gb", "peft_mb"):
             lines.append(f"| OPPU end to end {key} | {r['e2e']['paper'][key]:.2f} | | {r['e2e']['ours'][key]:.2f} |")
     if "serve" in r:
         q = r["serve"]["queries_per_s"]

@@ -93,6 +93,8 @@ def test_oppu_manifest_and_user_adapters(pipeline):
     for m in lines:
         assert m["history_items"] == 4 and m["train_examples"] == 4 and m["steps"] == 2
         assert m["train_tokens"] > 0 and m["seconds"] > 0 and m["final_loss"] > 0
+        assert 0 < m["train_seconds"] and 0 < m["answer_seconds"]
+        assert m["train_seconds"] + m["answer_seconds"] <= m["seconds"] + 0.02  # each rounded to 0.01 s
         assert len(m["losses"]) == 2 and m["losses"][-1] == round(m["final_loss"], 4)
     adapters = sorted(run_dir.glob("users/*/adapter/adapter_model.safetensors"))
     assert len(adapters) == 2 and adapters[0].read_bytes() != adapters[1].read_bytes()
