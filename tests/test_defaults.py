@@ -76,6 +76,21 @@ def test_embedded_model_gets_small_model_defaults(stage, epochs, min_steps):
     assert args.micro_batch_size == 8  # the whole batch in one pass: its shared prefix runs once
 
 
+@pytest.mark.parametrize("task, stage, min_steps", [("LaMP_7", "OPPU", 48), ("tweet_paraphrase", "task_LoRA", 0)])
+def test_tweets_get_a_higher_step_floor_with_small_models_only(task, stage, min_steps):
+    module = task_LoRA if stage == "task_LoRA" else OPPU
+    extra = ["--task_lora", "x"] if stage == "OPPU" else []
+    args = module.parse_args(["--task_name", task] + extra)
+    resolve_training_defaults(args, args.stage, EMBEDDED_PARAMS)
+    assert args.min_steps == min_steps
+    args = module.parse_args(["--task_name", task] + extra)
+    resolve_training_defaults(args, args.stage, estimate_parameters(llama2_7b_config()))
+    assert args.min_steps == 0  # the paper's values for 7B models: no floor
+    args = module.parse_args(["--task_name", task, "--min_steps", "24"] + extra)
+    resolve_training_defaults(args, args.stage, EMBEDDED_PARAMS)
+    assert args.min_steps == 24  # a flag given wins
+
+
 @pytest.mark.parametrize("stage, epochs", [("task_LoRA", 3), ("OPPU", 2)])
 def test_llama2_7b_keeps_the_papers_values(stage, epochs):
     module = task_LoRA if stage == "task_LoRA" else OPPU
