@@ -4,7 +4,7 @@
 # run_grid.py on the stages' defaults for the embedded model, then one overview table.
 # Usage: bash docs/run_demo_grid.sh [WORK_DIR] [stage flags...]
 # Cost: every task has run here, one thread each beside other jobs: 0.9 to 2.2 hours a task,
-# about 10.9 hours of one thread for the 7 (README "The demo grid").
+# about 10.9 hours of one thread for the 7 (docs/grid.md, "The demo grid, task by task").
 # Resumable: run it again and it continues where it stopped (finished rows and users are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -33,7 +33,7 @@ PAPER = Defaults(learning_rate=1e-4, batch_size=16, task_epochs=3, user_epochs=2
 # (at batch 16 x 2 epochs a 12-item history gets 2 steps). See docs/defaults.md. A whole batch
 # in one forward pass: the shared prefix runs once per step, not once per micro-batch (demo news
 # data, 2 threads: 4.13 against 5.14 s a step for the task adapter, 3.48 against 5.72 for a
-# personal LoRA; README "Speed").
+# personal LoRA; benchmarks/README.md, "Profile of the demo's news step").
 SMALL = Defaults(learning_rate=1e-3, batch_size=8, task_epochs=3, user_epochs=2, min_steps=24, micro_batch_size=8)
 # Tasks whose personal adapters need a higher floor with small models. Tweets: on validation users
 # (demo seed 1, 4 users x 4 queries), OPPU's ROUGE-1 was 0.685 at 24 steps, below the task
