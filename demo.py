@@ -121,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"\n{text}\n\n(base = {EMBEDDED_MODEL} without adapters; {minutes:.1f} minutes)")
     print(f"written to {work / 'results'}; each user's adapter and manifest line under {work / 'ckpt'}")
     if args.quick:
-        print("next: `make demo-all` (three tasks), or the paper's table on these users: README, 'The paper's table'")
+        print(
+            "next: `make demo-all` (three tasks); the paper's table of methods: README, 'The paper's table and studies'"
+        )
     (work / "results").mkdir(parents=True, exist_ok=True)
     (work / "results" / "table.md").write_text(text + "\n", encoding="utf-8")
     write_json(work / "results" / "scores.json", results)

@@ -34,7 +34,7 @@ from oppu.runs import (
 from oppu.tasks import Task
 from oppu.training import encode_pairs, train
 from prompts import parse_prediction
-from utils import ensure_writable_dir, read_json, run_cli, set_seed, write_json
+from utils import UserError, ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -95,14 +95,33 @@ def predict_shared(
     return {q["id"]: merged[q["id"]] for u in users for q in u["query"]}
 
 
-def reusable_adapter(folder: Path, config: dict, project=None) -> bool:
-    """A finished adapter trained with the same settings can be reused instead of retrained.
+def adapter_differences(folder: Path, config: dict, project=None) -> list[str] | None:
+    """The settings in which the finished adapter in ``folder`` was trained otherwise than
+    ``config`` says (empty: the same); None when the folder holds no finished adapter.
     ``project`` maps a saved config to what is compared (the rewriter's: ``rewriter_config``)."""
     if not (folder / ADAPTER_WEIGHTS).is_file() or not (folder / CONFIG_FILE).is_file():
-        return False
+        return None
     old = {k: v for k, v in read_json(folder / CONFIG_FILE).items() if k != "final_loss"}
     old = project(old) if project else old
-    return not config_differences(training_config(old), public_config(training_config(config)))
+    return config_differences(training_config(old), public_config(training_config(config)))
+
+
+def reusable_adapter(folder: Path, config: dict, project=None) -> bool:
+    """A finished adapter trained with the same settings can be reused instead of retrained."""
+    return adapter_differences(folder, config, project) == []
+
+
+def check_adapter_folder(folder: Path, config: dict, overwrite: bool) -> None:
+    """A finished task adapter trained under other settings is never replaced without
+    --overwrite: OPPU runs on it record its hash, and their users would all be trained again."""
+    differences = adapter_differences(folder, config)
+    if differences and not overwrite:
+        saved = read_json(folder / CONFIG_FILE)
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in differences[:4])
+        raise UserError(
+            f"{folder}: this folder holds a task adapter trained with other settings ({shown}); "
+            "use --overwrite to replace it, or another --ckpt_dir"
+        )
 
 
 def ensure_rewriter(
@@ -157,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         inputs.append(Path(args.data_dir) / task.name / OTHER_PROFILES_FILE)
     config = stage_config(args, task, inputs)
     adapter_dir = task_lora_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
+    check_adapter_folder(adapter_dir, config, args.overwrite)
     pred_file = cli.prediction_file(args, task, "task_LoRA")
     decode = cli.decode_config(args, task)
 

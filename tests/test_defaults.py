@@ -239,6 +239,22 @@ def test_task_adapter_is_reused_across_ways_of_answering(tmp_path):
     assert not task_LoRA.reusable_adapter(tmp_path, training_config(config | {"learning_rate": 1e-4}))
 
 
+def test_a_task_adapter_trained_otherwise_is_not_replaced_without_overwrite(tmp_path):
+    from oppu.adapters import ADAPTER_WEIGHTS
+    from oppu.runs import CONFIG_FILE, public_config
+    from utils import UserError, write_json
+
+    config = {"task_name": "product_rating", "learning_rate": 1e-3, "seed": 0, "answer_mode": "generate"}
+    task_LoRA.check_adapter_folder(tmp_path, config | {"seed": 42}, overwrite=False)  # nothing finished there
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"weights")
+    write_json(tmp_path / CONFIG_FILE, public_config(config) | {"final_loss": 0.5})
+    task_LoRA.check_adapter_folder(tmp_path, config | {"answer_mode": "score"}, overwrite=False)  # reused
+    with pytest.raises(UserError, match=r"other settings \(seed: 0 -> 42\); use --overwrite"):
+        task_LoRA.check_adapter_folder(tmp_path, config | {"seed": 42}, overwrite=False)
+    task_LoRA.check_adapter_folder(tmp_path, config | {"seed": 42}, overwrite=True)
+    assert (tmp_path / ADAPTER_WEIGHTS).read_bytes() == b"weights"
+
+
 def test_personal_only_flags_leave_the_task_adapter_as_it_is(tmp_path):
     from oppu import grid
     from oppu.runs import training_config
