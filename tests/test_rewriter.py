@@ -112,7 +112,12 @@ def test_other_settings_copy_the_same_rewriter_and_other_training_retrains_it(st
     assert (out["adapter"] / REWRITER_DIR / "adapter_model.safetensors").read_bytes() == first
     task_LoRA.main(flags + ["--k", "1"])
     assert "reusing the rewriter" in capsys.readouterr().out
-    out = task_LoRA.main(flags + ["--k", "1", "--seed", "1"])
+    with pytest.raises(UserError, match=r"trained with other settings \(seed: \d+ -> 1\)"):
+        task_LoRA.main(flags + ["--k", "1", "--seed", "1"])  # the finished k=1 adapter is not replaced
+    other = tmp_path / "ckpt_seed1"  # only the k=0 adapter (seed 0): no twin for seed 1
+    shutil.copytree(stage1["root"] / "ckpt", other)
+    capsys.readouterr()
+    out = task_LoRA.main(stage1["flags"] + ["--ckpt_dir", str(other), "--no_answer", "--k", "1", "--seed", "1"])
     printed = capsys.readouterr().out
     assert "copied" not in printed and "rewriter: 1 steps" in printed
     saved = json.loads((out["adapter"] / REWRITER_DIR / "run_config.json").read_text())
