@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     if metric not in rows[args.row]["metrics"]:
         raise UserError(f"--metric {metric}: the table's metrics are {', '.join(rows[args.row]['metrics'])}")
     scored = set(rows[args.row]["per_user"])
-    users = [u for u in load_users(task, Path(args.data_dir) / task.name / TEST_USERS_FILE) if u["user_id"] in scored]
+    users = load_users(task, Path(args.data_dir) / task.name / TEST_USERS_FILE)
+    users = [u for u in users if u["user_id"] in scored and u["query"]]  # no queries: no score (n 0)
     manifest = analysis.read_manifest(analysis.manifest_path(Path(rows[args.row]["predictions"]), task.name))
     scores = {name: r["per_user"] for name, r in rows.items()}
     lines = analysis.per_user_rows(users, scores, args.row, args.baseline, metric, manifest)

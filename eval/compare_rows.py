@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"--row {args.row} and --baseline {args.baseline} were scored on different users "
             f"({len(row['per_user'])} and {len(baseline['per_user'])}); give both runs the same --max_users"
         )
-    users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in row["per_user"]]
+    # as the grid scores: users without queries have no score to resample (per_user lists them as n 0)
+    users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in row["per_user"] and u["query"]]
     diff = g.paired_rows(task, users, row, baseline, args.resamples, args.bootstrap_seed)
     table = {
         "rows": {args.row: row, args.baseline: baseline},

@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from oppu.tasks import Task
 
 RATINGS = (1.0, 5.0)  # the LaMP-3 scale ends
+LOWER_IS_BETTER = frozenset({"MAE", "RMSE"})  # errors; every other metric is better higher
 
 
 def label_index(labels: Sequence[str], text: str) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from scipy.stats import spearmanr
 
+from eval.metrics import LOWER_IS_BETTER
 from eval.trivial_baselines import most_common
 from oppu.data import User
 from oppu.tasks import Task
@@ -131,7 +132,8 @@ def plot_gain(lines: Sequence[Mapping[str, Any]], path: Path, metric: str, title
     ax.axhline(0.0, color="0.6", linewidth=1, linestyle="--")
     ax.scatter([u["history"] for u in lines], [u["difference"] for u in lines], color="0.1", s=22, alpha=0.7)
     ax.set_xlabel("history items used for personal training")
-    ax.set_ylabel(f"{metric}: personalized − baseline (per user)")
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    ax.set_ylabel(f"{metric}: personalized − baseline (per user; {better} is better)")
     return _save(fig, ax, path, title)
 
 
@@ -173,7 +175,8 @@ def markdown(
     """The summary (gained/lost/tied, rank correlation of the gain with history and with the final
     loss), the agreement split and the per-user table, as markdown."""
     diffs = [u["difference"] for u in lines]
-    gained, lost = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    sign = -1 if metric in LOWER_IS_BETTER else 1  # an error (MAE, RMSE) that falls is a gain
+    gained, lost = sum(sign * d > 0 for d in diffs), sum(sign * d < 0 for d in diffs)
     out = [
         f"**{row} − {baseline}, {metric} per user:** {gained} users gained, {lost} lost, "
         f"{len(diffs) - gained - lost} tied; mean difference {sum(diffs) / len(diffs):+.3f}.",

@@ -110,7 +110,7 @@ PAIRS = (
     ("RAG", "non_personalized"),
     ("PAG", "RAG"),
 )
-LOWER_IS_BETTER = frozenset({"MAE", "RMSE"})
+LOWER_IS_BETTER = metrics.LOWER_IS_BETTER
 # Flags the grid sets itself for every stage call.
 GRID_FLAGS = frozenset(
     {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eval import analyze_grid, compare_rows
-from oppu.analysis import agreement_split, manifest_path, per_user_rows, read_manifest, spearman
+from oppu.analysis import agreement_split, manifest_path, markdown, per_user_rows, read_manifest, spearman
 from oppu.runs import file_fingerprint
 from oppu.tasks import TASKS
 from utils import UserError
@@ -86,12 +86,13 @@ def test_manifest_path_mirrors_the_output_folder(tmp_path):
     )
 
 
-def write_grid(data: Path, work: Path, preds_by_row: dict[str, dict[str, str]]) -> Path:
+def write_grid(data: Path, work: Path, preds_by_row: dict[str, dict[str, str]], empty_user: bool = False) -> Path:
     """A hand-made grid on USERS: the data file, each row's predictions file, and table.json
-    with each row's per-user accuracy (as run_grid.py writes it)."""
+    with each row's per-user accuracy (as run_grid.py writes it). ``empty_user``: the data also
+    holds a user without queries, whom per-user scores list with n 0 (eval_task.per_user_scores)."""
     users_file = data / "news_categorize" / "user_top_100_history.json"
     users_file.parent.mkdir(parents=True, exist_ok=True)
-    users_file.write_text(json.dumps(USERS))
+    users_file.write_text(json.dumps(USERS + ([user("u0", ["crime"], [], 20)] if empty_user else [])))
     out = work / "output" / "news_categorize"
     out.mkdir(parents=True)
     rows = {}
@@ -102,6 +103,8 @@ def write_grid(data: Path, work: Path, preds_by_row: dict[str, dict[str, str]]) 
         for u in USERS:
             hits = [preds[q["id"]] == q["gold"] for q in u["query"]]
             per_user[u["user_id"]]["accuracy"] = per_user[u["user_id"]]["f1"] = sum(hits) / len(hits)
+        if empty_user:
+            per_user["u0"] = {"n": 0}
         rows[name] = {"metrics": {"accuracy": 0.0, "f1": 0.0}, "predictions": str(f), "per_user": per_user}
         rows[name] |= {"ci95": {"accuracy": [0.0, 1.0], "f1": [0.0, 1.0]}, "n_users": 2, "n_queries": 5, "seconds": 1}
     table = work / "results" / "news_categorize" / "table.json"
@@ -154,3 +157,32 @@ def test_compare_rows_of_two_grids(tmp_path, capsys):
         compare_rows.main(argv)
     with pytest.raises(UserError, match="--row nocolon: expected WORK_DIR:ROW"):
         compare_rows.main(argv[:4] + ["--row", "nocolon", "--baseline", "x:OPPU"])
+
+
+def test_a_user_without_queries_is_left_out_as_the_grid_does(tmp_path):
+    """Per-user scores list a user without queries as n 0: both scripts skip them, as the grid's
+    own intervals do, and give the figures they give without that user."""
+    figures = []
+    for empty in (False, True):
+        data, work = tmp_path / f"data{empty}", tmp_path / f"W{empty}"
+        write_grid(data, work, PREDS, empty_user=empty)
+        argv = ["--task_name", "news_categorize", "--data_dir", str(data)]
+        lines = json.loads(analyze_grid.main(argv + ["--work_dir", str(work)])["json"].read_text())["users"]
+        pair = ["--row", f"{work}:OPPU", "--baseline", f"{work}:non_personalized", "--resamples", "50"]
+        diff = compare_rows.main(argv + pair)["paired"][0]["metrics"]["accuracy"]
+        figures.append(([u["user_id"] for u in lines], diff))
+    assert figures[1] == figures[0] and figures[0][0] == ["u1", "u2"]
+
+
+def test_an_error_that_falls_counts_as_a_gain():
+    """MAE and RMSE are better lower: a user whose error fell gained."""
+    lines = [
+        {"user_id": "a", "history": 3, "queries": 1, "steps": 2, "first_loss": 1.0, "final_loss": 0.5,
+         "OPPU": 0.5, "non_personalized": 1.5, "difference": -1.0},
+        {"user_id": "b", "history": 2, "queries": 1, "steps": 2, "first_loss": 1.0, "final_loss": 0.5,
+         "OPPU": 2.0, "non_personalized": 1.0, "difference": 1.0},
+        {"user_id": "c", "history": 1, "queries": 1, "steps": 2, "first_loss": 1.0, "final_loss": 0.5,
+         "OPPU": 0.0, "non_personalized": 1.0, "difference": -1.0},
+    ]  # fmt: skip
+    assert "2 users gained, 1 lost, 0 tied" in markdown(lines, "OPPU", "non_personalized", "MAE", None)
+    assert "1 users gained, 2 lost, 0 tied" in markdown(lines, "OPPU", "non_personalized", "accuracy", None)
