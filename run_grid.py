@@ -12,7 +12,7 @@ user_majority, non_personalized, RAG, PAG, OPPU, OPPU+RAG, OPPU+PAG (see docs/gr
 Writes W/results/<task>/table.md and table.json; a rerun skips the rows already finished with
 the same config, and the stages resume (finished users, the task adapter of each setting).
 Under `accelerate launch --num_processes N` the stages split their work as they do alone (the
-task adapter data-parallel, OPPU's users i mod N); the main process writes profiles and tables.
+task adapter data-parallel, OPPU's users by expected cost); the main process writes profiles and tables.
 """
 
 from __future__ import annotations

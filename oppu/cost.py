@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from oppu.defaults import epochs_for_min_steps, estimate_parameters
+from oppu.runs import split_users
 
 # The projections LoRA adapts in each layer, and their output widths (d: hidden, kv: key/value).
 LORA_OUTPUTS = {"q_proj": "d", "k_proj": "kv", "v_proj": "kv", "o_proj": "d"}
@@ -159,6 +160,9 @@ def lora_parameters(shape: Shape, rank: int, targets: Sequence[str]) -> int:
 
 
 def users_wall_seconds(per_user: Sequence[float], processes: int, load_seconds: float = 0.0) -> float:
-    """Wall time of users split over ``processes`` as OPPU.py splits them (user i to process
-    i mod N): the slowest process, plus loading the model once per process."""
-    return max(sum(per_user[rank::processes]) for rank in range(processes)) + load_seconds
+    """Wall time of users split over ``processes`` as OPPU.py splits them (runs.split_users:
+    costliest first, each to the least loaded process; OPPU.py weighs a user by the characters
+    it will train on, here by its predicted seconds): the slowest process, plus loading the
+    model once per process."""
+    split = split_users(per_user, processes)
+    return max(sum(per_user[i] for i in mine) for mine in split) + load_seconds

@@ -22,7 +22,16 @@ from utils import UserError, read_json, wait_until, write_json
 CONFIG_FILE = "run_config.json"
 # Settings that change only how queries are answered, never what an adapter learns: a task
 # adapter trained under other values of these is reused.
-ANSWER_ONLY = {"answer_mode", "retrieval", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p"}
+ANSWER_ONLY = {
+    "answer_mode",
+    "retrieval",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "decode_batch_size",  # which queries share a padded batch can move a float, then a greedy token
+}
 # The answer-only settings that also leave a personal PEFT as it is. Retrieval is not one of them:
 # OPPU+RAG trains each user's PEFT on history items with retrieved items in their prompts.
 PERSONAL_ANSWER_ONLY = ANSWER_ONLY - {"retrieval"}
@@ -37,14 +46,17 @@ RESUME_NEUTRAL = {
     "max_users",
     "user_stride",
     "access_token",
-    "decode_batch_size",
-    "micro_batch_size",
     "ckpt_dir",
     "output_dir",
     "predict_base",
     "no_answer",
     "reuse_adapters",
 }
+# Settings a user's stored fingerprint leaves out although they change results: they counted as
+# memory knobs when those results were made. The micro-batch changes the dropout masks and where a
+# shared prefix runs, the decoding batch the padding; a run folder's saved config (RunLock's
+# check_or_save_config) holds one value of each, so a folder's users never mix two.
+FINGERPRINT_NEUTRAL = RESUME_NEUTRAL | {"micro_batch_size", "decode_batch_size"}
 # Settings added after runs were made, at the value that reproduces what runs did before them: a
 # config holding that value is the same run as one without the key (fingerprints and comparisons
 # leave it out), so adding a flag does not invalidate every finished run.
@@ -88,8 +100,8 @@ def public_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Settings whose change would change results (outputs' locations and batch sizes for
-    memory do not)."""
+    """Settings whose change would change results (outputs' locations and how many users run
+    do not; micro-batch and decoding batch sizes do)."""
     old, new = _settled(old), _settled(new)
     return sorted(k for k in set(old) | set(new) if k not in RESUME_NEUTRAL and old.get(k) != new.get(k))
 
@@ -97,7 +109,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def config_fingerprint(config: dict[str, Any]) -> str:
     """A short hash of the settings that determine results, stored with every user's result so
     that a resumed run never keeps results made under other settings."""
-    relevant = {k: v for k, v in _settled(public_config(config)).items() if k not in RESUME_NEUTRAL}
+    relevant = {k: v for k, v in _settled(public_config(config)).items() if k not in FINGERPRINT_NEUTRAL}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

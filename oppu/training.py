@@ -256,6 +256,15 @@ def _summed_loss(
     return loss, prefix
 
 
+def loss_denominator(step_tokens: int, processes: int) -> float:
+    """What each process divides its summed token loss by, so that the gradient the processes
+    average (DDP divides their sum by their number) is the whole step's mean over its
+    ``step_tokens`` target tokens, as one process computes it, however unevenly the step's
+    tokens fall on the processes (the HF Trainer's ``average_tokens_across_devices``). One
+    process: its own target tokens."""
+    return max(step_tokens, 1) / processes
+
+
 def train(
     model, tokenizer, examples: Sequence[Encoded], cfg: TrainConfig, accelerator=None, desc: str = "train"
 ) -> TrainResult:
@@ -284,6 +293,10 @@ def train(
     for step in bar:
         mine = [examples[i] for i in step[rank::world]]
         n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in mine)
+        n_step = n_tokens
+        if accelerator and world > 1:  # every process's target tokens: the step's loss is their mean
+            n_step = int(accelerator.reduce(torch.tensor(n_tokens, device=accelerator.device), reduction="sum"))
+        denominator = loss_denominator(n_step, world)
         # A process left without examples in a short last step still joins the gradient
         # all-reduce, with one example weighted zero; skipping it would hang the others.
         weight = 1.0 if mine else 0.0
@@ -296,9 +309,9 @@ def train(
             with sync:
                 common = common_prefix_length([e.input_ids for e in chunk]) if share_prefix else None
                 summed, prefix = _summed_loss(model, batch, common, cfg.min_shared_prefix)
-                loss = weight * summed / max(n_tokens, 1)
+                loss = weight * summed / denominator
                 accelerator.backward(loss) if accelerator else loss.backward()
-            total += loss.item()
+            total += weight * summed.item() / max(n_tokens, 1)  # shown and recorded: this process's mean
             result.padded_tokens += batch["attention_mask"].numel() - int(batch["attention_mask"].sum())
             result.shared_prefix_tokens += prefix * (len(chunk) - 1)
         if accelerator:

@@ -144,7 +144,7 @@ def test_lora_parameters_and_a_clear_error_for_unknown_targets():
         lora_parameters(shape, 8, ["gate_proj"])
 
 
-def test_users_split_round_robin_over_processes():
-    # user i to process i mod 2: [1, 3, 5] and [2, 4]
-    assert users_wall_seconds([1, 2, 3, 4, 5], 2, load_seconds=10) == 19
+def test_users_split_over_processes_as_oppu_splits_them():
+    # costliest first to the least loaded: [5, 2, 1] and [4, 3], so 8 (a round robin's [1, 3, 5]: 9)
+    assert users_wall_seconds([1, 2, 3, 4, 5], 2, load_seconds=10) == 18
     assert users_wall_seconds([1, 2, 3], 1) == 6

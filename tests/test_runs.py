@@ -96,6 +96,22 @@ def test_config_is_saved_without_the_token_and_a_different_one_is_refused(tmp_pa
     assert json.loads((tmp_path / "run_config.json").read_text())["learning_rate"] == 1e-3
 
 
+def test_batch_sizes_change_results_so_a_folder_holds_one_of_each(tmp_path):
+    """Micro-batch (dropout masks, where the shared prefix runs) and decoding batch (padding) move
+    results: a resumed run may not change them. Fingerprints stored before they counted stay valid
+    (the folder's config holds one value), and a personal PEFT is reused under another decoding
+    batch only."""
+    config = {"task_name": "news_categorize", "learning_rate": 1e-3, "micro_batch_size": 8, "decode_batch_size": 8}
+    check_or_save_config(tmp_path, config, overwrite=False)
+    for key in ("micro_batch_size", "decode_batch_size"):
+        with pytest.raises(UserError, match=rf"another config \({key}: 8 -> 4\)"):
+            check_or_save_config(tmp_path, config | {key: 4}, overwrite=False)
+        assert config_differences(config, config | {key: 4}) == [key]
+        assert config_fingerprint(config | {key: 4}) == config_fingerprint(config)
+    assert reuse_mismatch(config, config | {"micro_batch_size": 4}) == "micro_batch_size"
+    assert reuse_mismatch(config, config | {"decode_batch_size": 4}) is None
+
+
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     with RunLock(tmp_path):
         with pytest.raises(UserError, match="another run is writing into this folder"):

@@ -298,3 +298,31 @@ def test_greedy_decoding_is_deterministic_new_text_only_and_padding_invariant(ti
     assert batched == alone
     for prompt, out in zip(prompts, batched):
         assert prompt.split("\n")[0] not in out and "assistant" not in out and "helpful AI" not in out
+
+
+def test_processes_average_to_the_steps_token_mean(tokenizer, tiny_model, make_args):
+    """Data-parallel steps: the gradient DDP averages over two processes, each dividing its summed
+    token loss by loss_denominator of the whole step, equals one process's gradient of the step's
+    mean, although the processes hold 3 examples and 1."""
+    from oppu.training import _summed_loss, loss_denominator
+
+    model = with_lora(tiny_model(), make_args("--lora_dropout", "0"), USER_TARGETS)
+    examples = toy_examples(tokenizer)[:4]
+    tokens = [sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(share: list[Encoded], divide_by: float) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        summed, _ = _summed_loss(model, collate(share, tokenizer.pad_token_id), None)
+        (summed / divide_by).backward()
+        return [p.grad.clone() for p in params]
+
+    whole = grads(examples, sum(tokens))
+    denominator = loss_denominator(sum(tokens), 2)
+    shares = [grads(examples[:3], denominator), grads(examples[3:], denominator)]
+    averaged = [(a + b) / 2 for a, b in zip(*shares)]  # what DDP's all-reduce leaves on each process
+    assert all(torch.allclose(a, w, rtol=1e-5, atol=1e-7) for a, w in zip(averaged, whole))
+    # each process's own mean, averaged (the code before), weighs the lone example three times over
+    own = [grads(examples[:3], sum(tokens[:3])), grads(examples[3:], sum(tokens[3:]))]
+    assert not all(torch.allclose((a + b) / 2, w, rtol=1e-3) for a, b, w in zip(*own, whole))
+    assert loss_denominator(sum(tokens), 1) == sum(tokens)  # one process: its own tokens, as before
