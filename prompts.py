@@ -228,8 +228,8 @@ def parse_prediction(task: Task, generation: str) -> str:
     classification the label it names (else the line as is, which scores as wrong); for
     rating the first number it contains."""
     line = _first_line(generation)
-    if task.name == "citation":
-        found = re.search(r"\[?([12])\]?", line)
+    if task.name == "citation":  # a bracketed [1] or [2] first, else a 1 or 2 standing alone
+        found = re.search(r"\[([12])\]", line) or re.search(r"(?<![\w.])([12])(?!\w|\.\d)", line)
         return f"[{found.group(1)}]" if found else line
     if task.is_classification:
         return _named_label(task.labels, line) or line

@@ -10,7 +10,9 @@ Validation runs before any model is loaded and reports the file, the record and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,41 @@ def _lamp_outputs(task: Task, path: Path) -> dict[str, str]:
     return lamp_outputs(read_json(path), str(path), task)
 
 
+def time_key(value: Any, where: str) -> tuple[int, float]:
+    """Sort key of a record's time: a number (numeric CSV strings too) by value, since "10" < "9"
+    as text, or an ISO date or date-time (a time without zone is taken as UTC), after the numbers.
+    Any other text is an error: "10/1/2021" would sort before "9/23/2020" as text, and its day and
+    month cannot be told apart."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isnan(number):
+        return (0, number)
+    try:
+        when = datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        raise UserError(
+            f"{where}: {value!r} is neither a number nor an ISO date (YYYY-MM-DD); convert the times first"
+        ) from None
+    return (1, (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def by_date(items: list, where: str) -> list:
+    """LaMP history items oldest first, by their ``date`` when every item has one (LaMP does not
+    store them in time order; its recency ranker sorts by date), else as stored. Retrieval during
+    personal training looks only at the items before each one, so the order must be time's."""
+    if not items or not all(isinstance(it, dict) and it.get("date") not in (None, "") for it in items):
+        return items
+    keys = []
+    for j, it in enumerate(items):
+        try:  # as LaMP's recency ranker reads a date: "2014-07-03" -> (2014, 7, 3); "2014" -> (2014,)
+            keys.append(tuple(int(part) for part in str(it["date"]).split("-")))
+        except ValueError:
+            raise UserError(f"{where} profile item {j}: field 'date' {it['date']!r} is not YYYY[-MM[-DD]]") from None
+    return [items[j] for j in sorted(range(len(items)), key=lambda j: keys[j])]
+
+
 def load_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path) -> list[dict]:
     """Read raw LaMP ``*_questions.json`` + ``*_outputs.json`` into questions with a ``gold``."""
     questions = _lamp_questions(task, Path(questions_path))
@@ -207,7 +244,7 @@ def load_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path) 
             )
         profile = [
             validate_history_item(task, it, f"{questions_path}: question {i} profile item {j}")
-            for j, it in enumerate(q["profile"])
+            for j, it in enumerate(by_date(q["profile"], f"{questions_path}: question {i}"))
         ]
         merged.append({"id": qid, "input": q["input"], "gold": golds[qid], "profile": profile})
     return merged

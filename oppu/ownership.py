@@ -357,6 +357,11 @@ def plan_own(args: argparse.Namespace, task: Task) -> OwnJob:
     peft_dir = Path(args.peft_dir or Path(args.ckpt_dir) / "peft" / task.name / safe_dirname(user["user_id"]))
     if not 0 <= args.replay_fraction:
         raise UserError("--replay_fraction must be >= 0")
+    if (Path(args.model_name) / MERGED_FILE).is_file():  # training merges the task adapter itself
+        raise UserError(
+            f"--model_name {args.model_name}: a merged base (base + task adapter) is for serving; "
+            "train on the base model itself, with --task_lora"
+        )
     identity = None
     if args.update:
         identity = read_identity(peft_dir)

@@ -76,11 +76,10 @@ def generate_profiles(
     for i, text in zip(prompts, generate(model, tokenizer, list(prompts.values()), decode, show=False)):
         profiles[i] = parse_profile(text)
     retry = [i for i in prompts if not profiles[i]]
-    if retry:
-        set_seed(stable_seed(seed, "retry:" + users[retry[0]]["user_id"]))
-        again = generate(model, tokenizer, [prompts[i] for i in retry], replace(decode, **RETRY_SAMPLING), show=False)
-        for i, text in zip(retry, again):
-            profiles[i] = parse_profile(text)
+    for i in retry:  # one at a time, each under its own seed: a retry never depends on the batch
+        set_seed(stable_seed(seed, "retry:" + users[i]["user_id"]))
+        (text,) = generate(model, tokenizer, [prompts[i]], replace(decode, **RETRY_SAMPLING), show=False)
+        profiles[i] = parse_profile(text)
     return profiles, len(retry)
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oppu.data import User
+from oppu.data import User, time_key
 from oppu.tasks import Task
 from prompts import render_query_input
 from utils import UserError, read_jsonl
@@ -58,10 +57,15 @@ def normalize_output(task: Task, value: Any) -> str | None:
     return text or None
 
 
+def _text(value: Any) -> str:
+    """A field as text: JSON null (or a CSV row too short) is empty; 0 stays "0"."""
+    return "" if value is None else str(value)
+
+
 def _history_item(task: Task, rec: dict, f: RecordFields, label: str, item_id: str) -> dict:
     item = dict.fromkeys(task.history_fields, "")
     if f.title and "title" in item:
-        item["title"] = str(rec.get(f.title, ""))
+        item["title"] = _text(rec[f.title])
     item[task.text_field] = str(rec[f.input])
     item[task.target_field] = label  # last: a tweet record keeps the user's tweet, not its input
     return {"id": item_id} | item
@@ -85,21 +89,11 @@ def _citation_refs(rng: random.Random, own: list[str], pool: list[tuple[str, str
     return rng.choice(own), others[0], rng.random() < 0.5
 
 
-def _time_key(value: Any) -> tuple:
-    """Sort key of a record's time: numbers (numeric CSV strings too) by value, since "10" < "9" as
-    text; anything else (ISO dates) as text, after the numbers."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    return (1, 0.0, str(value)) if math.isnan(number) else (0, number, "")
-
-
 def _check_fields(records: list[dict], f: RecordFields, path: str | Path) -> None:
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise UserError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
-        for name in (f.user, f.input, f.output, f.time):
+        for name in (f.user, f.input, f.output, f.time, f.title):
             if name and name not in rec:
                 raise UserError(f"{path}: record {i}: missing field {name!r}")
 
@@ -125,17 +119,19 @@ def records_to_users(
     skipped: Counter = Counter()
     by_user: dict[str, list[tuple[dict, str]]] = defaultdict(list)
     for rec in records:
-        user = str(rec[f.user] or "").strip()
+        user = _text(rec[f.user]).strip()
         label = normalize_output(task, rec[f.output])
-        if not user or label is None or not str(rec[f.input] or "").strip():
+        if not user or label is None or not _text(rec[f.input]).strip():
             skipped["no user" if not user else "label outside the task" if label is None else "empty input"] += 1
             continue
         by_user[user].append((rec, label))
     rng = random.Random(seed)
     pool = [(u, str(r[f.input])) for u in sorted(by_user) for r, _ in by_user[u]]
     users, counter = [], 0
+    where = f"{path}: record {{}}: field {f.time!r}"
+    when = {id(rec): time_key(rec[f.time], where.format(i)) for i, rec in enumerate(records)} if f.time else {}
     for user_id in sorted(by_user):
-        recs = sorted(by_user[user_id], key=lambda rl: _time_key(rl[0][f.time]) if f.time else ())
+        recs = sorted(by_user[user_id], key=lambda rl: when[id(rl[0])] if f.time else ())
         cut = max(len(recs) - queries_per_user, 0)  # recs[-0:] would make every record a query
         history, queries = recs[:cut], recs[cut:]
         if len(history) < min_history:

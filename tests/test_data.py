@@ -531,3 +531,44 @@ def test_records_to_users_edge_cases():
     assert [it["text"] for it in users[0]["profile"]] == ["x1", "x2"]  # the most recent two
     assert [q["input"][-2:] for q in users[0]["query"]] == ["x3"]
     assert skipped == Counter({"older history records beyond --max_history": 1})
+
+
+def test_records_times_iso_dates_and_errors():
+    """ISO dates and date-times (zones honoured) sort by time; other text times are an error that
+    names the record and the field; a title field must exist; a user id 0 is a user."""
+    news, rating = TASKS["news_categorize"], TASKS["product_rating"]
+    times = ["2021-01-02T00:30:00+01:00", "2020-12-31", "2021-01-01T23:45:00Z", "2021-01-01"]
+    recs = [{"u": 0, "x": f"x{i}", "y": "3", "t": t} for i, t in enumerate(times)]
+    users, _ = records_to_users(rating, recs, RecordFields("u", "x", "y", "t"), queries_per_user=1, min_history=1)
+    # 2020-12-31 < 2021-01-01 (midnight UTC) < 2021-01-01 23:30 UTC (the +01:00 one) < 23:45 UTC
+    assert users[0]["user_id"] == "0"
+    assert [it["text"] for it in users[0]["profile"]] == ["x1", "x3", "x0"] and users[0]["query"][0]["input"].endswith(
+        "x2"
+    )
+    recs[2]["t"] = "10/1/2021"  # would sort before "9/23/2020" as text
+    with pytest.raises(UserError, match=r"records: record 2: field 't': '10/1/2021' is neither a number nor an ISO"):
+        records_to_users(rating, recs, RecordFields("u", "x", "y", "t"), queries_per_user=1, min_history=1)
+    article = [{"u": "a", "x": "a storm", "y": "crime", "headline": None}]
+    with pytest.raises(UserError, match=r"record 0: missing field 'title'"):
+        records_to_users(news, article, RecordFields("u", "x", "y", title="title"), queries_per_user=0, min_history=1)
+    users, _ = records_to_users(news, article, RecordFields("u", "x", "y", title="headline"), 0, 1)
+    assert users[0]["profile"][0]["title"] == ""  # a JSON null title is no title "None"
+
+
+def test_from_lamp_orders_each_history_by_date(tmp_path):
+    """LaMP stores history items out of time order; they are read oldest first by their date, as
+    LaMP's recency ranker reads it (YYYY[-MM[-DD]], parts as numbers), so that retrieval during
+    personal training never sees a later item; an unreadable date names the item."""
+    args = lamp_files(tmp_path)
+    questions = read(tmp_path / "dev_questions.json")
+    for q in questions:  # question 120's items p6..p10 dated out of order; "2014-7-3" is not zero-padded
+        for item, date in zip(q["profile"], ["2015-01-02", "2014-7-3", "2014-12-30", "2016", "2014-07-10"]):
+            item["date"] = date
+    write(tmp_path / "dev_questions.json", questions)
+    (folder,) = prepare_data.main([*args, "--num_test_users", "2"])
+    test = {u["user_id"]: u for u in read(folder / TEST_USERS_FILE)}
+    assert [it["id"] for it in test["u120"]["profile"]] == ["p7", "p10", "p8", "p6", "p9"]
+    questions[3]["profile"][1]["date"] = "July 2014"
+    write(tmp_path / "dev_questions.json", questions)
+    message = user_error(prepare_data.main, [*args, "--output_dir", str(tmp_path / "d2")])
+    assert "question 3 profile item 1: field 'date' 'July 2014' is not YYYY[-MM[-DD]]" in message

@@ -231,6 +231,12 @@ def test_merged_base_reloads_with_equal_greedy_outputs(run, exported, tmp_path, 
     )
     run_preds = preds_of(run["predictions"])
     assert preds_of(out) == {q["id"]: run_preds[q["id"]] for q in user["query"]}
+    # training merges the task adapter itself: on a merged base it would be applied twice
+    history = tmp_path / "my_history.json"
+    write_json(history, {k: user[k] for k in ("user_id", "profile", "query")})
+    argv = run["common"] + ["--model_name", str(merged_dir), "--task_lora", str(run["task_lora"])]
+    with pytest.raises(UserError, match="a merged base .base . task adapter. is for serving"):
+        OPPU.main(argv + ["--user_file", str(history), "--peft_dir", str(tmp_path / "mine")])
 
 
 # --- the adapter files as vLLM's LoRA loader reads them (vllm/lora/peft_helper.py, lora_model.py) ---

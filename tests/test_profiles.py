@@ -186,3 +186,19 @@ def test_profiles_of_rewritten_user_files_are_rejected_and_an_old_config_is_kept
     (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(UserError, match="made from other user files in this folder; use --overwrite"):
         gen_profile.main(argv)
+
+
+def test_a_retry_depends_on_its_user_only(monkeypatch):
+    """Each empty profile is retried alone under its own seed, so a user's retry is the same
+    whichever users share its batch (a --max_users run, then the rest on resume)."""
+    import torch
+
+    def fake_generate(model, tokenizer, prompts, cfg, **kwargs):
+        if not cfg.do_sample:
+            return [""] * len(prompts)
+        return [f"profile {int(torch.randint(10**9, (1,)))}" for _ in prompts]  # what the seed gives
+
+    monkeypatch.setattr(profiles, "generate", fake_generate)
+    together, retried = profiles.generate_profiles(None, None, TASK, [USERS[0], USERS[1]], 3, 0, DecodeConfig())
+    alone, _ = profiles.generate_profiles(None, None, TASK, [USERS[1]], 3, 0, DecodeConfig())
+    assert retried == 2 and together[1] == alone[0] and together[0] != together[1]

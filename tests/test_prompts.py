@@ -514,3 +514,20 @@ def test_tweet_pairs_with_rewritten_inputs_golden():
     )
     with pytest.raises(ValueError, match="1 inputs for 2 history items"):
         history_pairs(task, user, inputs=rewrites[:1])
+
+
+def test_citation_answer_prefers_a_bracketed_reference():
+    """A bracketed [1] or [2] wins over a digit elsewhere (a year, "1st"); a 1 or 2 standing alone
+    is read when nothing is bracketed; other numbers are not references."""
+    citation = get_task("citation")
+    cases = {
+        "[2]": "[2]",
+        "Answer: 2019 paper [1]": "[1]",
+        "The 1st reference is unrelated, so [2]": "[2]",
+        "2": "[2]",
+        "1. the first one": "[1]",
+        "(2)": "[2]",
+        "1.5": "1.5",
+        "version 2.0": "version 2.0",
+    }
+    assert {text: parse_prediction(citation, text) for text in cases} == cases
