@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     if all(len(existing.get(out, [])) >= wanted(len(users[name]), args.max_users) for name, out in FILES):
         print(f"every profile is already in {folder} (--overwrite regenerates them)")
         report_labels(task, folder, users)
-        return {out: ProfileCounts(kept=len(existing[out])) for _, out in FILES}
+        return {out: ProfileCounts(kept=len(existing.get(out, []))) for _, out in FILES}
 
     model, tokenizer = load_model(spec)
     set_seed(args.seed)

@@ -364,6 +364,10 @@ def plan_own(args: argparse.Namespace, task: Task) -> OwnJob:
         )
     identity = None
     if args.update:
+        ids = [item["id"] for item in user["profile"]]
+        twice = next((i for n, i in enumerate(ids) if i in ids[:n]), None)
+        if twice is not None:  # ids tell new items from trained ones: a repeated one would hide an item
+            raise UserError(f"{args.user_file}: history item id {twice!r} appears twice; every item needs its own id")
         identity = read_identity(peft_dir)
         where = str(peft_dir)
         for key, have in (

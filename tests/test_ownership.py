@@ -353,6 +353,11 @@ def test_update_moves_predictions_to_the_new_taste(run, tmp_path, capsys):
     assert identity["trained_item_ids"] == [f"h{i}" for i in range(32)] and identity["updates"] == [update]
     with pytest.raises(UserError, match="no history items since"):
         OPPU.main(common + ["--user_file", str(full_file), "--peft_dir", str(peft_dir), "--update"])
+    reused = taste_user(24, 9)
+    reused["profile"][-1]["id"] = reused["profile"][0]["id"]  # a new item under a trained item's id
+    write_json(tmp_path / "reused.json", reused)
+    with pytest.raises(UserError, match="reused.json: history item id 'h0' appears twice"):
+        OPPU.main(common + ["--user_file", str(tmp_path / "reused.json"), "--peft_dir", str(peft_dir), "--update"])
 
     start = time.time()
     retrain = OPPU.main(common + ["--user_file", str(full_file), "--peft_dir", str(tmp_path / "again")])["result"]

@@ -202,3 +202,15 @@ def test_a_retry_depends_on_its_user_only(monkeypatch):
     together, retried = profiles.generate_profiles(None, None, TASK, [USERS[0], USERS[1]], 3, 0, DecodeConfig())
     alone, _ = profiles.generate_profiles(None, None, TASK, [USERS[1]], 3, 0, DecodeConfig())
     assert retried == 2 and together[1] == alone[0] and together[0] != together[1]
+
+
+def test_no_users_asked_for_writes_nothing_and_loads_no_model(tmp_path):
+    folder = tmp_path / TASK.name
+    folder.mkdir()
+    (folder / "user_top_100_history.json").write_text(json.dumps(USERS[:2]))
+    (folder / "user_others.json").write_text(json.dumps([user("o", 1)]))
+    counts = gen_profile.main(
+        ["--task_name", TASK.name, "--data_dir", str(tmp_path), "--overwrite", "--max_users", "0"]
+    )
+    assert [c.kept + c.written for c in counts.values()] == [0, 0]
+    assert not list(folder.glob("profile_user_*.json"))
