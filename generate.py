@@ -104,6 +104,8 @@ def decode_settings(args: argparse.Namespace, stack: dict):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.load_in_4bit:  # the PEFTs' task adapter is merged into the base
+        raise UserError(cli.NO_4BIT_MERGE)
     if args.max_loaded_adapters < 1 or (args.decode_batch_size or 1) < 1:
         raise UserError("--max_loaded_adapters and --decode_batch_size must be >= 1")
     if args.output_file and args.inputs is None:

@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         print(f"reusing the task adapter in {adapter_dir} (same config; --overwrite retrains)")
         model = PeftModel.from_pretrained(model, str(adapter_dir), use_safetensors=True)
     else:
+        set_seed(args.seed)  # the adapter's init and dropout: the seed's alone, sampled base answers or not
         model = add_adapter(model, lora_config(args, cli.target_modules(args)))
         pairs = [pair for u, p in zip(others, other_profiles) for pair in query_pairs(task, u, args.k, p)]
         encoded = encode_pairs(tokenizer, pairs, args.cut_off)

@@ -64,7 +64,10 @@ def train_rewriter(model, tokenizer, task: Task, users: Sequence[User], args: ar
     from oppu import cli
     from oppu.adapters import add_adapter, lora_config
     from oppu.training import train
+    from utils import set_seed, stable_seed
 
+    # its own seed: the same rewriter whether the task adapter was just trained or reused
+    set_seed(stable_seed(args.seed, "rewriter"))
     peft_model = add_adapter(model, lora_config(args, cli.target_modules(args)))
     encoded = encode_pairs(tokenizer, rewrite_pairs(task, users), args.cut_off)
     fit = train(peft_model, tokenizer, encoded, cli.train_config(args), accelerator, desc="rewriter")

@@ -25,6 +25,7 @@ from oppu.generation import DecodeConfig, generate
 from oppu.tasks import get_task
 from oppu.training import TrainConfig, tokenize_and_mask, train
 from prompts import format_target, is_valid_prediction
+from utils import UserError
 
 NEWS = get_task("news_categorize")
 RATING = get_task("product_rating")
@@ -266,3 +267,16 @@ def test_personal_only_flags_leave_the_task_adapter_as_it_is(tmp_path):
     steps = task_LoRA.stage_config(task_LoRA.parse_args(argv + ["--min_steps", "72"]), RATING, [data])
     assert "min_steps" not in steps and training_config(plain) == training_config(steps)
     assert grid.answer_only(("--min_steps", "72"))
+
+
+def test_oppu_and_serving_refuse_a_4bit_base(monkeypatch):
+    """Merging the task adapter into 4-bit weights rounds it away: OPPU.py and generate.py stop
+    before loading anything; task_LoRA.py (QLoRA) passes the check."""
+    import generate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the check for a GPU
+    with pytest.raises(UserError, match="a 4-bit base rounds most of a LoRA's change away"):
+        cli.validate(OPPU.parse_args(["--task_name", "LaMP_2N", "--task_lora", "x", "--load_in_4bit"]))
+    cli.validate(task_LoRA.parse_args(["--task_name", "LaMP_2N", "--load_in_4bit"]))
+    with pytest.raises(UserError, match="OPPU merges the task adapter into the base"):
+        generate.main(["--peft", "nowhere", "--input", "hello", "--load_in_4bit"])

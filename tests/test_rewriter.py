@@ -139,3 +139,29 @@ def test_history_inputs_rewriter_is_refused_where_items_have_inputs(make_args):
     assert make_args("--task_name", "tweet_paraphrase").history_inputs == "rewriter"
     with pytest.raises(UserError, match="news_categorize's history items have inputs"):
         make_args("--history_inputs", "rewriter")
+
+
+def test_the_rewriter_and_the_task_adapter_depend_on_the_seed_alone(stage1, tmp_path):
+    """Whatever used the random state before (the task adapter's training, or the base model
+    sampling its answers), the rewriter and the task adapter start from the seed's weights."""
+    from safetensors.torch import load_file
+
+    from oppu import cli
+    from oppu.rewriter import train_rewriter
+
+    args = task_LoRA.parse_args(stage1["flags"])
+    cli.validate(args)  # the size defaults, as the stage resolves them
+    users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
+    weights = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)
+        model, tokenizer = load_model(ModelSpec(str(stage1["model_dir"])))
+        peft, _ = train_rewriter(model, tokenizer, TWEETS, users, args)
+        weights.append({k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k})
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    sampled = stage1["flags"] + ["--no_answer", "--predict_base", "--do_sample", "--overwrite"]
+    sampled = [f if f != str(stage1["root"] / "ckpt") else str(tmp_path / "ckpt") for f in sampled]
+    adapter = task_LoRA.main(sampled)["adapter"]
+    same = load_file(adapter / "adapter_model.safetensors")
+    first = load_file(stage1["adapter"] / "adapter_model.safetensors")
+    assert same.keys() == first.keys() and all(torch.equal(same[k], first[k]) for k in first)
