@@ -81,6 +81,14 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(chat_wrap(tokenizer, prompt), add_special_tokens=not templated)["input_ids"]
 
 
+def template_head(tokenizer) -> list[int]:
+    """The tokens every prompt starts with, which a truncated prompt keeps: the chat template's
+    system turn and the user turn's opening; without a template, the BOS the tokenizer adds, if
+    it adds one (Llama-2), else nothing."""
+    a, b = encode_prompt(tokenizer, "a"), encode_prompt(tokenizer, "b")
+    return a[: common_prefix_length([a, b])]
+
+
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], cut_off: int) -> list[Encoded]:
     """Tokenize-and-mask every (prompt, target) pair."""
     return [tokenize_and_mask(tokenizer, prompt, target, cut_off) for prompt, target in pairs]
@@ -89,9 +97,10 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], cut_off: int) -> l
 def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Encoded:
     """Prompt tokens labelled -100, then the target and EOS, which carry the loss.
 
-    Longer than ``cut_off`` tokens: the prompt loses its oldest tokens first (the profile and
-    retrieved items come before the query); only a target longer than the whole budget is cut,
-    keeping at least one prompt token. Either way ``truncated`` is set so callers can report it.
+    Longer than ``cut_off`` tokens: the prompt loses its oldest text first (the profile and
+    retrieved items come before the query), behind the chat template's opening turns, which stay
+    when the budget holds them (``template_head``); only a target longer than the whole budget is
+    cut, keeping at least one prompt token. Either way ``truncated`` is set so callers can report it.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):
@@ -102,7 +111,10 @@ def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Enco
     if truncated:
         keep_target = min(len(target_ids), cut_off - 1)
         target_ids = target_ids[:keep_target]
-        prompt_ids = prompt_ids[-(cut_off - keep_target) :]
+        budget = cut_off - keep_target
+        head = template_head(tokenizer)  # the chat template's turns before the user's text stay
+        head = head if len(head) < budget and prompt_ids[: len(head)] == head else []
+        prompt_ids = head + prompt_ids[len(head) :][-(budget - len(head)) :]
     return Encoded(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
 
 

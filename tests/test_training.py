@@ -105,6 +105,21 @@ def test_long_prompt_loses_its_oldest_tokens_and_keeps_target_and_eos(tokenizer)
     assert enc.labels == [IGNORE_INDEX] * 5 + target + [eos]
 
 
+def test_a_truncated_prompt_keeps_the_chat_templates_opening_turns(tokenizer):
+    """What is cut is the oldest text of the user's turn, not the system turn and the user turn's
+    opening, when the budget holds them; with no template nothing is kept ahead."""
+    from oppu.training import template_head
+
+    head = template_head(tokenizer)
+    assert tokenizer.decode(head).startswith("<|im_start|>system") and tokenizer.decode(head).endswith("user\n")
+    prompt, target, eos = encode_prompt(tokenizer, PROMPT), target_ids(tokenizer, " crime"), tokenizer.eos_token_id
+    enc = tokenize_and_mask(tokenizer, PROMPT, " crime", len(head) + 10 + len(target) + 1)
+    assert enc.truncated is True and enc.input_ids == head + prompt[-10:] + target + [eos]
+    raw = copy.deepcopy(tokenizer)
+    raw.chat_template = None
+    assert template_head(raw) == []
+
+
 def test_target_longer_than_cut_off_is_cut_visibly_keeping_one_prompt_token(tokenizer):
     long_target = " " + " ".join(["headline"] * 40)
     prompt, target = encode_prompt(tokenizer, PROMPT), target_ids(tokenizer, long_target)
