@@ -20,8 +20,12 @@ $PY task_LoRA.py --task_name news_categorize "${DIRS[@]}" --predict_base "${@:2}
 $PY OPPU.py --task_name news_categorize "${DIRS[@]}" "${@:2}" \
     --task_lora "$W/ckpt/news_categorize/$RUN-task_LoRA_ckpt"
 $PY eval/trivial_baselines.py --task_name news_categorize --data_dir "$W/data" --output_dir "$W/output"
+# The stages' golds hold the users they ran (--max_users, --user_stride); the trivial predictors
+# answer every test user, so they are scored on every test user's golds.
 for m in $RUN-base $RUN-task_LoRA $RUN-OPPU trivial-majority trivial-user_majority; do
-    $PY eval/eval_task.py --golds_json "$W/output/news_categorize/$RUN-OPPU.golds.json" \
+    golds="$W/output/news_categorize/$RUN-OPPU.golds.json"
+    [[ $m == trivial-* ]] && golds="$W/data/news_categorize/test_golds.json"
+    $PY eval/eval_task.py --golds_json "$golds" \
         --preds_json "$W/output/news_categorize/$m.json" --task_name LaMP_2N \
         --output_file "$W/results/$m.json" --per_user "$W/data/news_categorize/user_top_100_history.json" >/dev/null
     $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'{sys.argv[2]:32s} accuracy {r[\"accuracy\"]:.3f}  f1 {r[\"f1\"]:.3f}')" "$W/results/$m.json" "$m"

@@ -208,7 +208,8 @@ def time_key(value: Any, where: str) -> tuple[int, float]:
     if not math.isnan(number):
         return (0, number)
     try:
-        when = datetime.fromisoformat(str(value).strip())
+        text = str(value).strip()  # Python 3.10 reads no trailing Z: it is +00:00
+        when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
     except ValueError:
         raise UserError(
             f"{where}: {value!r} is neither a number nor an ISO date (YYYY-MM-DD); convert the times first"
