@@ -193,6 +193,8 @@ def row_config(grid: Grid, name: str) -> dict[str, Any]:
         "oppu_flags": list(grid.oppu_flags) if row.stage == "OPPU" else [],
         "data_sha256": {p.name: file_fingerprint(p) for p in row_inputs(grid, row)},
     }
+    if row.profile and grid.profile_flags:  # how the profiles were written (left out when default,
+        config["profile_flags"] = list(grid.profile_flags)  # so records written before it still match)
     if row.stage == "trivial":  # no model: only the data and which users matter
         users = {"max_users": grid.settings.max_users}
         if grid.settings.user_stride != 1:  # left out at 1, so records written before the flag still match
@@ -207,13 +209,19 @@ def record_path(grid: Grid, name: str) -> Path:
 
 
 def finished_record(grid: Grid, name: str) -> dict | None:
-    """A row's record from an earlier run with the same config whose predictions still exist."""
+    """A row's record from an earlier run with the same config whose predictions still exist as
+    they were written: a later call under other flags may have answered into the same file (a
+    record written before the hash was kept is taken on its config alone)."""
     path = record_path(grid, name)
     if not path.is_file():
         return None
     record = read_json(path)
     same = record.get("config", {}).get("fingerprint") == row_config(grid, name)["fingerprint"]
-    return record if same and Path(record.get("predictions", "")).is_file() else None
+    predictions = Path(record.get("predictions", ""))
+    if not same or not predictions.is_file():
+        return None
+    kept = record.get("predictions_sha256")
+    return record if kept is None or kept == file_fingerprint(predictions) else None
 
 
 def processes():
@@ -232,7 +240,8 @@ def save_record(grid: Grid, name: str, predictions: Path, seconds: float) -> dic
         "seconds": round(seconds, 1),
         "config": row_config(grid, name),
     }
-    if processes().is_main_process:
+    if processes().is_main_process:  # the main process wrote the predictions; the others may not see them yet
+        record["predictions_sha256"] = file_fingerprint(Path(predictions))
         write_json(record_path(grid, name), record)
     return record
 
@@ -317,8 +326,8 @@ def run_task_lora(grid: Grid, names: Sequence[str], key: tuple) -> tuple[dict[st
     rows = [ROWS[n] for n in names]
     k, profile, flags = key
     base = ["--predict_base"] if any(r.method == "base" for r in rows) else []
-    # a call that serves only OPPU rows needs the adapter, not its answers
-    quiet = [] if any(r.stage == "task_LoRA" for r in rows) else ["--no_answer"]
+    # a call that serves only OPPU rows (or the base model's) needs the adapter, not its answers
+    quiet = [] if any(r.stage == "task_LoRA" and r.method != "base" for r in rows) else ["--no_answer"]
     start = time.time()
     extra = [*grid.task_lora_flags, *base, *quiet]
     out = task_LoRA.main(stage_argv(grid, Row("task_LoRA", k, profile), flags, extra, share_adapter=True))

@@ -118,12 +118,38 @@ def test_an_unfinished_oppu_row_reuses_the_task_adapter_without_answering_again(
     assert set(again["rows"]) == {"non_personalized", "OPPU"} and grid.finished_record(g, "OPPU") is not None
 
 
+def test_a_row_whose_predictions_were_answered_again_is_not_reused(full_grid, monkeypatch):
+    """Another call into the same folder under other flags may answer into a finished row's
+    predictions file: the record keeps the file's hash, and a file that changed makes the row
+    run again. A call for the base row alone does not rewrite the task adapter's answers."""
+    g = grid.Grid(NEWS, full_grid["root"] / "data", full_grid["root"] / "W", tuple(full_grid["stage"]))
+    answers = Path(grid.finished_record(g, "non_personalized")["predictions"])
+    kept = answers.read_bytes()
+    grid.record_path(g, "base").unlink()
+    calls = []
+    real = grid.task_LoRA.main
+    monkeypatch.setattr(grid.task_LoRA, "main", lambda argv: calls.append(list(argv)) or real(argv))
+    run_grid.main([*full_grid["own"], "--rows", "base", "--", *full_grid["stage"]])
+    assert "--no_answer" in calls[0] and "--predict_base" in calls[0] and answers.read_bytes() == kept
+    answers.write_text(answers.read_text().replace('"output": "', '"output": "x'))  # answered otherwise
+    try:
+        assert grid.finished_record(g, "non_personalized") is None
+    finally:
+        answers.write_bytes(kept)
+    assert grid.finished_record(g, "non_personalized") is not None
+
+
 def test_changed_stage_flags_rerun_the_rows(full_grid):
     data, work = full_grid["root"] / "data", full_grid["root"] / "W"
     same = grid.Grid(NEWS, data, work, tuple(full_grid["stage"]))
     assert grid.finished_record(same, "OPPU") is not None
     fewer_users = grid.Grid(NEWS, data, work, (*full_grid["stage"], "--max_users", "1"))
     assert grid.finished_record(fewer_users, "OPPU") is None
+    # the profiles' flags are part of the rows that read profiles, and only of those
+    written = tuple(PROFILE_FLAGS.split())
+    assert grid.finished_record(grid.Grid(NEWS, data, work, same.stage_flags, profile_flags=written), "PAG")
+    other = grid.Grid(NEWS, data, work, same.stage_flags, profile_flags=(*written[:-1], "3"))
+    assert grid.finished_record(other, "PAG") is None and grid.finished_record(other, "OPPU") is not None
 
 
 def test_bootstrap_matches_numpy_by_hand():
