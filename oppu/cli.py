@@ -32,7 +32,11 @@ def add_loading_args(group: argparse._ArgumentGroup) -> None:
     """How the base model is loaded: the same flags wherever a model is (token, dtype, 4-bit, remote code)."""
     group.add_argument("--access_token", default=None, help="hub token for gated models (never logged or saved)")
     group.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    group.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 base weights (bitsandbytes, CUDA only)")
+    group.add_argument(
+        "--load_in_4bit",
+        action="store_true",
+        help="4-bit NF4 base weights (bitsandbytes, CUDA only); task_LoRA.py only: OPPU.py refuses it (see README)",
+    )
     group.add_argument(
         "--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)"
     )

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -364,8 +365,7 @@ def plan_own(args: argparse.Namespace, task: Task) -> OwnJob:
         )
     identity = None
     if args.update:
-        ids = [item["id"] for item in user["profile"]]
-        twice = next((i for n, i in enumerate(ids) if i in ids[:n]), None)
+        twice = next((i for i, n in Counter(item["id"] for item in user["profile"]).items() if n > 1), None)
         if twice is not None:  # ids tell new items from trained ones: a repeated one would hide an item
             raise UserError(f"{args.user_file}: history item id {twice!r} appears twice; every item needs its own id")
         identity = read_identity(peft_dir)

@@ -54,8 +54,8 @@ RESUME_NEUTRAL = {
 }
 # Settings a user's stored fingerprint leaves out although they change results: they counted as
 # memory knobs when those results were made. The micro-batch changes the dropout masks and where a
-# shared prefix runs, the decoding batch the padding; a run folder's saved config (RunLock's
-# check_or_save_config) holds one value of each, so a folder's users never mix two.
+# shared prefix runs, the decoding batch the padding; a run folder's saved config
+# (check_or_save_config) holds one value of each, so a folder's users never mix two.
 FINGERPRINT_NEUTRAL = RESUME_NEUTRAL | {"micro_batch_size", "decode_batch_size"}
 # Settings added after runs were made, at the value that reproduces what runs did before them: a
 # config holding that value is the same run as one without the key (fingerprints and comparisons
