@@ -9,7 +9,8 @@ Usage:
 
 Flags after `--` go to both stages (task_LoRA.py and OPPU.py). Rows: base, global_majority,
 user_majority, non_personalized, RAG, PAG, OPPU, OPPU+RAG, OPPU+PAG (see docs/grid.md).
-Writes W/results/<task>/table.md and table.json; a rerun skips the rows already finished with
+Writes W/results/<task>/table.md and table.json, with every row finished in W under the same
+config (so calls with different --rows add up to one table); a rerun skips the rows already finished with
 the same config, and the stages resume (finished users, the task adapter of each setting).
 Under `accelerate launch --num_processes N` the stages split their work as they do alone (the
 task adapter data-parallel, OPPU's users by expected cost); the main process writes profiles and tables.
@@ -77,7 +78,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     records = g.run_rows(grid, [n for n in names if n not in skipped])
     if not g.processes().is_main_process:  # under `accelerate launch`, the main process scores
         return {}
-    table = g.score_grid(grid, records, skipped)
+    earlier = g.table_records(grid, records)
+    if extra := [n for n in earlier if n not in records]:
+        print(f"the table also holds rows finished earlier under the same config: {', '.join(extra)}")
+    table = g.score_grid(grid, earlier, skipped)
     json_path, md_path = g.write_tables(grid, table)
     print("\n" + g.markdown_table(table))
     print(f"wrote {md_path} and {json_path} ({time.time() - start:.0f} s)")

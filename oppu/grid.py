@@ -387,6 +387,18 @@ def run_rows(grid: Grid, names: Sequence[str]) -> dict[str, dict]:
     return {n: records[n] for n in names}
 
 
+def table_records(grid: Grid, records: Mapping[str, dict]) -> dict[str, dict]:
+    """The rows of the table: those just made (``records``) and every other row finished earlier
+    in this work folder under the same config, so calls with different ``--rows`` add up to one
+    table; in ROWS order."""
+    merged = dict(records)
+    for name in ROWS:
+        if name not in merged and applicable(grid.task, name) is None:
+            if (record := finished_record(grid, name)) is not None:
+                merged[name] = record
+    return {name: merged[name] for name in ROWS if name in merged}
+
+
 # ---- scoring: per-user scores, bootstrap intervals, paired differences ----
 
 

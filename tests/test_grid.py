@@ -95,8 +95,9 @@ def test_rerun_skips_finished_rows(full_grid, monkeypatch):
     assert {n: r["metrics"] for n, r in again["rows"].items()} == {
         n: r["metrics"] for n, r in full_grid["table"]["rows"].items()
     }
+    # a call for some rows writes a table of every row finished under the same config, in ROWS order
     subset = run_grid.main([*full_grid["own"], "--rows", "OPPU,non_personalized", "--", *full_grid["stage"]])
-    assert list(subset["rows"]) == ["OPPU", "non_personalized"] and len(subset["paired"]) == 1
+    assert list(subset["rows"]) == list(grid.PAPER_ROWS) and len(subset["paired"]) == len(grid.PAIRS)
 
 
 def test_an_unfinished_oppu_row_reuses_the_task_adapter_without_answering_again(full_grid, monkeypatch):
@@ -115,7 +116,7 @@ def test_an_unfinished_oppu_row_reuses_the_task_adapter_without_answering_again(
     again = run_grid.main([*full_grid["own"], "--rows", "non_personalized,OPPU", "--", *full_grid["stage"]])
     assert len(calls) == 1 and "--no_answer" in calls[0] and "--predict_base" not in calls[0]
     assert answers.stat().st_mtime_ns == before  # the task adapter's answers were not rewritten
-    assert set(again["rows"]) == {"non_personalized", "OPPU"} and grid.finished_record(g, "OPPU") is not None
+    assert set(again["rows"]) == set(grid.PAPER_ROWS) and grid.finished_record(g, "OPPU") is not None
 
 
 def test_a_row_whose_predictions_were_answered_again_is_not_reused(full_grid, monkeypatch):
@@ -379,3 +380,13 @@ def test_a_user_stride_keeps_every_other_user_and_reuses_their_finished_adapters
         assert set(row["per_user"]) == {"demo-news-000"} and row["n_queries"] == 2, name
     assert {p: p.stat().st_mtime_ns for p in adapters} == before  # nothing retrained
     assert table["config"]["user_stride"] == 2
+
+
+def test_a_table_holds_only_rows_of_its_own_config(full_grid):
+    """Rows finished under other stage flags are not this config's: a capped call's table holds its
+    own rows. (Last of the full grid's tests: a row's record is kept per row name, so the capped
+    call replaces the full grid's global_majority record.)"""
+    capped = run_grid.main(
+        [*full_grid["own"], "--rows", "global_majority", "--", *full_grid["stage"], "--max_users", "1"]
+    )
+    assert list(capped["rows"]) == ["global_majority"] and capped["rows"]["global_majority"]["n_users"] == 1
