@@ -120,15 +120,22 @@ def rows_through_their_loras(peft_model, names: Sequence[str]):
     per-row path, untouched."""
     from peft.tuners.lora import LoraLayer
 
-    def holds(m) -> bool:  # lora_A/B, or lora_embedding_A/B in an embedding layer
-        return any(n in getattr(m, attr) for attr in m.adapter_layer_names for n in names)
+    def holds(m, wanted) -> bool:  # lora_A/B, or lora_embedding_A/B in an embedding layer
+        return any(n in getattr(m, attr) for attr in m.adapter_layer_names for n in wanted)
 
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and holds(m)]
+    lora_layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    layers = [m for m in lora_layers if holds(m, names)]
+    # a layer that only other loaded adapters adapt (PEFTs of other target modules) would run
+    # peft's forward, which applies the active adapter to every row: it runs the base layer alone
+    others = [m for m in lora_layers if not holds(m, names) and any(getattr(m, a) for a in m.adapter_layer_names)]
     if not all(_stackable(m, names) for m in layers):
         yield {"adapter_names": list(names)}
         return
     patched = []
     try:
+        for module in others:
+            module.forward = module.base_layer.forward
+            patched.append(module)
         for module in layers:
             a, b = _row_weights(module, names)
 

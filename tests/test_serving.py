@@ -134,6 +134,14 @@ def test_rows_of_adapters_of_other_ranks_and_targets_mix_and_others_fall_back_to
             assert extra == {}
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a batch of a's rows only: k_proj, which only b (loaded, not in the batch) adapts, runs the
+    # base alone; peft's own forward there would apply the active adapter b to every row
+    model.set_adapter("b")
+    with torch.no_grad():
+        want = model(input_ids=ids[:2], adapter_names=["a", "a"]).logits
+        with rows_through_their_loras(model, ["a", "a"]):
+            got = model(input_ids=ids[:2]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     emb = PeftModel.from_pretrained(tiny_model(0), str(saved("ccc", r=4, target_modules=["embed_tokens", "q_proj"])))
     with rows_through_their_loras(emb, ["default", "default"]) as extra:
         assert extra == {"adapter_names": ["default", "default"]}
