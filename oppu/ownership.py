@@ -24,6 +24,7 @@ from oppu.modeling import ModelSpec, resolve_model_path, short_name
 from oppu.runs import (
     ADDED_SETTINGS,
     CONFIG_FILE,
+    config_fingerprint,
     file_fingerprint,
     public_config,
     read_user_result,
@@ -287,9 +288,13 @@ def export_from_run(
     if not users:
         raise UserError(f"{inputs[0]}: no user with user_id {user_id!r}")
     user = users[0]
-    result = read_user_result(run_dir, user_id, [q["id"] for q in user["query"]])
+    # under the folder's current settings: an interrupted --overwrite with new ones leaves old results behind
+    result = read_user_result(run_dir, user_id, [q["id"] for q in user["query"]], config_fingerprint(config))
     if result is None:
-        raise UserError(f"{user_result_dir(run_dir, user_id)}: user {user_id!r} has no finished result in this run")
+        raise UserError(
+            f"{user_result_dir(run_dir, user_id)}: user {user_id!r} has no finished result in this run "
+            f"under its settings ({CONFIG_FILE})"
+        )
     profile = None
     if config["add_profile"]:
         everyone = validate_users(task, read_json(inputs[0]), inputs[0])
@@ -370,6 +375,13 @@ def plan_own(args: argparse.Namespace, task: Task) -> OwnJob:
             raise UserError(f"{args.user_file}: history item id {twice!r} appears twice; every item needs its own id")
         identity = read_identity(peft_dir)
         where = str(peft_dir)
+        have = {item["id"] for item in user["profile"]}
+        missing = [i for i in identity["trained_item_ids"] if i not in have]
+        if missing:  # the history is retrieved from and saved as given: new items alone would truncate it
+            raise UserError(
+                f"{args.user_file}: {len(missing)} of the {len(identity['trained_item_ids'])} history items this "
+                f"PEFT was trained on are missing (e.g. {missing[0]!r}); an update reads the whole history, old and new items"
+            )
         for key, have in (
             ("task_name", task.name),
             ("k", args.k),

@@ -25,7 +25,7 @@ from oppu.generation import DecodeConfig
 from oppu.generation import generate as decode
 from oppu.modeling import ModelSpec, load_model
 from oppu.ownership import IDENTITY_FILE, MERGED_FILE, load_user_file, update_plan
-from oppu.runs import user_result_dir
+from oppu.runs import CONFIG_FILE, user_result_dir
 from oppu.tasks import get_task
 from prompts import render_query_input
 from utils import UserError, read_json, write_json
@@ -126,6 +126,18 @@ def test_export_folder_is_self_contained(run, exported):
     assert USER in card and sha in card and "generate.py --peft" in card
     with pytest.raises(UserError, match="already exists; use --overwrite"):
         export_user.main(["--oppu_dir", str(run["run_dir"]), "--user_id", USER, "--output_dir", str(exported)])
+
+
+def test_export_refuses_a_result_made_under_other_settings(run, tmp_path):
+    """An interrupted `OPPU.py --overwrite` with new settings leaves the old users' results beside
+    the new run_config.json: exporting one would label the PEFT with settings it never saw."""
+    stale = tmp_path / "run"
+    shutil.copytree(run["run_dir"], stale)
+    config = read_json(stale / CONFIG_FILE)
+    write_json(stale / CONFIG_FILE, config | {"learning_rate": config["learning_rate"] * 10})
+    with pytest.raises(UserError, match=f"user '{USER}' has no finished result in this run under its settings"):
+        export_user.main(["--oppu_dir", str(stale), "--user_id", USER, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_default_folder_is_sanitised(run, monkeypatch, tmp_path):
@@ -356,6 +368,11 @@ def test_update_moves_predictions_to_the_new_taste(run, tmp_path, capsys):
     reused = taste_user(24, 9)
     reused["profile"][-1]["id"] = reused["profile"][0]["id"]  # a new item under a trained item's id
     write_json(tmp_path / "reused.json", reused)
+    write_json(tmp_path / "only_new.json", taste_user(24, 9) | {"profile": taste_user(24, 9)["profile"][32:]})
+    with pytest.raises(
+        UserError, match="only_new.json: 32 of the 32 history items this PEFT was trained on are missing"
+    ):
+        OPPU.main(common + ["--user_file", str(tmp_path / "only_new.json"), "--peft_dir", str(peft_dir), "--update"])
     with pytest.raises(UserError, match="reused.json: history item id 'h0' appears twice"):
         OPPU.main(common + ["--user_file", str(tmp_path / "reused.json"), "--peft_dir", str(peft_dir), "--update"])
 
