@@ -111,6 +111,10 @@ PAIRS = (
     ("PAG", "RAG"),
 )
 LOWER_IS_BETTER = metrics.LOWER_IS_BETTER
+# Flags that define rows of their own (OPPU[ia3], RAG[least], OPPU[plain], ...): given to every
+# stage they would change rows under another row's name. --answer_mode may be given to the whole
+# grid (every row answering by scoring); its [score] rows are for a table with both.
+ROW_FLAGS = frozenset({"--peft_type", "--retrieval", "--history_format"})
 # Flags the grid sets itself for every stage call.
 GRID_FLAGS = frozenset(
     {
@@ -146,6 +150,9 @@ class Grid:
         for flag in self.stage_flags + self.task_lora_flags + self.oppu_flags:
             if flag.split("=")[0] in GRID_FLAGS:
                 raise UserError(f"{flag}: the grid sets this flag itself for each row; leave it out")
+            if flag.split("=")[0] in ROW_FLAGS:  # it would turn e.g. the RAG row into RAG[least] under RAG's name
+                rows = ", ".join(n for n, r in ROWS.items() if flag.split("=")[0] in r.flags + r.user_flags)
+                raise UserError(f"{flag}: rows set this flag themselves ({rows}); ask for those rows with --rows")
         object.__setattr__(self, "settings", task_LoRA.parse_args(["--task_name", self.task.name, *self.stage_flags]))
 
     @property

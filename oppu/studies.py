@@ -110,7 +110,8 @@ def activity_bins(
 def users_scorer(per_user: Mapping[str, Mapping[str, float]], users: Sequence[str]) -> Callable[[Sequence[int]], dict]:
     """A statistic over indices into ``users``: each metric averaged over those users weighted by
     their queries ("n"). That is the pooled value for accuracy, MAE and ROUGE, and for RMSE when
-    combined through its square; for F1 it is the users' mean macro-F1, not a pooled F1."""
+    combined through its square; for F1 it is the users' macro-F1 averaged weighted by their
+    queries, not a pooled F1."""
     names = [m for m in per_user[users[0]] if m != "n"]
 
     def statistic(idx: Sequence[int]) -> dict[str, float]:
@@ -149,6 +150,40 @@ def bin_scores(
     return out
 
 
+def bin_differences(
+    per_user_a: Mapping[str, Mapping[str, float]],
+    per_user_b: Mapping[str, Mapping[str, float]],
+    bins: Sequence[ActivityBin],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Row a minus row b within each bin, on the bin's users: each metric's difference (the
+    bins' statistic), its 95% bootstrap interval (the same resampled users for both rows), and
+    the users gained, lost and tied. Overlapping per-row intervals say nothing about a paired
+    difference; this does."""
+    out = []
+    for b in bins:
+        stat_a, stat_b = users_scorer(per_user_a, b.users), users_scorer(per_user_b, b.users)
+
+        def diff(idx: Sequence[int], stat_a=stat_a, stat_b=stat_b) -> dict[str, float]:
+            sa, sb = stat_a(idx), stat_b(idx)
+            return {m: sa[m] - sb[m] for m in sa}
+
+        intervals = G.bootstrap_ci([[i] for i in range(len(b.users))], diff, resamples, seed)
+        metrics = {}
+        for m, value in diff(range(len(b.users))).items():
+            pairs = [(per_user_a[u][m], per_user_b[u][m]) for u in b.users]
+            metrics[m] = {
+                "difference": value,
+                "ci95": intervals[m],
+                "gained": sum(G.better(m, x, y) for x, y in pairs),
+                "lost": sum(G.better(m, y, x) for x, y in pairs),
+                "tied": sum(x == y for x, y in pairs),
+            }
+        out.append({"bin": b.label, "n_users": len(b.users), "metrics": metrics})
+    return out
+
+
 def activity_table(
     per_user_by_row: Mapping[str, Mapping[str, Mapping[str, float]]],
     lengths: Mapping[str, int],
@@ -156,13 +191,21 @@ def activity_table(
     min_users: int = MIN_BIN_USERS,
     resamples: int = 1000,
     seed: int = 0,
+    pairs: Sequence[tuple[str, str]] = G.PAIRS,
 ) -> dict[str, Any]:
-    """table.json's content: the bins (with their users) and every row's scores per bin."""
+    """table.json's content: the bins (with their users), every row's scores per bin, and per bin
+    the paired differences of ``pairs`` (row, baseline) whose rows are both there."""
     bins = activity_bins(lengths, n_bins, min_users)
+    rows = per_user_by_row
     return {
         "bins": [{"label": b.label, "low": b.low, "high": b.high, "users": list(b.users)} for b in bins],
         "binning": {"n_bins": n_bins, "min_users": min_users, "by": "history items, equal-count bins"},
-        "rows": {name: bin_scores(per_user, bins, resamples, seed) for name, per_user in per_user_by_row.items()},
+        "rows": {name: bin_scores(per_user, bins, resamples, seed) for name, per_user in rows.items()},
+        "paired": [
+            {"row": a, "baseline": b, "bins": bin_differences(rows[a], rows[b], bins, resamples, seed)}
+            for a, b in pairs
+            if a in rows and b in rows
+        ],
     }
 
 
@@ -179,8 +222,29 @@ def activity_markdown(table: Mapping[str, Any]) -> str:
         for s in scores:
             cells = [f"{s['metrics'][m]:.3f} [{s['ci95'][m][0]:.3f}, {s['ci95'][m][1]:.3f}]" for m in names]
             lines.append(f"| {row} | {s['bin']} | {s['n_users']} | {s['n_queries']} | " + " | ".join(cells) + " |")
-    note = "Per bin: users' scores averaged weighted by their queries (for F1: the users' mean macro-F1)."
-    return "\n".join(lines) + f"\n\n{note}\n"
+    note = (
+        "Per bin: users' scores averaged weighted by their queries (for F1: the users' macro-F1 "
+        "averaged weighted by their queries, not a pooled F1)."
+    )
+    text = "\n".join(lines) + f"\n\n{note}\n"
+    if table.get("paired"):
+        lines = [
+            "| paired (same users) | history | users | "
+            + " | ".join(f"{m} {arrows[m]} difference [95% CI] (gained/lost/tied)" for m in names)
+            + " |",
+            "|---|---|---|" + "---|" * len(names),
+        ]
+        for p in table["paired"]:
+            for s in p["bins"]:
+                cells = [
+                    f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['gained']}/{d['lost']}/{d['tied']})"
+                    for d in (s["metrics"][m] for m in names)
+                ]
+                lines.append(
+                    f"| {p['row']} − {p['baseline']} | {s['bin']} | {s['n_users']} | " + " | ".join(cells) + " |"
+                )
+        text += "\n" + "\n".join(lines) + "\n"
+    return text
 
 
 # Rows differ by marker, line style, shade and marker fill, so the plot reads in grey scale.

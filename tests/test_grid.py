@@ -241,6 +241,15 @@ def test_rows_that_cannot_run_are_left_out_and_unknown_rows_refused():
 def test_flags_the_grid_sets_are_refused(tmp_path):
     with pytest.raises(UserError, match="--k: the grid sets this flag"):
         run_grid.main(["--task_name", NEWS.name, "--work_dir", str(tmp_path), "--", "--k", "2"])
+    # a flag that defines rows of its own would relabel: RAG with --retrieval least is RAG[least]
+    with pytest.raises(
+        UserError, match=r"--retrieval: rows set this flag themselves \(RAG\[least\], OPPU\+RAG\[least\]\)"
+    ):
+        run_grid.main(["--task_name", NEWS.name, "--work_dir", str(tmp_path), "--", "--retrieval", "least"])
+    with pytest.raises(UserError, match="--peft_type=ia3: rows set this flag themselves"):
+        run_grid.main(["--task_name", NEWS.name, "--work_dir", str(tmp_path), "--oppu_flags=--peft_type=ia3"])
+    for row in grid.ROWS.values():  # every row-defining flag is in ROW_FLAGS, or is --answer_mode
+        assert {f for f in row.flags + row.user_flags if f.startswith("--")} <= grid.ROW_FLAGS | {"--answer_mode"}
 
 
 def test_answer_only_rows_reuse_the_plain_task_adapter_but_write_their_own_predictions(tmp_path):

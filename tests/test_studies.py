@@ -106,6 +106,26 @@ def test_activity_table_markdown_and_plot_from_a_per_user_score_file(tmp_path):
     assert (width, height) == (1200, 480)  # two metrics side by side, 5 x 4 inches each at 120 dpi
 
 
+def test_paired_differences_within_each_bin():
+    """OPPU − non_personalized on the bins' own users, by hand: bin 1 (a, b) accuracy 0.75 − 0.5;
+    a resample draws {a, a} (+0.5), {a, b} (+0.25) or {b, b} (0), so the interval spans 0 to 0.5."""
+    table = activity_table(PER_USER, SIX, n_bins=3, min_users=1, resamples=100)
+    (paired,) = table["paired"]
+    assert (paired["row"], paired["baseline"]) == ("OPPU", "non_personalized")
+    acc = [b["metrics"]["accuracy"] for b in paired["bins"]]
+    assert [d["difference"] for d in acc] == pytest.approx([0.25, -0.3, 0.3])
+    assert [(d["gained"], d["lost"], d["tied"]) for d in acc] == [(1, 0, 1), (1, 1, 0), (1, 0, 1)]
+    assert acc[0]["ci95"] == pytest.approx([0.0, 0.5])
+    f1 = paired["bins"][0]["metrics"]["f1"]
+    assert f1["difference"] == pytest.approx(0.425) and f1["ci95"] == pytest.approx([0.05, 0.8])
+    md = activity_markdown(table)
+    assert (
+        "| OPPU − non_personalized | 3 items | 2 | +0.250 [+0.000, +0.500] (1/0/1) | +0.425 [+0.050, +0.800] (2/0/0) |"
+        in md
+    )
+    assert activity_table(PER_USER, SIX, n_bins=3, min_users=1, resamples=10, pairs=[("OPPU", "RAG")])["paired"] == []
+
+
 def test_side_by_side_puts_each_setting_in_its_own_column():
     def row(v):
         return {"metrics": {"accuracy": v}, "ci95": {"accuracy": [v - 0.1, v + 0.1]}}
