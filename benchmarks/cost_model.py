@@ -34,6 +34,7 @@ from oppu.cost import (  # noqa: E402
     Shape,
     decode_seconds,
     lora_parameters,
+    recompute_factor,
     train_seconds,
     user_train_flops,
     users_wall_seconds,
@@ -70,6 +71,9 @@ CPU_DECODE_EFFICIENCY = 0.40
 # Padding: the bench's planned padding when results.json has it, else these (measured earlier).
 OURS = {"batch_size": 8, "shared_prefix": True, "padding": 0.006, "recompute": False, "decode_batch": 8}
 PAPER = {"batch_size": 16, "shared_prefix": False, "padding": 0.094, "recompute": True, "decode_batch": 1}
+# each configuration's new tokens per answer (query_stats): ours stops at the task's cap, the
+# paper's samples up to 200
+OURS["answers"], PAPER["answers"] = "new_tokens", "new_tokens_paper"
 
 
 def configurations(bench: dict) -> dict[str, dict]:
@@ -130,12 +134,18 @@ def user_figures(shape: Shape, machine: Machine, h: History, config: dict, epoch
         padding=config["padding"],
         recompute=config["recompute"],
     )
-    # A user's queries share their prefix once per call; both configurations stop at the answer's EOS.
+    # A user's queries share their prefix once per call; each configuration's answers are as long
+    # as the bench measured them (ours capped at the task's max_new_tokens, the paper's at 200).
     prompt = q["prompt_tokens"]
     if config["shared_prefix"]:
         prompt -= q["prefix_tokens"] * (1 - 1 / queries)
     decode = decode_seconds(
-        shape, machine, queries=queries, prompt_tokens=prompt, new_tokens=q["new_tokens"], batch=config["decode_batch"]
+        shape,
+        machine,
+        queries=queries,
+        prompt_tokens=prompt,
+        new_tokens=q[config.get("answers", "new_tokens")],
+        batch=config["decode_batch"],
     )
     return {"train_flops": flops, "train_seconds": train_seconds(flops, machine), "answer_seconds": decode}
 
@@ -212,16 +222,18 @@ def check_against_bench(shape: Shape, machine: Machine, tokenizer, data: Path, b
 def check_against_gpu_bench(gpu: dict, machine: Machine) -> dict:
     """The cost model's seconds for benchmarks/gpu_bench.py's workload (Llama-2-7b shape) next to
     the seconds it measured. The bench's model FLOPs are its MFU x seconds x measured peak; the
-    paper's configuration recomputes one forward pass more (x1.5)."""
+    paper's configuration adds gradient checkpointing's recomputation (``recompute_factor``)."""
     rows = {}
+    s = gpu["settings"]
+    recomputed = recompute_factor(LLAMA2_7B, s.get("length", 256), s.get("answer", 4) + 1)
     for name, recompute in (("plain", False), ("paper", True)):
         r = gpu["train"][name]
-        flops = r["mfu"] * r["seconds"] * gpu["matmul_tflops"] * 1e12 * (1.5 if recompute else 1.0)
+        flops = r["mfu"] * r["seconds"] * gpu["matmul_tflops"] * 1e12 * (recomputed if recompute else 1.0)
         rows[f"train {name}, {gpu['settings']['examples']} examples (s)"] = (
             train_seconds(flops, machine),
             r["seconds"],
         )
-    s, dec = gpu["settings"], gpu["decode"]
+    dec = gpu["decode"]
     rows_n = dec["rows"]
     predicted = decode_seconds(
         LLAMA2_7B,
@@ -238,13 +250,20 @@ def check_against_gpu_bench(gpu: dict, machine: Machine) -> dict:
 
 def query_stats(tokenizer, task, users: list[dict], bench: dict) -> dict:
     """Mean prompt tokens of a query, mean prefix a user's queries share, and new tokens per answer
-    (the bench's trained adapter's: a label and its EOS; 5 when results.json has none)."""
+    in each configuration (the bench's trained adapter's, greedy and capped at the task's
+    max_new_tokens, and sampled as the paper does; 5 when results.json has none)."""
     encoded = [[encode_prompt(tokenizer, p) for p in query_prompts(task, u)] for u in users]
-    dec = bench.get("train", {}).get(task.name, {}).get("decode", {}).get("ours")
+    decode = bench.get("train", {}).get(task.name, {}).get("decode", {})
+
+    def per_answer(name: str) -> float:
+        dec = decode.get(name)
+        return dec["new_tokens"] / dec["queries"] if dec else 5.0
+
     return {
         "prompt_tokens": statistics.fmean(len(e) for user in encoded for e in user),
         "prefix_tokens": statistics.fmean(common_prefix_length(user) for user in encoded),
-        "new_tokens": dec["new_tokens"] / dec["queries"] if dec else 5.0,
+        "new_tokens": per_answer("ours"),
+        "new_tokens_paper": per_answer("paper"),
     }
 
 

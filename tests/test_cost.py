@@ -79,7 +79,11 @@ def test_user_flops_follow_min_steps_padding_and_recomputation():
     # 4 items at batch 2 are 2 steps an epoch: 6 steps need 3 epochs
     assert user_train_flops(shape, h, epochs=1, batch_size=2, min_steps=6) == 3 * one_epoch
     assert user_train_flops(shape, h, epochs=1, batch_size=2, padding=0.5) == 2 * one_epoch
-    assert user_train_flops(shape, h, epochs=1, batch_size=2, recompute=True) == 1.5 * one_epoch
+    # checkpointing recomputes each layer's forward up to down_proj's input: projections 432 - 96
+    # (down_proj: 4 x 8 x 3), attention 48; against 2 x 432 + 3 x 48 + 2 x 80 = 1168 per example
+    assert user_train_flops(shape, h, epochs=1, batch_size=2, recompute=True) == pytest.approx(
+        one_epoch * (1 + (432 - 96 + 48) / 1168)
+    )
 
 
 def test_seconds_from_peak_and_efficiency():
@@ -116,7 +120,8 @@ def test_on_a_gpu_a_short_prefix_is_trained_per_example():
 
 
 def test_the_gpu_check_reads_a_gpu_bench_run():
-    from benchmarks.cost_model import GPUS, check_against_gpu_bench
+    from benchmarks.cost_model import GPUS, LLAMA2_7B, check_against_gpu_bench
+    from oppu.cost import recompute_factor
 
     path = {"mfu": 0.5, "seconds": 2.0}
     gpu = {
@@ -132,7 +137,9 @@ def test_the_gpu_check_reads_a_gpu_bench_run():
     assert plain["measured"] == 2.0
     # 0.5 x 2 s x 700 TFLOP/s of model FLOPs at 989 x 0.35 TFLOP/s
     assert plain["predicted"] == pytest.approx(700e12 / (h200.matmul_tflops * 1e12 * h200.efficiency))
-    assert rows["train paper, 64 examples (s)"]["predicted"] == pytest.approx(1.5 * plain["predicted"])
+    factor = recompute_factor(LLAMA2_7B, 256, 5)  # the default shape: 256 tokens, loss on the last 4
+    assert 1.3 < factor < 1.4
+    assert rows["train paper, 64 examples (s)"]["predicted"] == pytest.approx(factor * plain["predicted"])
     assert rows["decode 8 rows x 32 new tokens, one adapter (s)"]["measured"] == pytest.approx(2.0)
 
 
@@ -148,3 +155,17 @@ def test_users_split_over_processes_as_oppu_splits_them():
     # costliest first to the least loaded: [5, 2, 1] and [4, 3], so 8 (a round robin's [1, 3, 5]: 9)
     assert users_wall_seconds([1, 2, 3, 4, 5], 2, load_seconds=10) == 18
     assert users_wall_seconds([1, 2, 3], 1) == 6
+
+
+def test_each_configuration_decodes_answers_of_its_own_length():
+    """The paper's sampled answers (up to 200 tokens) are longer than ours (capped at the task's
+    max_new_tokens): the cost model decodes each configuration's measured length."""
+    from benchmarks.cost_model import OURS, PAPER, user_figures
+
+    shape = Shape(hidden=4, layers=1, intermediate=8, kv=2, vocab=10, parameters=1e9)
+    machine = Machine("m", 1000.0, 0.5, memory_gbs=1.0, bytes_per_param=2, decode_efficiency=0.5)
+    h = History(items=4, tokens=3, answer_tokens=1)
+    q = {"prompt_tokens": 0.0, "prefix_tokens": 0.0, "new_tokens": 3.0, "new_tokens_paper": 11.0}
+    # each new-token step reads 2 GB at 1 GB/s: 4 queries one at a time x 11 tokens, or one batch of 8 x 3
+    assert user_figures(shape, machine, h, PAPER, 1, 4, q)["answer_seconds"] == pytest.approx(4 * 11 * 2.0)
+    assert user_figures(shape, machine, h, OURS, 1, 4, q)["answer_seconds"] == pytest.approx(3 * 2.0)
