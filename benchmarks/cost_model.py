@@ -91,6 +91,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min_articles", type=int, default=20, help="authors with at least this many articles")
     parser.add_argument("--epochs", type=int, default=2, help="the paper's epochs over the full history")
     parser.add_argument("--gpus", type=int, default=8, help="processes for the many-GPU row")
+    parser.add_argument(
+        "--memory_gbs",
+        type=float,
+        default=None,
+        help="this machine's copy bandwidth in GB/s (default: measured now; give an idle measurement on a busy machine)",
+    )
     return parser.parse_args(argv)
 
 
@@ -325,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "this machine (fp32)",
         bench["matmul_gflops"] / 1000,
         CPU_EFFICIENCY,
-        measure_bandwidth_gbs(),
+        args.memory_gbs or measure_bandwidth_gbs(),
         4,
         CPU_DECODE_EFFICIENCY,
     )
