@@ -112,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError("--output_file needs --inputs")
     requests = read_requests(args)
     identities = {folder: ownership.read_identity(folder) for folder in dict.fromkeys(r.peft for r in requests)}
-    stack = ownership.same_stack(identities)
+    # how each PEFT's run answered, unless this command says it for all
+    unsaid = [k for k in ("answer_mode", "max_new_tokens") if getattr(args, k) is None]
+    stack = ownership.same_stack(identities, unsaid)
     task = get_task(stack["task_name"])
     spec = ModelSpec(
         args.model_name or stack["base_model"], args.dtype, args.load_in_4bit, args.access_token, args.trust_remote_code

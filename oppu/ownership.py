@@ -11,6 +11,7 @@ import random
 import shutil
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,10 @@ def check_merged_base(identity: dict, model_dir: Path, where: str) -> None:
         raise UserError(f"{where}: merged base {model_dir} holds another task adapter than this PEFT was trained on")
 
 
-def same_stack(identities: dict[Path, dict]) -> dict:
-    """Several PEFTs served together must share task, base, task adapter, k and profile use."""
+def same_stack(identities: dict[Path, dict], settings: Sequence[str] = ()) -> dict:
+    """Several PEFTs served together must share task, base, task adapter, k, profile use and
+    kind of PEFT (which decides how a batch is served), and the training runs' ``settings``
+    (e.g. answer_mode, max_new_tokens, which the first PEFT's would otherwise decide for all)."""
     keys = ("task_name", "base_model", "k", "add_profile")
     first_dir, first = next(iter(identities.items()))
     for folder, identity in identities.items():
@@ -185,6 +188,13 @@ def same_stack(identities: dict[Path, dict]) -> dict:
                 raise UserError(f"{folder}: {key} {identity[key]!r} differs from {first_dir}'s {first[key]!r}")
         if identity["task_adapter"]["sha256"] != first["task_adapter"]["sha256"]:
             raise UserError(f"{folder}: stacks on another task adapter than {first_dir}")
+        for key in ("peft_type", *settings):
+            mine, theirs = prompt_setting(identity, key), prompt_setting(first, key)
+            if mine != theirs:
+                hint = "" if key == "peft_type" else f", or give --{key} for all"
+                raise UserError(
+                    f"{folder}: {key} {mine!r} differs from {first_dir}'s {theirs!r}; serve them in separate calls{hint}"
+                )
     return first
 
 

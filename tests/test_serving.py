@@ -164,3 +164,21 @@ def test_waves_keep_each_users_requests_together_within_the_bound():
     folders = [Path(x) for x in "abacbdca"]
     assert plan_waves(folders, 2) == [[0, 2, 7, 1, 4], [3, 6, 5]]
     assert plan_waves(folders, 10) == [[0, 2, 7, 1, 4, 3, 6, 5]]
+
+
+def test_pefts_served_together_must_agree_on_their_kind_and_how_their_runs_answered():
+    """The first PEFT's settings decide how a request is served: a PEFT of another kind, or
+    whose run answered otherwise, is refused unless the command says it for all."""
+    from oppu.ownership import same_stack
+    from utils import UserError
+
+    a, b = Path("a"), Path("b")
+    assert same_stack({a: identity(), b: identity(answer_mode="generate")}, ["answer_mode"])  # the default
+    scored = {a: identity(), b: identity(answer_mode="score", max_new_tokens=4)}
+    with pytest.raises(UserError, match="b: answer_mode 'score' differs from a's 'generate'; serve them in separate"):
+        same_stack(scored, ["answer_mode", "max_new_tokens"])
+    with pytest.raises(UserError, match="b: max_new_tokens 4 differs from a's None"):
+        same_stack(scored, ["max_new_tokens"])
+    assert same_stack(scored)  # --answer_mode and --max_new_tokens given: one setting for all
+    with pytest.raises(UserError, match="b: peft_type 'ia3' differs from a's 'lora'; serve them in separate calls$"):
+        same_stack({a: identity(), b: identity(peft_type="ia3")})
