@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 MEGA_BATCH = 50  # length grouping sorts within 50 batches at a time, as the HF Trainer does
+LENGTH_JITTER = 0.05  # length grouping sorts by length x [1, 1.05): batches vary between epochs
 # A shared prefix costs one extra (batch 1) forward call; below this many tokens it does not pay.
 MIN_SHARED_PREFIX = 16
 # On a GPU a training step of a 7B model is bound by the CPU's kernel launches, and the extra call
@@ -135,9 +136,18 @@ def batch_plan(n_examples: int, cfg: TrainConfig, lengths: Sequence[int] | None 
 
     With ``lengths`` and ``cfg.group_by_length`` each epoch's shuffle is cut into mega-batches of
     ``MEGA_BATCH`` batches, each sorted by length (longest first) and cut into batches, and the
-    epoch's batches are shuffled again: batches hold examples of similar length (little padding)
-    while which examples meet in a batch, and the order of batches, stay random (as the HF
-    Trainer's ``group_by_length``). Either way every example is used once per epoch.
+    epoch's batches are shuffled again: batches hold examples of similar length (little padding).
+    Two things keep it from favouring some examples over epochs:
+
+    - the sort key is the length times a random factor in [1, 1 + LENGTH_JITTER), drawn anew each
+      epoch, so which examples meet in a batch changes between epochs among examples of about
+      the same length (a plain sort gives a history smaller than a mega-batch the same batches
+      every epoch);
+    - a mega-batch's partial batch (its size modulo the batch size) takes random examples, not
+      the shortest ones: each step's loss is a mean over its batch's target tokens, so the
+      examples of a small batch weigh more, and always the same ones would for the whole run.
+
+    Either way every example is used once per epoch.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = []
@@ -146,11 +156,15 @@ def batch_plan(n_examples: int, cfg: TrainConfig, lengths: Sequence[int] | None 
         if lengths is None or not cfg.group_by_length:
             steps += [order[i : i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
             continue
+        jitter = (1 + LENGTH_JITTER * torch.rand(n_examples, generator=gen)).tolist()
         mega = MEGA_BATCH * cfg.batch_size
         epoch = []
         for start in range(0, n_examples, mega):
-            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-            epoch += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+            chunk = order[start : start + mega]  # in shuffled order
+            spill = len(chunk) % cfg.batch_size
+            rest = sorted(chunk[spill:], key=lambda i: -lengths[i] * jitter[i])
+            epoch += [rest[i : i + cfg.batch_size] for i in range(0, len(rest), cfg.batch_size)]
+            epoch += [chunk[:spill]] if spill else []
         steps += [epoch[i] for i in torch.randperm(len(epoch), generator=gen).tolist()]
     return steps if cfg.max_step < 0 else steps[: cfg.max_step]
 

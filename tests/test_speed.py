@@ -154,6 +154,23 @@ def test_length_grouping_removes_most_padding_and_can_be_turned_off():
     assert grouped[: n // batch_size] != grouped[n // batch_size :]  # epochs differ
 
 
+def test_length_grouping_does_not_favour_the_shortest_examples_or_fix_the_batches():
+    """A history smaller than a mega-batch (the demo's 12 items at batch 8): the partial batch
+    is random examples, not always the 4 shortest (each weighs twice in a step's token mean),
+    and which examples share a batch changes between epochs."""
+    lengths = [100 + 3 * i for i in range(12)]  # item i is the i-th shortest
+    plan = batch_plan(12, TrainConfig(batch_size=8, max_epoch=24, seed=7), lengths)
+    partial = [tuple(sorted(step)) for step in plan if len(step) == 4]
+    assert len(partial) == 24 and len(set(partial)) > 10  # not the same 4 examples every epoch
+    weight = [sum(1 / len(step) for step in plan if i in step) for i in range(12)]
+    assert max(weight) / min(weight) < 1.5  # about even: (1/8 + 1/4 x 1/3 ...) per epoch for each
+    full = [tuple(sorted(step)) for step in plan if len(step) == 8]
+    assert len(set(full)) > 10
+    lengths = [100 + (i * 37) % 41 for i in range(40)]  # 5 full batches an epoch
+    plan = batch_plan(40, TrainConfig(batch_size=8, max_epoch=2, seed=3), lengths)
+    assert {tuple(sorted(b)) for b in plan[:5]} != {tuple(sorted(b)) for b in plan[5:]}
+
+
 # --- shared-prefix decoding --------------------------------------------------------------------
 
 
