@@ -60,6 +60,7 @@ _MARKERS = {
     "news_headline": "following article: ", "scholarly_title": "abstract of a paper: ",
     "tweet_paraphrase": "before or after it: ",
 }  # fmt: skip
+_CITATION_HISTORY_RE = re.compile(r'^Write the abstract of the paper with the title "(?P<title>.*)"\s*$', re.S)
 _CITATION_RE = re.compile(r'the title "(?P<title>.*)", which reference.*\[1\]: "(?P<ref1>.*)" \[2\]: "(?P<ref2>.*)"\s*$', re.S)  # fmt: skip
 
 
@@ -142,8 +143,8 @@ def history_item_text(task: Task, item: Mapping[str, str]) -> str:
 
 def retrieval_query(task: Task, query_input: str) -> str:
     """The text a query searches the user's history with: its article, not the instruction."""
-    if task.name == "citation":
-        match = _CITATION_RE.search(query_input)
+    if task.name == "citation":  # a query (title and both references) or a history item (its title)
+        match = _CITATION_RE.search(query_input) or _CITATION_HISTORY_RE.search(query_input)
         return " ".join(match.groups()) if match else query_input
     return split_query_input(task, query_input)[1]
 

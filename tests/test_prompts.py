@@ -326,6 +326,15 @@ def test_retrieval_query_is_the_article_not_the_instruction(name):
     assert retrieval_query(TASKS[name], query_of(name)) == RETRIEVAL_QUERIES[name]
 
 
+def test_a_citation_history_item_searches_with_its_title():
+    """Personal training on citation history items retrieves earlier papers by the item's
+    title, as a query does by its title and references, not by the instruction's words
+    ("abstract", "paper", "title"), which favoured papers about writing abstracts."""
+    task = TASKS["citation"]
+    query_input, _ = history_example(task, {"title": "Message passing networks for molecule graphs", "abstract": "x"})
+    assert retrieval_query(task, query_input) == "Message passing networks for molecule graphs"
+
+
 def test_retrieval_query_of_custom_input_is_all_of_it():
     assert retrieval_query(TASKS["news_headline"], "just an article") == "just an article"
     assert retrieval_query(TASKS["citation"], "no citation template") == "no citation template"
