@@ -291,6 +291,10 @@ def load_serving_model(identity: dict, spec: ModelSpec, task_lora: Path | None, 
     against the PEFTs' identity. ``spec.name`` may be a merged base from export_user.py."""
     merged = (Path(spec.name) / ownership.MERGED_FILE).is_file()
     ownership.check_base(identity, spec, where)
+    if merged and task_lora is not None:  # it is in the merged base already
+        raise UserError(
+            f"--task_lora {task_lora}: {spec.name} is a merged base that holds its task adapter; leave --task_lora out"
+        )
     if merged:
         ownership.check_merged_base(identity, Path(spec.name), where)
     else:
