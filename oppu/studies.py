@@ -222,9 +222,8 @@ def activity_markdown(table: Mapping[str, Any]) -> str:
         for s in scores:
             cells = [f"{s['metrics'][m]:.3f} [{s['ci95'][m][0]:.3f}, {s['ci95'][m][1]:.3f}]" for m in names]
             lines.append(f"| {row} | {s['bin']} | {s['n_users']} | {s['n_queries']} | " + " | ".join(cells) + " |")
-    note = (
-        "Per bin: users' scores averaged weighted by their queries (for F1: the users' macro-F1 "
-        "averaged weighted by their queries, not a pooled F1)."
+    note = "Per bin: users' scores averaged weighted by their queries" + (
+        " (for F1: the users' macro-F1 averaged weighted by their queries, not a pooled F1)." if "f1" in names else "."
     )
     text = "\n".join(lines) + f"\n\n{note}\n"
     if table.get("paired"):
