@@ -151,7 +151,7 @@ def ensure_rewriter(
         )
         return model
     rewriter, fit = train_rewriter(model.unload(), tokenizer, task, others, args, accelerator)
-    accelerator.print(f"rewriter: {fit.steps} steps on {fit.examples} examples, final loss {fit.final_loss:.4f}")
+    accelerator.print(f"rewriter: {fit.steps} steps, {fit.examples} example passes, final loss {fit.final_loss:.4f}")
     if accelerator.is_main_process:
         save_adapter(rewriter, folder)
         write_json(folder / CONFIG_FILE, public_config(wanted) | {"final_loss": fit.final_loss})

@@ -85,7 +85,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
         action="store_true",
         help="the paper's lr 1e-4, batch 16, 3/2 epochs, no step floor, whatever the model's size "
         "(the default for models of 1B parameters and more; smaller ones get lr 1e-3, batch 8, and "
-        "at least 24 steps per user)",
+        "at least 24 steps per user, 48 for tweets)",
     )
     g.add_argument("--learning_rate", type=float, default=None, help="default: by model size (1e-4 paper, 1e-3 small)")
     g.add_argument(
@@ -102,7 +102,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
         "--min_steps",
         type=int,
         default=None,
-        help="personal adapters: more epochs until a user gets this many optimiser steps (default 0 paper, 24 small)",
+        help="personal adapters: more epochs until a user gets this many optimiser steps (default 0 paper, 24 small, 48 small on tweets)",
     )
     g.add_argument("--max_step", type=int, default=-1, help="stop after N optimiser steps; -1 = no cap")
     g.add_argument("--cut_off", type=int, default=2048, help="max tokens per training example")

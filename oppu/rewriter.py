@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from oppu.adapters import ADAPTER_WEIGHTS
@@ -25,6 +24,10 @@ from prompts import parse_prediction
 from utils import UserError
 
 REWRITER_DIR = "rewriter"  # inside the task adapter's folder
+# The rewriter's greedy decoding, the same whatever the queries are answered with: up to 128 new
+# tokens (a LaMP-7 tweet is capped at 280 characters, about 70 tokens), 8 items at a time.
+REWRITE_TOKENS = 128
+REWRITE_BATCH = 8
 # The task adapter's prompt settings: the rewriter's own prompts hold no retrieved item and no
 # profile, so the rewriters beside the k=0, k=1 and profile task adapters are the same weights.
 PROMPT_ONLY = ("k", "add_profile", "retrieval")
@@ -80,7 +83,7 @@ def rewrite_histories(
     task: Task,
     users: Sequence[User],
     task_lora: str | Path,
-    decode: DecodeConfig,
+    max_new_tokens: int = REWRITE_TOKENS,
 ):
     """Every history item's input written by the rewriter in ``task_lora`` loaded on ``model``
     (the clean base: call it before the task adapter is merged), greedy, all users' items in one
@@ -95,13 +98,15 @@ def rewrite_histories(
     peft_model = PeftModel.from_pretrained(model, str(check_rewriter(task_lora)), use_safetensors=True)
     peft_model.eval()
     prompts = {u["user_id"]: rewrite_prompts(task, u) for u in users}
-    raw = generate(
-        peft_model,
-        tokenizer,
-        [prompts[u["user_id"]][i] for u, i in jobs],
-        replace(decode, do_sample=False),
-        desc="rewrite history",
-    )
+    # its own decoding, not the queries': an answer's --max_new_tokens or batch would change the
+    # personal training data
+    decode = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=REWRITE_BATCH)
+    raw = generate(peft_model, tokenizer, [prompts[u["user_id"]][i] for u, i in jobs], decode, desc="rewrite history")
+    empty = 0
     for (user, i), text in zip(jobs, raw):
-        inputs[user["user_id"]][i] = parse_prediction(task, text) or inputs[user["user_id"]][i]
+        rewrite = parse_prediction(task, text)
+        empty += not rewrite
+        inputs[user["user_id"]][i] = rewrite or inputs[user["user_id"]][i]
+    if empty:
+        print(f"rewriter: {empty} of {len(jobs)} rewrites came out empty; those items keep their own text")
     return peft_model.unload(), inputs

@@ -13,6 +13,7 @@ import torch
 import OPPU
 import prepare_data
 import task_LoRA
+from oppu import rewriter
 from oppu.data import TEST_USERS_FILE, load_users
 from oppu.examples import history_pairs, rewrite_pairs
 from oppu.generation import DecodeConfig, generate
@@ -61,8 +62,7 @@ def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(
     model, tokenizer = load_model(ModelSpec(str(stage1["model_dir"])), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
-    cfg = DecodeConfig(max_new_tokens=6, batch_size=4)
-    model, inputs = rewrite_histories(model, tokenizer, TWEETS, users, stage1["adapter"], cfg)
+    model, inputs = rewrite_histories(model, tokenizer, TWEETS, users, stage1["adapter"], max_new_tokens=6)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not hasattr(model, "peft_config")
@@ -87,7 +87,14 @@ def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
         return encode(tok, pairs, cut_off)
 
     monkeypatch.setattr(OPPU, "encode_pairs", recording)
+    budgets = []
+    real = rewriter.generate
+    monkeypatch.setattr(
+        rewriter, "generate", lambda m, t, p, cfg, **kw: budgets.append(cfg) or real(m, t, p, cfg, **kw)
+    )
     out = OPPU.main(stage1["flags"] + ["--task_lora", str(stage1["adapter"])])
+    # the rewrites are decoded on their own budget, not with the queries' --max_new_tokens 6
+    assert [(c.max_new_tokens, c.batch_size, c.do_sample) for c in budgets] == [(rewriter.REWRITE_TOKENS, 8, False)]
     users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
     expected = []
     for user in users:
@@ -119,7 +126,7 @@ def test_other_settings_copy_the_same_rewriter_and_other_training_retrains_it(st
     capsys.readouterr()
     out = task_LoRA.main(stage1["flags"] + ["--ckpt_dir", str(other), "--no_answer", "--k", "1", "--seed", "1"])
     printed = capsys.readouterr().out
-    assert "copied" not in printed and "rewriter: 1 steps" in printed
+    assert "copied" not in printed and "rewriter: 1 steps," in printed
     saved = json.loads((out["adapter"] / REWRITER_DIR / "run_config.json").read_text())
     assert saved["seed"] == 1 and "k" not in saved
 
