@@ -78,10 +78,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     records = g.run_rows(grid, [n for n in names if n not in skipped])
     if not g.processes().is_main_process:  # under `accelerate launch`, the main process scores
         return {}
-    earlier = g.table_records(grid, records)
-    if extra := [n for n in earlier if n not in records]:
+    rows = g.table_records(grid, records)
+    if extra := [n for n in rows if n not in records]:
         print(f"the table also holds rows finished earlier under the same config: {', '.join(extra)}")
-    table = g.score_grid(grid, earlier, skipped)
+    table = g.score_grid(grid, rows, skipped)
     json_path, md_path = g.write_tables(grid, table)
     print("\n" + g.markdown_table(table))
     print(f"wrote {md_path} and {json_path} ({time.time() - start:.0f} s)")

@@ -69,11 +69,24 @@ CPU_EFFICIENCY = 0.55  # the plain path measured 0.51 and 0.66 of the limit in t
 CPU_DECODE_EFFICIENCY = 0.40
 # The pipeline's two configurations (benchmarks/README.md): ours = the defaults, paper = the release's.
 # Padding: the bench's planned padding when results.json has it, else these (measured earlier).
-OURS = {"batch_size": 8, "shared_prefix": True, "padding": 0.006, "recompute": False, "decode_batch": 8}
-PAPER = {"batch_size": 16, "shared_prefix": False, "padding": 0.094, "recompute": True, "decode_batch": 1}
-# each configuration's new tokens per answer (query_stats): ours stops at the task's cap, the
-# paper's samples up to 200
-OURS["answers"], PAPER["answers"] = "new_tokens", "new_tokens_paper"
+# "answers": the key of the configuration's new tokens per answer in query_stats (ours stops at
+# the task's cap, the paper's samples up to 200)
+OURS = {
+    "batch_size": 8,
+    "shared_prefix": True,
+    "padding": 0.006,
+    "recompute": False,
+    "decode_batch": 8,
+    "answers": "new_tokens",
+}
+PAPER = {
+    "batch_size": 16,
+    "shared_prefix": False,
+    "padding": 0.094,
+    "recompute": True,
+    "decode_batch": 1,
+    "answers": "new_tokens_paper",
+}
 
 
 def configurations(bench: dict) -> dict[str, dict]:
@@ -150,7 +163,7 @@ def user_figures(shape: Shape, machine: Machine, h: History, config: dict, epoch
         machine,
         queries=queries,
         prompt_tokens=prompt,
-        new_tokens=q[config.get("answers", "new_tokens")],
+        new_tokens=q[config["answers"]],
         batch=config["decode_batch"],
     )
     return {"train_flops": flops, "train_seconds": train_seconds(flops, machine), "answer_seconds": decode}

@@ -148,10 +148,11 @@ class Grid:
 
     def __post_init__(self) -> None:
         for flag in self.stage_flags + self.task_lora_flags + self.oppu_flags:
-            if flag.split("=")[0] in GRID_FLAGS:
+            name = flag.split("=")[0]
+            if name in GRID_FLAGS:
                 raise UserError(f"{flag}: the grid sets this flag itself for each row; leave it out")
-            if flag.split("=")[0] in ROW_FLAGS:  # it would turn e.g. the RAG row into RAG[least] under RAG's name
-                rows = ", ".join(n for n, r in ROWS.items() if flag.split("=")[0] in r.flags + r.user_flags)
+            if name in ROW_FLAGS:  # it would turn e.g. the RAG row into RAG[least] under RAG's name
+                rows = ", ".join(n for n, r in ROWS.items() if name in r.flags + r.user_flags)
                 raise UserError(f"{flag}: rows set this flag themselves ({rows}); ask for those rows with --rows")
         object.__setattr__(self, "settings", task_LoRA.parse_args(["--task_name", self.task.name, *self.stage_flags]))
 
@@ -529,17 +530,22 @@ def paired_difference(
 
     every = [i for g in a.groups for i in g]
     intervals = bootstrap_ci(a.groups, diff, resamples, seed)
-    result = {}
-    for metric, value in diff(every).items():
-        pairs = [(per_user_a[u][metric], per_user_b[u][metric]) for u in a.users]
-        result[metric] = {
-            "difference": value,
-            "ci95": intervals[metric],
-            "gained": sum(better(metric, x, y) for x, y in pairs),
-            "lost": sum(better(metric, y, x) for x, y in pairs),
-            "tied": sum(x == y for x, y in pairs),
-        }
-    return result
+    return {
+        metric: {"difference": value, "ci95": intervals[metric]} | user_wins(metric, per_user_a, per_user_b, a.users)
+        for metric, value in diff(every).items()
+    }
+
+
+def user_wins(
+    metric: str, per_user_a: Mapping[str, Mapping[str, float]], per_user_b: Mapping[str, Mapping[str, float]], users
+) -> dict[str, int]:
+    """How many of ``users`` row a beats on ``metric`` (gained), loses to (lost) and ties."""
+    pairs = [(per_user_a[u][metric], per_user_b[u][metric]) for u in users]
+    return {
+        "gained": sum(better(metric, x, y) for x, y in pairs),
+        "lost": sum(better(metric, y, x) for x, y in pairs),
+        "tied": sum(x == y for x, y in pairs),
+    }
 
 
 def paired_rows(

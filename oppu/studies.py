@@ -170,16 +170,10 @@ def bin_differences(
             return {m: sa[m] - sb[m] for m in sa}
 
         intervals = G.bootstrap_ci([[i] for i in range(len(b.users))], diff, resamples, seed)
-        metrics = {}
-        for m, value in diff(range(len(b.users))).items():
-            pairs = [(per_user_a[u][m], per_user_b[u][m]) for u in b.users]
-            metrics[m] = {
-                "difference": value,
-                "ci95": intervals[m],
-                "gained": sum(G.better(m, x, y) for x, y in pairs),
-                "lost": sum(G.better(m, y, x) for x, y in pairs),
-                "tied": sum(x == y for x, y in pairs),
-            }
+        metrics = {
+            m: {"difference": value, "ci95": intervals[m]} | G.user_wins(m, per_user_a, per_user_b, b.users)
+            for m, value in diff(range(len(b.users))).items()
+        }
         out.append({"bin": b.label, "n_users": len(b.users), "metrics": metrics})
     return out
 
@@ -196,7 +190,7 @@ def activity_table(
     """table.json's content: the bins (with their users), every row's scores per bin, and per bin
     the paired differences of ``pairs`` (row, baseline) whose rows are both there."""
     bins = activity_bins(lengths, n_bins, min_users)
-    rows = per_user_by_row
+    rows = per_user_by_row  # name -> user -> scores
     return {
         "bins": [{"label": b.label, "low": b.low, "high": b.high, "users": list(b.users)} for b in bins],
         "binning": {"n_bins": n_bins, "min_users": min_users, "by": "history items, equal-count bins"},
