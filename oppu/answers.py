@@ -15,6 +15,7 @@ from oppu.training import (
     MIN_SHARED_PREFIX,
     Prefix,
     common_prefix_length,
+    encode_prompts,
     prompt_tuned,
     run_prefix,
     tokenize_and_mask,
@@ -43,7 +44,9 @@ def answer(
     """The model's raw answer to every prompt: its generation, or (``mode`` "score") the
     candidate answer it finds most likely."""
     if mode == "score":
-        return score_answers(model, tokenizer, prompts, candidates(task), desc, show, decode.shared_prefix)
+        return score_answers(
+            model, tokenizer, prompts, candidates(task), desc, show, decode.shared_prefix, cut_off=decode.cut_off
+        )
     return generate(model, tokenizer, prompts, decode, desc=desc, show=show)
 
 
@@ -145,14 +148,18 @@ def score_answers(
     show: bool = True,
     shared_prefix: bool = True,
     max_tokens: int = SCORE_TOKENS,
+    cut_off: int | None = None,
 ) -> list[str]:
     """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer).
     Prompts and their answers are packed into forward passes of about ``max_tokens`` tokens (see
     ``packed_rows``); with ``shared_prefix``, the tokens all prompts start with (chat template,
-    instruction, label list) run once for the call, as in generate(), and every pass sees them."""
+    instruction, label list) run once for the call, as in generate(), and every pass sees them.
+    A prompt longer than ``cut_off`` less the longest answer loses its oldest text first."""
     if not prompts:  # e.g. a user file with a history and no queries
         return []
-    rows = [answer_rows(tokenizer, p, answers) for p in prompts]
+    tails = answer_rows(tokenizer, prompts[0], answers)[1]  # an answer's tokens do not depend on the prompt
+    budget = None if cut_off is None else max(1, cut_off - max(len(t) for t in tails))
+    rows = [(ids, tails) for ids in encode_prompts(tokenizer, prompts, budget)]
     shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     device = next(model.parameters()).device

@@ -105,7 +105,9 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
         help="personal adapters: more epochs until a user gets this many optimiser steps (default 0 paper, 24 small, 48 small on tweets)",
     )
     g.add_argument("--max_step", type=int, default=-1, help="stop after N optimiser steps; -1 = no cap")
-    g.add_argument("--cut_off", type=int, default=2048, help="max tokens per training example")
+    g.add_argument(
+        "--cut_off", type=int, default=2048, help="max tokens per training example, and per test prompt with its answer"
+    )
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=int, default=8)
     g.add_argument("--lora_dropout", type=float, default=0.05)
@@ -320,6 +322,7 @@ def decode_config(args: argparse.Namespace, task: Task) -> DecodeConfig:
         top_k=args.top_k,
         top_p=args.top_p,
         shared_prefix=args.shared_prefix,
+        cut_off=args.cut_off,
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from oppu.training import MIN_SHARED_PREFIX, Prefix, common_prefix_length, encode_prompt, prompt_tuned, run_prefix
+from oppu.training import MIN_SHARED_PREFIX, Prefix, common_prefix_length, encode_prompts, prompt_tuned, run_prefix
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class DecodeConfig:
     # cache under its transformers 4 name, misses it under transformers 5, and prepends the
     # virtual tokens again at every new token.
     use_cache: bool = True
+    cut_off: int | None = None  # a prompt and its answer fit in this many tokens (--cut_off); None: uncut
+
+    def prompt_budget(self, answer_tokens: int) -> int | None:
+        """The tokens a prompt may keep so that an answer of ``answer_tokens`` still fits."""
+        return None if self.cut_off is None else max(1, self.cut_off - answer_tokens)
 
 
 def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], prefix: Prefix, first_ids: list[int]) -> dict:
@@ -53,13 +58,14 @@ def generate(
     """Decode every prompt and return only the new text, in the prompts' order.
 
     Prompts are batched by length (less padding); the tokenizer pads on the left so every
-    prompt ends where generation starts. With ``cfg.shared_prefix`` the tokens all prompts
+    prompt ends where generation starts. A prompt longer than ``cfg.cut_off`` less the answer's
+    ``max_new_tokens`` loses its oldest text first, as a training example does. With ``cfg.shared_prefix`` the tokens all prompts
     start with (chat template, instruction, label list) run once for the whole call.
     """
     if not prompts:  # e.g. a user file with a history and no queries
         return []
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts, cfg.prompt_budget(cfg.max_new_tokens))
     shared = common_prefix_length(encoded) if cfg.shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -112,11 +113,31 @@ def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Enco
     if truncated:
         keep_target = min(len(target_ids), cut_off - 1)
         target_ids = target_ids[:keep_target]
-        budget = cut_off - keep_target
-        head = template_head(tokenizer)  # the chat template's turns before the user's text stay
-        head = head if len(head) < budget and prompt_ids[: len(head)] == head else []
-        prompt_ids = head + prompt_ids[len(head) :][-(budget - len(head)) :]
+        prompt_ids = fit_prompt(tokenizer, prompt_ids, cut_off - keep_target)
     return Encoded(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
+
+
+def fit_prompt(tokenizer, prompt_ids: list[int], budget: int) -> list[int]:
+    """A prompt's token ids cut to ``budget`` (>= 1) tokens, oldest text first: the chat
+    template's opening turns (``template_head``) stay when the budget holds them, then the
+    prompt's last tokens (the query and the assistant turn's opening)."""
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    head = template_head(tokenizer)
+    head = head if len(head) < budget and prompt_ids[: len(head)] == head else []
+    return head + prompt_ids[len(head) :][-(budget - len(head)) :]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], budget: int | None) -> list[list[int]]:
+    """Every test prompt's token ids (``encode_prompt``), each cut to ``budget`` tokens as
+    ``fit_prompt`` cuts them (None: uncut); how many were cut is written to stderr."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if budget is None:
+        return encoded
+    cut = sum(len(ids) > budget for ids in encoded)
+    if cut:
+        print(f"note: {cut} of {len(encoded)} prompts were cut to {budget} tokens (--cut_off)", file=sys.stderr)
+    return [fit_prompt(tokenizer, ids, budget) for ids in encoded]
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

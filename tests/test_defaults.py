@@ -11,7 +11,15 @@ import torch
 import OPPU
 import task_LoRA
 from oppu import cli
-from oppu.answers import answer, answer_log_likelihoods, candidates, invalid_fraction, invalid_warning, score_answers
+from oppu.answers import (
+    answer,
+    answer_log_likelihoods,
+    answer_rows,
+    candidates,
+    invalid_fraction,
+    invalid_warning,
+    score_answers,
+)
 from oppu.defaults import (
     EMBEDDED_PARAMS,
     PAPER,
@@ -23,7 +31,7 @@ from oppu.defaults import (
 )
 from oppu.generation import DecodeConfig, generate
 from oppu.tasks import get_task
-from oppu.training import TrainConfig, tokenize_and_mask, train
+from oppu.training import TrainConfig, encode_prompt, tokenize_and_mask, train
 from prompts import format_target, is_valid_prediction
 from utils import UserError
 
@@ -280,3 +288,24 @@ def test_oppu_and_serving_refuse_a_4bit_base(monkeypatch):
     cli.validate(task_LoRA.parse_args(["--task_name", "LaMP_2N", "--load_in_4bit"]))
     with pytest.raises(UserError, match="OPPU merges the task adapter into the base"):
         generate.main(["--peft", "nowhere", "--input", "hello", "--load_in_4bit"])
+
+
+def test_scoring_cuts_a_long_prompt_so_that_the_longest_answer_fits_cut_off(tiny_model, tokenizer, capsys):
+    """Each answer is scored behind the prompt a training example would keep at --cut_off less the
+    longest answer's tokens."""
+    model = tiny_model(3)
+    prompt = "Which category does this article relate to? article: " + "The match ended in a draw. " * 12 + "\nAnswer:"
+    answers = ["crime", "sports", "world news"]
+    tails = answer_rows(tokenizer, prompt, answers)[1]
+    budget = len(encode_prompt(tokenizer, prompt)) // 2
+    cut_off = budget + max(len(t) for t in tails)
+    chosen = score_answers(model, tokenizer, [prompt], answers, show=False, cut_off=cut_off)
+    assert f"1 of 1 prompts were cut to {budget} tokens" in capsys.readouterr().err
+    want = []
+    for answer_text, tail in zip(answers, tails):
+        enc = tokenize_and_mask(tokenizer, prompt, format_target(answer_text), budget + len(tail))
+        assert enc.labels.count(-100) == budget
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([enc.input_ids])).logits[0].float(), -1)
+        want.append(sum(float(logp[j - 1, enc.input_ids[j]]) for j, y in enumerate(enc.labels) if y != -100))
+    assert chosen == [answers[max(range(3), key=want.__getitem__)]]

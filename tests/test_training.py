@@ -341,3 +341,26 @@ def test_processes_average_to_the_steps_token_mean(tokenizer, tiny_model, make_a
     own = [grads(examples[:3], sum(tokens[:3])), grads(examples[3:], sum(tokens[3:]))]
     assert not all(torch.allclose((a + b) / 2, w, rtol=1e-3) for a, b, w in zip(*own, whole))
     assert loss_denominator(sum(tokens), 1) == sum(tokens)  # one process: its own tokens, as before
+
+
+def test_a_test_prompt_longer_than_cut_off_is_cut_as_a_training_prompt_is(tiny_model, tokenizer, capsys):
+    """Decoding keeps a prompt and its answer within --cut_off as training does: the oldest text
+    goes, the chat template's opening turns and the query's end stay; the cut is reported."""
+    from oppu.training import fit_prompt, template_head
+
+    model, long, new = tiny_model(), QUERIES[1] * 4, 4
+    ids, head = encode_prompt(tokenizer, long), template_head(tokenizer)
+    cut_off = len(head) + 12 + new
+    kept = fit_prompt(tokenizer, ids, cut_off - new)
+    assert len(ids) > cut_off and kept == head + ids[-12:]
+    tail = len(target_ids(tokenizer, " storm")) + 1  # the target and EOS
+    assert tokenize_and_mask(tokenizer, long, " storm", len(kept) + tail).input_ids[: len(kept)] == kept
+    cfg = DecodeConfig(max_new_tokens=new, batch_size=2, cut_off=cut_off)
+    got = generate(model, tokenizer, [long, QUERIES[0]], cfg, show=False)
+    assert f"1 of 2 prompts were cut to {len(kept)} tokens (--cut_off)" in capsys.readouterr().err
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([kept]), max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert got[0] == tokenizer.decode(out[0, len(kept) :], skip_special_tokens=True)
+    assert generate(model, tokenizer, [QUERIES[0]], cfg, show=False) == got[1:]  # a short prompt is untouched
