@@ -91,10 +91,10 @@ def read_requests(args: argparse.Namespace) -> list[serving.Request]:
 
 
 def decode_settings(args: argparse.Namespace, stack: dict):
-    """Decoding as the PEFT's run decoded (its length and batch, the rules of its kind of PEFT),
+    """Decoding as the PEFT's run decoded (its length, batch and --cut_off, the rules of its kind of PEFT),
     with this command's sampling flags."""
     task = get_task(stack["task_name"])
-    run = {"max_new_tokens": None, "decode_batch_size": 8} | stack["settings"]
+    run = {"max_new_tokens": None, "decode_batch_size": 8, "cut_off": None} | stack["settings"]
     given = {k: getattr(args, k) for k in ("max_new_tokens", "decode_batch_size") if getattr(args, k) is not None}
     flags = {k: getattr(args, k) for k in ("shared_prefix", "do_sample", "temperature", "top_k", "top_p")}
     merged = argparse.Namespace(**(run | given | flags))
