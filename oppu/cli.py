@@ -272,6 +272,7 @@ def validate(args: argparse.Namespace) -> tuple[Task, ModelSpec]:
     check_args(args)
     if args.answer_mode == "score" and task.kind == "generation":
         raise UserError(f"--answer_mode score needs a task with fixed answers; {task.name} is free generation")
+    decode_config(args, task)  # its own checks (an answer must fit in --cut_off)
     args.defaults = chosen["defaults"]
     print(
         f"{args.stage}: learning_rate {args.learning_rate:g}, batch_size {args.batch_size}, max_epoch "
@@ -314,8 +315,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def decode_config(args: argparse.Namespace, task: Task) -> DecodeConfig:
+    max_new = task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    if args.cut_off is not None and max_new >= args.cut_off:
+        raise UserError(
+            f"--cut_off {args.cut_off} leaves no room for a prompt before an answer of {max_new} tokens "
+            "(--max_new_tokens): raise --cut_off or lower --max_new_tokens"
+        )
     return DecodeConfig(
-        max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        max_new_tokens=max_new,
         batch_size=args.decode_batch_size,
         do_sample=args.do_sample,
         temperature=args.temperature,

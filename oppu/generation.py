@@ -51,6 +51,12 @@ def with_prefix(enc: dict[str, torch.Tensor], prefix_ids: list[int], prefix: Pre
     }
 
 
+def prompt_ids(tokenizer, prompts: Sequence[str], cfg: DecodeConfig, report: bool = True) -> list[list[int]]:
+    """The token ids generate() decodes behind: each prompt's, cut to ``cfg.cut_off`` less the
+    answer's ``max_new_tokens`` (``report``: say how many were cut)."""
+    return encode_prompts(tokenizer, prompts, cfg.prompt_budget(cfg.max_new_tokens), report)
+
+
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: Sequence[str], cfg: DecodeConfig, desc: str = "generate", show: bool = True
@@ -64,8 +70,9 @@ def generate(
     """
     if not prompts:  # e.g. a user file with a history and no queries
         return []
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    encoded = encode_prompts(tokenizer, prompts, cfg.prompt_budget(cfg.max_new_tokens))
+    encoded = prompt_ids(tokenizer, prompts, cfg)
+    # by length in tokens; equal lengths keep the prompts' order (oppu.serving.RowAdapters relies on it)
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     shared = common_prefix_length(encoded) if cfg.shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.

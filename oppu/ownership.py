@@ -177,8 +177,9 @@ def check_merged_base(identity: dict, model_dir: Path, where: str) -> None:
 
 
 def same_stack(identities: dict[Path, dict], settings: Sequence[str] = ()) -> dict:
-    """Several PEFTs served together must share task, base, task adapter, k, profile use and
-    kind of PEFT (which decides how a batch is served), and the training runs' ``settings``
+    """Several PEFTs served together must share task, base, task adapter, k, profile use, kind of
+    PEFT (which decides how a batch is served) and --cut_off (which cuts every prompt of the
+    call), and the training runs' ``settings``
     (e.g. answer_mode, max_new_tokens, which the first PEFT's would otherwise decide for all)."""
     keys = ("task_name", "base_model", "k", "add_profile")
     first_dir, first = next(iter(identities.items()))
@@ -188,10 +189,10 @@ def same_stack(identities: dict[Path, dict], settings: Sequence[str] = ()) -> di
                 raise UserError(f"{folder}: {key} {identity[key]!r} differs from {first_dir}'s {first[key]!r}")
         if identity["task_adapter"]["sha256"] != first["task_adapter"]["sha256"]:
             raise UserError(f"{folder}: stacks on another task adapter than {first_dir}")
-        for key in ("peft_type", *settings):
+        for key in ("peft_type", "cut_off", *settings):
             mine, theirs = prompt_setting(identity, key), prompt_setting(first, key)
             if mine != theirs:
-                hint = "" if key == "peft_type" else f", or give --{key} for all"
+                hint = f", or give --{key} for all" if key in settings else ""
                 raise UserError(
                     f"{folder}: {key} {mine!r} differs from {first_dir}'s {theirs!r}; serve them in separate calls{hint}"
                 )

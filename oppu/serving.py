@@ -16,10 +16,10 @@ import torch
 from oppu import answers, ownership
 from oppu.adapters import merge_adapter
 from oppu.examples import query_prompts
-from oppu.generation import DecodeConfig
+from oppu.generation import DecodeConfig, prompt_ids
 from oppu.modeling import ModelSpec, load_model
 from oppu.tasks import get_task
-from oppu.training import Prefix, encode_prompt
+from oppu.training import Prefix
 from utils import UserError
 
 
@@ -266,7 +266,8 @@ def answer(
     for w, wave in enumerate(waves):
         names = pool.use([requests[i].peft for i in wave])
         if mixed and len(set(names)) > 1:
-            rows = [(encode_prompt(tokenizer, prompts[i]), name) for i, name in zip(wave, names)]
+            ids = prompt_ids(tokenizer, [prompts[i] for i in wave], cfg, report=False)  # as generate() cuts them
+            rows = list(zip(ids, names))
             serving, wave_cfg = RowAdapters(pool.model, rows), cfg
         else:  # one user: exactly the path their training run answered with
             pool.model.set_adapter(names[0])

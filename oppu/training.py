@@ -128,14 +128,14 @@ def fit_prompt(tokenizer, prompt_ids: list[int], budget: int) -> list[int]:
     return head + prompt_ids[len(head) :][-(budget - len(head)) :]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], budget: int | None) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str], budget: int | None, report: bool = True) -> list[list[int]]:
     """Every test prompt's token ids (``encode_prompt``), each cut to ``budget`` tokens as
-    ``fit_prompt`` cuts them (None: uncut); how many were cut is written to stderr."""
+    ``fit_prompt`` cuts them (None: uncut); with ``report``, how many were cut is written to stderr."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if budget is None:
         return encoded
     cut = sum(len(ids) > budget for ids in encoded)
-    if cut:
+    if cut and report:
         print(f"note: {cut} of {len(encoded)} prompts were cut to {budget} tokens (--cut_off)", file=sys.stderr)
     return [fit_prompt(tokenizer, ids, budget) for ids in encoded]
 

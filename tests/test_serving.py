@@ -10,7 +10,7 @@ import torch
 
 from oppu.adapters import add_adapter, lora_config, remove_adapter, save_adapter
 from oppu.answers import answer as answer_alone
-from oppu.generation import DecodeConfig
+from oppu.generation import DecodeConfig, prompt_ids
 from oppu.serving import AdapterPool, Request, adapter_name, answer, plan_waves
 from oppu.tasks import get_task
 from prompts import render_query_input
@@ -82,6 +82,27 @@ def test_mixed_batch_answers_equal_per_user_answers(pefts, tiny_model, tokenizer
     by_user = {r.peft: mixed[i] for i, r in enumerate(requests) if r.input == requests[0].input}
     assert len(set(by_user.values())) > 1  # the users' adapters really answer differently
     assert pool.peak <= max_loaded and pool.loads == 3  # each user loaded once: their requests go together
+
+
+def test_prompts_cut_at_cut_off_are_served_with_their_own_users_adapters(pefts, tiny_model, tokenizer):
+    """Prompts longer than --cut_off are cut as generate() cuts them; prompts of different
+    lengths that cut to the same tokens still go through their own users' adapters."""
+    from oppu.serving import build_prompts
+    from oppu.training import template_head
+
+    fillers = {0: 30, 1: 20, 2: 10}  # every user's text ends the same; their lengths differ
+    inputs = {u: [render_query_input(TASK, text="x " * n + a) for a in ARTICLES[:2]] for u, n in fillers.items()}
+    requests = [Request(f"u{u}-q{q}", pefts[u], inputs[u][q]) for q in range(2) for u in (2, 0, 1)]
+    identities = {f: identity() for f in pefts}
+    cfg = DecodeConfig(max_new_tokens=6, batch_size=6, cut_off=len(template_head(tokenizer)) + 10 + 6)
+    mixed, _ = answer(tiny_model(0), tokenizer, requests, identities, cfg, 3, show=False)
+    prompts = build_prompts(requests, identities)
+    cut = prompt_ids(tokenizer, prompts, cfg, report=False)
+    assert len({tuple(ids) for ids in cut}) == 2 and len(set(prompts)) == 6  # six prompts, two cut prompts
+    for folder in pefts:
+        mine = [i for i, r in enumerate(requests) if r.peft == folder]
+        assert [mixed[i] for i in mine] == alone(tiny_model, tokenizer, folder, [prompts[i] for i in mine], cfg)
+    assert len({mixed[i] for i, r in enumerate(requests) if r.input in {v[0] for v in inputs.values()}}) > 1
 
 
 def test_rows_through_their_loras_equal_peft_s_per_row_selection(pefts, tiny_model):
@@ -182,3 +203,5 @@ def test_pefts_served_together_must_agree_on_their_kind_and_how_their_runs_answe
     assert same_stack(scored)  # --answer_mode and --max_new_tokens given: one setting for all
     with pytest.raises(UserError, match="b: peft_type 'ia3' differs from a's 'lora'; serve them in separate calls$"):
         same_stack({a: identity(), b: identity(peft_type="ia3")})
+    with pytest.raises(UserError, match="b: cut_off 1024 differs from a's 2048; serve them in separate calls$"):
+        same_stack({a: identity(cut_off=2048), b: identity(cut_off=1024)}, ["answer_mode"])
