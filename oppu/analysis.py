@@ -23,10 +23,14 @@ from oppu.tasks import Task
 
 
 def manifest_path(predictions: Path, task_name: str) -> Path:
-    """The OPPU run's manifest beside a row's predictions file: ``<root>/output/<task>/<run>.json``
-    was written by the run whose folder is ``<root>/ckpt/<task>/<run>/``."""
+    """The manifest of the OPPU run that wrote a row's predictions file ``<output>/<task>/<run>.json``:
+    ``<ckpt>/<task>/<run>/manifest.jsonl``, with ``<ckpt>`` the run's --ckpt_dir as its config
+    beside the predictions records it (else the output folder's sibling ``ckpt``)."""
     predictions = Path(predictions)
-    return predictions.parent.parent.parent / "ckpt" / task_name / predictions.stem / "manifest.jsonl"
+    config = predictions.with_suffix(".config.json")
+    ckpt = json.loads(config.read_text(encoding="utf-8")).get("ckpt_dir") if config.is_file() else None
+    ckpt = Path(ckpt) if ckpt else predictions.parent.parent.parent / "ckpt"
+    return ckpt / task_name / predictions.stem / "manifest.jsonl"
 
 
 def read_manifest(path: Path) -> dict[str, dict]:

@@ -7,7 +7,8 @@ A row is (stage, k, profile, which output, extra flags); adding a method is one 
     "RAG[least]": Row("task_LoRA", k=1, flags=("--retrieval", "least")),
 
 Rows with extra flags run in their own folders (``<work>/variants/<flags>/``), so they never mix
-with the plain rows' runs; an OPPU row's task adapter is the one of its ``flags`` (not of its
+with the plain rows' runs, and a call's stage flags (after ``--``) give its predictions a folder
+of their own (``run_dirs``); an OPPU row's task adapter is the one of its ``flags`` (not of its
 ``user_flags``), so ``OPPU[ia3]`` reuses the plain task adapter.
 """
 
@@ -174,11 +175,17 @@ def applicable(task: Task, name: str) -> str | None:
 
 
 def run_dirs(grid: Grid, flags: Sequence[str]) -> tuple[Path, Path]:
-    """(ckpt_dir, output_dir) of runs with these extra flags: the plain ones, or their own folder."""
+    """(ckpt_dir, output_dir) of runs with these extra flags: the plain ones, or their own folder.
+    Predictions of a call with stage flags (after ``--``) go to a folder of their own under the
+    output folder, so that calls under other stage flags (a study on every other user, say) never
+    answer into another call's files; checkpoints are shared, where the stages check them."""
     root = grid.work_dir
     if flags:
         root = root / "variants" / safe_dirname(" ".join(flags))
-    return root / "ckpt", root / "output"
+    output = root / "output"
+    if grid.stage_flags:
+        output = output / safe_dirname("stage " + " ".join(grid.stage_flags))
+    return root / "ckpt", output
 
 
 def row_inputs(grid: Grid, row: Row) -> list[Path]:
@@ -213,6 +220,13 @@ def row_config(grid: Grid, name: str) -> dict[str, Any]:
 
 
 def record_path(grid: Grid, name: str) -> Path:
+    """Where a row's record under this grid's config is kept: one record per row and config, so
+    a call under other flags leaves the others' records."""
+    return grid.results_dir / "rows" / f"{safe_dirname(name)}-{row_config(grid, name)['fingerprint']}.json"
+
+
+def legacy_record_path(grid: Grid, name: str) -> Path:
+    """The one record per row that work folders from before 2026-11-30 hold."""
     return grid.results_dir / "rows" / f"{safe_dirname(name)}.json"
 
 
@@ -221,6 +235,7 @@ def finished_record(grid: Grid, name: str) -> dict | None:
     they were written: a later call under other flags may have answered into the same file (a
     record written before the hash was kept is taken on its config alone)."""
     path = record_path(grid, name)
+    path = path if path.is_file() else legacy_record_path(grid, name)
     if not path.is_file():
         return None
     record = read_json(path)
@@ -321,7 +336,7 @@ def run_trivial(grid: Grid, names: Sequence[str]) -> dict[str, dict]:
     from accelerate.utils import broadcast_object_list
 
     start = time.time()
-    argv = as_flags(task_name=grid.task.name, data_dir=grid.data_dir, output_dir=grid.work_dir / "output")
+    argv = as_flags(task_name=grid.task.name, data_dir=grid.data_dir, output_dir=run_dirs(grid, ())[1])
     state = processes()
     written = [trivial_baselines.main(argv) if state.is_main_process else None]
     if state.num_processes > 1:

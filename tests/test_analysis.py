@@ -86,6 +86,17 @@ def test_manifest_path_mirrors_the_output_folder(tmp_path):
     )
 
 
+def test_manifest_path_follows_the_runs_recorded_checkpoint_folder(tmp_path):
+    """A grid call with stage flags writes its predictions one folder deeper; the run's config
+    beside them names its checkpoint folder."""
+    pred = tmp_path / "W" / "output" / "stage-x" / "news_categorize" / "k0-news_categorize-M-OPPU.json"
+    pred.parent.mkdir(parents=True)
+    pred.with_suffix(".config.json").write_text(json.dumps({"ckpt_dir": str(tmp_path / "W" / "ckpt")}))
+    assert manifest_path(pred, "news_categorize") == (
+        tmp_path / "W" / "ckpt" / "news_categorize" / "k0-news_categorize-M-OPPU" / "manifest.jsonl"
+    )
+
+
 def write_grid(data: Path, work: Path, preds_by_row: dict[str, dict[str, str]], empty_user: bool = False) -> Path:
     """A hand-made grid on USERS: the data file, each row's predictions file, and table.json
     with each row's per-user accuracy (as run_grid.py writes it). ``empty_user``: the data also

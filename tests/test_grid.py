@@ -100,6 +100,33 @@ def test_rerun_skips_finished_rows(full_grid, monkeypatch):
     assert list(subset["rows"]) == list(grid.PAPER_ROWS) and len(subset["paired"]) == len(grid.PAIRS)
 
 
+def test_a_call_under_other_stage_flags_leaves_the_first_calls_rows_finished(full_grid, monkeypatch):
+    """A study on fewer users in the same work folder answers into its own folder and keeps its
+    own records: the full call's predictions and records stay, and its rerun runs nothing."""
+    g = grid.Grid(NEWS, full_grid["root"] / "data", full_grid["root"] / "W", tuple(full_grid["stage"]))
+    names = ("non_personalized", "OPPU")
+    kept = {n: Path(grid.finished_record(g, n)["predictions"]).read_bytes() for n in names}
+    fewer = run_grid.main(
+        [*full_grid["own"], "--rows", ",".join(names), "--", *full_grid["stage"], "--user_stride", "2"]
+    )
+    for n in names:
+        assert (
+            fewer["rows"][n]["n_users"] == 1
+            and fewer["rows"][n]["predictions"] != full_grid["table"]["rows"][n]["predictions"]
+        )
+        assert Path(grid.finished_record(g, n)["predictions"]).read_bytes() == kept[n]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row ran again")
+
+    for module in ("task_LoRA", "OPPU"):
+        monkeypatch.setattr(getattr(grid, module), "main", refuse)
+    again = run_grid.main([*full_grid["own"], "--rows", ",".join(names), "--", *full_grid["stage"]])
+    assert {n: again["rows"][n]["metrics"] for n in names} == {
+        n: full_grid["table"]["rows"][n]["metrics"] for n in names
+    }
+
+
 def test_an_unfinished_oppu_row_reuses_the_task_adapter_without_answering_again(full_grid, monkeypatch):
     g = grid.Grid(NEWS, full_grid["root"] / "data", full_grid["root"] / "W", tuple(full_grid["stage"]))
     grid.record_path(g, "OPPU").unlink()
@@ -339,7 +366,7 @@ def test_an_answer_only_oppu_row_answers_with_the_plain_rows_peft_and_trains_non
     own = [a if a != str(full_grid["root"] / "W") else str(tmp_path / "W2") for a in full_grid["own"]]
     fresh = run_grid.main([*own, "--rows", "OPPU[score]", "--", *full_grid["stage"]])
     records = [
-        grid.record_path(grid.Grid(NEWS, full_grid["root"] / "data", w), "OPPU[score]")
+        grid.record_path(grid.Grid(NEWS, full_grid["root"] / "data", w, tuple(full_grid["stage"])), "OPPU[score]")
         for w in (full_grid["root"] / "W", tmp_path / "W2")
     ]
     preds = [json.loads(Path(json.loads(r.read_text())["predictions"]).read_text())["golds"] for r in records]
