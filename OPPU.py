@@ -226,15 +226,25 @@ def answer_with_saved(
 def merge_outputs(
     run_dir: Path, task: Task, users: list[User], pred_file: Path, model_name: str, fingerprint: str
 ) -> dict[str, str]:
-    """Gather every user's result, in user order, into the predictions file and the manifest."""
+    """Gather every user's result, in user order, into the predictions file and the run's
+    manifest (which also keeps the lines of users that only other calls answered)."""
     results = [read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]], fingerprint) for u in users]
     missing = [u["user_id"] for u, r in zip(users, results) if r is None]
     if missing:
         raise RuntimeError(f"{run_dir}: {len(missing)} users have no result (first: {missing[:3]})")
     preds = {qid: out for r in results for qid, out in r["predictions"].items()}
     write_json(pred_file, predictions_json(task, preds, f"{model_name} + task adapter + OPPU"))
-    manifest = [{k: v for k, v in r.items() if k not in ("predictions", "raw_generations")} for r in results]
-    atomic_write_text(run_dir / "manifest.jsonl", "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest))
+    # users of other calls into this run folder (another --user_stride, say) keep their lines
+    path = run_dir / "manifest.jsonl"
+    kept = (
+        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.is_file()
+        else []
+    )
+    mine = {u["user_id"] for u in users}
+    manifest = [m for m in kept if m.get("user_id") not in mine]
+    manifest += [{k: v for k, v in r.items() if k not in ("predictions", "raw_generations")} for r in results]
+    atomic_write_text(path, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest))
     return preds
 
 

@@ -29,7 +29,10 @@ def manifest_path(predictions: Path, task_name: str) -> Path:
     predictions = Path(predictions)
     config = predictions.with_suffix(".config.json")
     ckpt = json.loads(config.read_text(encoding="utf-8")).get("ckpt_dir") if config.is_file() else None
-    ckpt = Path(ckpt) if ckpt else predictions.parent.parent.parent / "ckpt"
+    if not ckpt:  # <root>/output/<task>/, or <root>/output/<stage flags>/<task>/
+        root = predictions.parent.parent.parent
+        ckpt = (root.parent if root.name == "output" else root) / "ckpt"
+    ckpt = Path(ckpt)
     return ckpt / task_name / predictions.stem / "manifest.jsonl"
 
 

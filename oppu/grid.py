@@ -184,8 +184,31 @@ def run_dirs(grid: Grid, flags: Sequence[str]) -> tuple[Path, Path]:
         root = root / "variants" / safe_dirname(" ".join(flags))
     output = root / "output"
     if grid.stage_flags:
-        output = output / safe_dirname("stage " + " ".join(grid.stage_flags))
+        output = output / stage_dirname(grid.stage_flags)
     return root / "ckpt", output
+
+
+def stage_dirname(stage_flags: Sequence[str]) -> str:
+    """The folder name of a call's stage flags: the flags that tell calls apart first (the
+    model's path is in the predictions' file names), a hash of them all, and never a token."""
+    flags = public_flags(stage_flags)
+    shown = [f for i, f in enumerate(flags) if f != "--model_name" and (i == 0 or flags[i - 1] != "--model_name")]
+    name = safe_dirname("stage " + " ".join(shown))
+    return f"{name}-{hashlib.sha256(' '.join(flags).encode()).hexdigest()[:10]}"
+
+
+def public_flags(flags: Sequence[str]) -> list[str]:
+    """``flags`` without --access_token and its value (also as --access_token=value)."""
+    out: list[str] = []
+    skip = False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f == "--access_token":
+            skip = True
+        elif not f.startswith("--access_token="):
+            out.append(f)
+    return out
 
 
 def row_inputs(grid: Grid, row: Row) -> list[Path]:
@@ -203,7 +226,7 @@ def row_config(grid: Grid, name: str) -> dict[str, Any]:
         **asdict(row),
         "model_name": grid.settings.model_name,
         "seed": grid.settings.seed,
-        "stage_flags": list(grid.stage_flags),
+        "stage_flags": public_flags(grid.stage_flags),
         "task_lora_flags": list(grid.task_lora_flags) if row.stage != "trivial" else [],
         "oppu_flags": list(grid.oppu_flags) if row.stage == "OPPU" else [],
         "data_sha256": {p.name: file_fingerprint(p) for p in row_inputs(grid, row)},
@@ -497,7 +520,8 @@ def user_seconds(grid: Grid, record: Mapping[str, Any]) -> float | None:
     if ROWS[record["row"]].stage != "OPPU":
         return None
     manifest = analysis.read_manifest(analysis.manifest_path(Path(record["predictions"]), grid.task.name))
-    return round(sum(m["seconds"] for m in manifest.values()), 1) if manifest else None
+    mine = [manifest[u["user_id"]] for u in test_users(grid) if u["user_id"] in manifest]  # the row's users only
+    return round(sum(m["seconds"] for m in mine), 1) if mine else None
 
 
 def score_row(grid: Grid, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -591,7 +615,7 @@ def grid_config(grid: Grid) -> dict[str, Any]:
         "seed": s.seed,
         "max_users": s.max_users,
         "user_stride": s.user_stride,
-        "stage_flags": list(grid.stage_flags),
+        "stage_flags": public_flags(grid.stage_flags),
         "task_lora_flags": list(grid.task_lora_flags),
         "oppu_flags": list(grid.oppu_flags),
         "profile_flags": list(grid.profile_flags),
@@ -710,6 +734,13 @@ def read_table(work_dir: Path, task: Task, names: Sequence[str]) -> tuple[Path, 
 def write_tables(grid: Grid, table: Mapping[str, Any]) -> tuple[Path, Path]:
     """``<work>/results/<task>/table.json`` and ``table.md``."""
     json_path, md_path = grid.results_dir / "table.json", grid.results_dir / "table.md"
+    if json_path.is_file():
+        before = read_json(json_path).get("config", {}).get("stage_flags")
+        if before is not None and before != table["config"]["stage_flags"]:
+            print(
+                f"note: {json_path} held the table of a call with other stage flags ({' '.join(before) or 'none'}); "
+                "its rows are kept: that call, run again, writes it again from them in seconds"
+            )
     write_json(json_path, table)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(markdown_table(table), encoding="utf-8")

@@ -95,6 +95,8 @@ def test_manifest_path_follows_the_runs_recorded_checkpoint_folder(tmp_path):
     assert manifest_path(pred, "news_categorize") == (
         tmp_path / "W" / "ckpt" / "news_categorize" / "k0-news_categorize-M-OPPU" / "manifest.jsonl"
     )
+    pred.with_suffix(".config.json").unlink()  # without the config: the work folder's ckpt all the same
+    assert manifest_path(pred, "news_categorize").parent.parent.parent == tmp_path / "W" / "ckpt"
 
 
 def write_grid(data: Path, work: Path, preds_by_row: dict[str, dict[str, str]], empty_user: bool = False) -> Path:
