@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -319,8 +319,12 @@ def side_by_side(table: Mapping[str, Any], columns: Sequence[tuple[str, Sequence
     return "\n".join(lines) + "\n"
 
 
-def adapter_sizes(grid: G.Grid, names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """For OPPU rows: trainable parameters and adapter bytes on disk per user, from the run's manifest."""
+def adapter_sizes(
+    grid: G.Grid, names: Sequence[str], users: Collection[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """For OPPU rows: trainable parameters and adapter bytes on disk per user, from the run's
+    manifest; only the lines of ``users`` (the rows' users) when given, as a run folder may also
+    hold users that other calls (another --user_stride) trained."""
     sizes = {}
     for name in names:
         row = G.ROWS[name]
@@ -331,6 +335,9 @@ def adapter_sizes(grid: G.Grid, names: Sequence[str]) -> dict[str, dict[str, flo
         if not manifest.is_file():
             continue
         lines = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [m for m in lines if users is None or m["user_id"] in users]
+        if not lines:
+            continue
         sizes[name] = {
             "trainable_params": max(m.get("trainable_params", 0) for m in lines),
             "adapter_bytes": max(m.get("adapter_bytes", 0) for m in lines),
@@ -407,7 +414,8 @@ def run_study(
     if name in SIDE_BY_SIDE:
         parts.append("\n## Side by side\n\n" + side_by_side(table, SIDE_BY_SIDE[name]))
     if name == "peft_types":
-        result["adapter_sizes"] = adapter_sizes(grid, study.rows)
+        users = {u for row in table["rows"].values() for u in row["per_user"]}
+        result["adapter_sizes"] = adapter_sizes(grid, study.rows, users)
         parts.append("\n## Size of a personal adapter\n\n" + sizes_markdown(result["adapter_sizes"]))
     write_json(out_dir / "table.json", result)
     (out_dir / "table.md").write_text("\n".join(parts), encoding="utf-8")

@@ -184,3 +184,5 @@ def test_adapter_sizes_come_from_each_rows_manifest(tmp_path):
     sizes = adapter_sizes(grid, ["non_personalized", "OPPU", "OPPU[ia3]"])  # OPPU has no run: left out
     assert sizes == {"OPPU[ia3]": {"trainable_params": 57600, "adapter_bytes": 122880, "mean_seconds_per_user": 3.5}}
     assert sizes_markdown(sizes).splitlines()[-1] == "| OPPU[ia3] | 57,600 | 120.0 KiB | 3.5 |"
+    # a run folder shared with a call on other users: only the rows' users count
+    assert adapter_sizes(grid, ["OPPU[ia3]"], {"b"})["OPPU[ia3]"]["mean_seconds_per_user"] == 4.0
