@@ -33,6 +33,7 @@ from oppu.adapters import (
     save_adapter,
     trainable_parameters,
 )
+from oppu.analysis import read_manifest
 from oppu.answers import answer, answer_stats, invalid_fraction, report_answers
 from oppu.data import TEST_PROFILES_FILE, TEST_USERS_FILE, User, golds_of, predictions_json
 from oppu.defaults import epochs_for_min_steps
@@ -236,13 +237,8 @@ def merge_outputs(
     write_json(pred_file, predictions_json(task, preds, f"{model_name} + task adapter + OPPU"))
     # users of other calls into this run folder (another --user_stride, say) keep their lines
     path = run_dir / "manifest.jsonl"
-    kept = (
-        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.is_file()
-        else []
-    )
     mine = {u["user_id"] for u in users}
-    manifest = [m for m in kept if m.get("user_id") not in mine]
+    manifest = [m for uid, m in read_manifest(path).items() if uid not in mine]
     manifest += [{k: v for k, v in r.items() if k not in ("predictions", "raw_generations")} for r in results]
     atomic_write_text(path, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest))
     return preds

@@ -4,7 +4,6 @@ a table and, for activity levels, a plot."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -334,8 +333,7 @@ def adapter_sizes(
         manifest = oppu_dir(ckpt, grid.task, row.k, grid.settings.model_name, row.profile) / "manifest.jsonl"
         if not manifest.is_file():
             continue
-        lines = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
-        lines = [m for m in lines if users is None or m["user_id"] in users]
+        lines = [m for uid, m in G.analysis.read_manifest(manifest).items() if users is None or uid in users]
         if not lines:
             continue
         sizes[name] = {
