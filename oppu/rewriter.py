@@ -84,11 +84,13 @@ def rewrite_histories(
     users: Sequence[User],
     task_lora: str | Path,
     max_new_tokens: int = REWRITE_TOKENS,
+    cut_off: int | None = None,
 ):
     """Every history item's input written by the rewriter in ``task_lora`` loaded on ``model``
     (the clean base: call it before the task adapter is merged), greedy, all users' items in one
-    batched pass. Returns (the clean model, {user id: one input per item}); an empty rewrite
-    keeps the item's own text."""
+    batched pass. A prompt is cut to ``cut_off`` (the stages' --cut_off, which the rewriter was
+    trained under) less ``max_new_tokens``, as the queries' prompts are. Returns (the clean model,
+    {user id: one input per item}); an empty rewrite keeps the item's own text."""
     from peft import PeftModel
 
     jobs = [(user, i) for user in users for i in range(len(user["profile"]))]
@@ -100,7 +102,7 @@ def rewrite_histories(
     prompts = {u["user_id"]: rewrite_prompts(task, u) for u in users}
     # its own decoding, not the queries': an answer's --max_new_tokens or batch would change the
     # personal training data
-    decode = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=REWRITE_BATCH)
+    decode = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=REWRITE_BATCH, cut_off=cut_off)
     raw = generate(peft_model, tokenizer, [prompts[u["user_id"]][i] for u, i in jobs], decode, desc="rewrite history")
     empty = 0
     for (user, i), text in zip(jobs, raw):

@@ -56,13 +56,20 @@ def test_stage1_trains_the_rewriter_on_the_queries_in_reverse(stage1, capsys):
     assert "reusing the rewriter" in capsys.readouterr().out
 
 
-def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(stage1):
+@pytest.mark.parametrize("cut_off", [None, 16])
+def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(stage1, cut_off):
+    """With ``cut_off``, each prompt is cut as generate() cuts a query's: 16 tokens less the 6 of
+    the answer leaves 10, fewer than any of these prompts has."""
     from peft import PeftModel
+
+    from oppu.generation import prompt_ids
 
     model, tokenizer = load_model(ModelSpec(str(stage1["model_dir"])), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
-    model, inputs = rewrite_histories(model, tokenizer, TWEETS, users, stage1["adapter"], max_new_tokens=6)
+    model, inputs = rewrite_histories(
+        model, tokenizer, TWEETS, users, stage1["adapter"], max_new_tokens=6, cut_off=cut_off
+    )
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not hasattr(model, "peft_config")
@@ -73,7 +80,12 @@ def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(
             f"{item['text']}\nAnswer:"
             for item in user["profile"]
         ]
-        greedy = generate(peft, tokenizer, prompts, DecodeConfig(max_new_tokens=6, batch_size=1), show=False)
+        cfg = DecodeConfig(max_new_tokens=6, batch_size=1, cut_off=cut_off)
+        if cut_off:
+            uncut = prompt_ids(tokenizer, prompts, DecodeConfig(max_new_tokens=6), report=False)
+            assert all(len(ids) > 10 for ids in uncut)
+            assert all(len(ids) == 10 for ids in prompt_ids(tokenizer, prompts, cfg, report=False))
+        greedy = generate(peft, tokenizer, prompts, cfg, show=False)
         own = [item["text"] for item in user["profile"]]
         assert inputs[user["user_id"]] == [parse_prediction(TWEETS, g) or t for g, t in zip(greedy, own)]
 
@@ -93,8 +105,12 @@ def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
         rewriter, "generate", lambda m, t, p, cfg, **kw: budgets.append(cfg) or real(m, t, p, cfg, **kw)
     )
     out = OPPU.main(stage1["flags"] + ["--task_lora", str(stage1["adapter"])])
-    # the rewrites are decoded on their own budget, not with the queries' --max_new_tokens 6
-    assert [(c.max_new_tokens, c.batch_size, c.do_sample) for c in budgets] == [(rewriter.REWRITE_TOKENS, 8, False)]
+    config = json.loads((out["run_dir"] / "run_config.json").read_text())
+    # the rewrites are decoded on their own budget, not with the queries' --max_new_tokens 6, and
+    # their prompts cut at the stages' --cut_off, as the rewriter's training examples were
+    assert [(c.max_new_tokens, c.batch_size, c.do_sample, c.cut_off) for c in budgets] == [
+        (rewriter.REWRITE_TOKENS, 8, False, config["cut_off"])
+    ]
     users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
     expected = []
     for user in users:
@@ -103,7 +119,6 @@ def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
         expected += history_pairs(TWEETS, user, inputs=result["history_inputs"])
     assert seen == expected
     assert [t for _, t in seen] == [" " + it["text"] for u in users for it in u["profile"]]  # targets: the tweets
-    config = json.loads((out["run_dir"] / "run_config.json").read_text())
     assert config["history_inputs"] == "rewriter" and len(config["rewriter_sha256"]) == 64
 
 
