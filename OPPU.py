@@ -252,7 +252,7 @@ def train_own(args: argparse.Namespace, task: Task, spec) -> dict[str, Path]:
     inputs = None
     mode = ownership.prompt_setting(job.identity, "history_inputs") if args.update else args.history_inputs
     if mode == "rewriter":  # on the clean base, before the task adapter is merged
-        model, rewrites = rewrite_histories(model, tokenizer, task, [job.user], job.task_lora, cut_off=args.cut_off)
+        model, rewrites = rewrite_histories(model, tokenizer, task, [job.user], job.task_lora)
         inputs = rewrites[job.user["user_id"]]
     model = merge_adapter(model, job.task_lora)
     if args.update:
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         rewrites: dict[str, list[str]] = {}
         if args.history_inputs == "rewriter":  # on the clean base, before the task adapter is merged
             todo = [u for u in (users[i] for i in mine) if args.overwrite or not finished(run_dir, u, fingerprint)]
-            model, rewrites = rewrite_histories(model, tokenizer, task, todo, args.task_lora, cut_off=args.cut_off)
+            model, rewrites = rewrite_histories(model, tokenizer, task, todo, args.task_lora)
         model = merge_adapter(model, Path(args.task_lora))
         done = reused = 0
         bar = tqdm(mine, desc=f"OPPU users (process {rank})", position=rank)

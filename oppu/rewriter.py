@@ -21,7 +21,7 @@ from oppu.generation import DecodeConfig, generate
 from oppu.tasks import Task
 from oppu.training import encode_pairs
 from prompts import parse_prediction
-from utils import UserError
+from utils import UserError, read_json
 
 REWRITER_DIR = "rewriter"  # inside the task adapter's folder
 # The rewriter's greedy decoding, the same whatever the queries are answered with: up to 128 new
@@ -77,6 +77,14 @@ def train_rewriter(model, tokenizer, task: Task, users: Sequence[User], args: ar
     return (accelerator.unwrap_model(peft_model) if accelerator else peft_model), fit
 
 
+def rewrite_decoding(cut_off: int | None, max_new_tokens: int = REWRITE_TOKENS) -> DecodeConfig:
+    """The rewriter's greedy decoding under the ``cut_off`` it was trained with (its saved
+    config's; OPPU's own --cut_off may differ): a prompt keeps ``cut_off`` less the answer's tokens,
+    and the answer at most half of ``cut_off``, so a small cut_off still leaves a prompt."""
+    new = max_new_tokens if cut_off is None else max(1, min(max_new_tokens, cut_off // 2))
+    return DecodeConfig(max_new_tokens=new, batch_size=REWRITE_BATCH, cut_off=cut_off)
+
+
 def rewrite_histories(
     model,
     tokenizer,
@@ -84,25 +92,25 @@ def rewrite_histories(
     users: Sequence[User],
     task_lora: str | Path,
     max_new_tokens: int = REWRITE_TOKENS,
-    cut_off: int | None = None,
 ):
     """Every history item's input written by the rewriter in ``task_lora`` loaded on ``model``
     (the clean base: call it before the task adapter is merged), greedy, all users' items in one
-    batched pass. A prompt is cut to ``cut_off`` (the stages' --cut_off, which the rewriter was
-    trained under) less ``max_new_tokens``, as the queries' prompts are. Returns (the clean model,
-    {user id: one input per item}); an empty rewrite keeps the item's own text."""
+    batched pass, each prompt cut as the rewriter's training examples were (``rewrite_budget``).
+    Returns (the clean model, {user id: one input per item}); an empty rewrite keeps the item's
+    own text."""
     from peft import PeftModel
 
     jobs = [(user, i) for user in users for i in range(len(user["profile"]))]
     inputs = {u["user_id"]: [str(item[task.text_field]) for item in u["profile"]] for u in users}
     if not jobs:
         return model, inputs
-    peft_model = PeftModel.from_pretrained(model, str(check_rewriter(task_lora)), use_safetensors=True)
+    folder = check_rewriter(task_lora)
+    peft_model = PeftModel.from_pretrained(model, str(folder), use_safetensors=True)
     peft_model.eval()
     prompts = {u["user_id"]: rewrite_prompts(task, u) for u in users}
     # its own decoding, not the queries': an answer's --max_new_tokens or batch would change the
     # personal training data
-    decode = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=REWRITE_BATCH, cut_off=cut_off)
+    decode = rewrite_decoding(read_json(folder / "run_config.json").get("cut_off"), max_new_tokens)
     raw = generate(peft_model, tokenizer, [prompts[u["user_id"]][i] for u, i in jobs], decode, desc="rewrite history")
     empty = 0
     for (user, i), text in zip(jobs, raw):

@@ -57,19 +57,23 @@ def test_stage1_trains_the_rewriter_on_the_queries_in_reverse(stage1, capsys):
 
 
 @pytest.mark.parametrize("cut_off", [None, 16])
-def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(stage1, cut_off):
-    """With ``cut_off``, each prompt is cut as generate() cuts a query's: 16 tokens less the 6 of
-    the answer leaves 10, fewer than any of these prompts has."""
+def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(stage1, tmp_path, cut_off):
+    """Each prompt is cut as the rewriter's training examples were, at the cut_off in its saved
+    config: 16 tokens less the 6 of the answer leaves 10, fewer than any of these prompts has."""
     from peft import PeftModel
 
     from oppu.generation import prompt_ids
 
+    task_lora = stage1["adapter"]
+    if cut_off:  # a task adapter (and rewriter) trained with --cut_off 16
+        task_lora = tmp_path / "task-adapter"
+        shutil.copytree(stage1["adapter"], task_lora)
+        saved = task_lora / REWRITER_DIR / "run_config.json"
+        saved.write_text(json.dumps(json.loads(saved.read_text()) | {"cut_off": cut_off}))
     model, tokenizer = load_model(ModelSpec(str(stage1["model_dir"])), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
-    model, inputs = rewrite_histories(
-        model, tokenizer, TWEETS, users, stage1["adapter"], max_new_tokens=6, cut_off=cut_off
-    )
+    model, inputs = rewrite_histories(model, tokenizer, TWEETS, users, task_lora, max_new_tokens=6)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not hasattr(model, "peft_config")
@@ -81,11 +85,12 @@ def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(
             for item in user["profile"]
         ]
         cfg = DecodeConfig(max_new_tokens=6, batch_size=1, cut_off=cut_off)
-        if cut_off:
-            uncut = prompt_ids(tokenizer, prompts, DecodeConfig(max_new_tokens=6), report=False)
-            assert all(len(ids) > 10 for ids in uncut)
-            assert all(len(ids) == 10 for ids in prompt_ids(tokenizer, prompts, cfg, report=False))
         greedy = generate(peft, tokenizer, prompts, cfg, show=False)
+        if cut_off:
+            uncut = DecodeConfig(max_new_tokens=6, batch_size=1)
+            assert all(len(ids) > 10 for ids in prompt_ids(tokenizer, prompts, uncut, report=False))
+            assert all(len(ids) == 10 for ids in prompt_ids(tokenizer, prompts, cfg, report=False))
+            assert greedy != generate(peft, tokenizer, prompts, uncut, show=False)  # the cut changes the answers
         own = [item["text"] for item in user["profile"]]
         assert inputs[user["user_id"]] == [parse_prediction(TWEETS, g) or t for g, t in zip(greedy, own)]
 
@@ -107,9 +112,10 @@ def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
     out = OPPU.main(stage1["flags"] + ["--task_lora", str(stage1["adapter"])])
     config = json.loads((out["run_dir"] / "run_config.json").read_text())
     # the rewrites are decoded on their own budget, not with the queries' --max_new_tokens 6, and
-    # their prompts cut at the stages' --cut_off, as the rewriter's training examples were
+    # their prompts cut at the rewriter's --cut_off, as its training examples were
+    trained = json.loads((stage1["adapter"] / REWRITER_DIR / "run_config.json").read_text())["cut_off"]
     assert [(c.max_new_tokens, c.batch_size, c.do_sample, c.cut_off) for c in budgets] == [
-        (rewriter.REWRITE_TOKENS, 8, False, config["cut_off"])
+        (rewriter.REWRITE_TOKENS, 8, False, trained)
     ]
     users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
     expected = []
@@ -154,6 +160,16 @@ def test_a_task_adapter_without_rewriter_is_refused_unless_items_are_asked_as_th
         OPPU.main(flags)
     out = OPPU.main(flags + ["--history_inputs", "item"])
     assert Path(out["predictions"]).is_file()
+
+
+def test_the_rewriters_decoding_leaves_a_prompt_under_a_small_cut_off():
+    from oppu.rewriter import rewrite_decoding
+
+    assert rewrite_decoding(None) == DecodeConfig(max_new_tokens=rewriter.REWRITE_TOKENS, batch_size=8)
+    assert rewrite_decoding(2048).max_new_tokens == rewriter.REWRITE_TOKENS
+    small = rewrite_decoding(64)
+    assert (small.max_new_tokens, small.cut_off, small.prompt_budget(small.max_new_tokens)) == (32, 64, 32)
+    assert rewrite_decoding(1).max_new_tokens == 1
 
 
 def test_history_inputs_rewriter_is_refused_where_items_have_inputs(make_args):
