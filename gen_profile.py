@@ -40,7 +40,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--load_in_4bit", action="store_true", help="4-bit NF4 base weights (CUDA only)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
-    parser.add_argument("--num_history", type=int, default=10, help="history items shown per user (the paper: ~10)")
+    parser.add_argument(
+        "--num_history",
+        type=int,
+        default=10,
+        help="history items shown per user (the paper: ~10); the oldest go where they would not fit in the model's context",
+    )
     parser.add_argument("--seed", type=int, default=42, help="picks each user's sample (and seeds retries)")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="profile length budget")
     parser.add_argument("--decode_batch_size", type=int, default=8, help="users per generate call")

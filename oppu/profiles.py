@@ -14,6 +14,7 @@ from eval.trivial_baselines import SUPPORTED, most_common
 from oppu.data import User
 from oppu.generation import DecodeConfig, generate
 from oppu.tasks import Task
+from oppu.training import encode_prompt
 from prompts import parse_profile, profile_prompt
 from utils import UserError, read_json, set_seed, stable_seed, write_json
 
@@ -64,13 +65,37 @@ def read_aligned(path: Path, users: Sequence[User]) -> list[Entry]:
     return [{"user_id": u["user_id"], "output": e["output"]} for e, u in zip(entries, users)]
 
 
+def fitting_profile_prompt(task: Task, items: Sequence[dict], tokenizer=None, budget: int | None = None) -> str:
+    """The profile prompt over ``items`` (most recent first), leaving out the oldest of them until
+    it fits in ``budget`` tokens; one item is always kept (generate() cuts what still overflows)."""
+    items = list(items)
+    prompt = profile_prompt(task, items)
+    while budget is not None and len(items) > 1 and len(encode_prompt(tokenizer, prompt)) > budget:
+        items.pop()
+        prompt = profile_prompt(task, items)
+    return prompt
+
+
+def model_context(model) -> int | None:
+    """The positions the model was trained on (``max_position_embeddings``), where it says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def generate_profiles(
     model, tokenizer, task: Task, users: Sequence[User], num_history: int, seed: int, decode: DecodeConfig
 ) -> tuple[list[str], int]:
     """One profile per user (empty for a user without history); an empty one is retried once
-    with sampling. Returns the profiles and how many were retried."""
+    with sampling. A prompt and its profile fit in the model's context: the oldest sampled items
+    are left out first (Llama-2's 4,096 positions hold about ten LaMP reviews at most). Returns
+    the profiles and how many were retried."""
+    context = model_context(model)
+    if context is not None and decode.cut_off is None:
+        decode = replace(decode, cut_off=context)
+    budget = decode.prompt_budget(decode.max_new_tokens)
     prompts = {
-        i: profile_prompt(task, sample_history(u, num_history, seed)) for i, u in enumerate(users) if u["profile"]
+        i: fitting_profile_prompt(task, sample_history(u, num_history, seed), tokenizer, budget)
+        for i, u in enumerate(users)
+        if u["profile"]
     }
     profiles = [""] * len(users)
     for i, text in zip(prompts, generate(model, tokenizer, list(prompts.values()), decode, show=False)):

@@ -118,6 +118,30 @@ def test_empty_profile_is_retried_once_with_sampling(monkeypatch):
     assert calls == [(2, False), (1, True)]
 
 
+def test_a_prompt_over_the_context_leaves_out_the_oldest_sampled_items(tokenizer, monkeypatch):
+    """A model of 10 x the tokens of one item's prompt: the 5 sampled items do not fit with a
+    profile of max_new_tokens, so the oldest go until the prompt and its answer fit; the
+    profile is decoded under that context (generate() cuts a single item that overflows)."""
+    from types import SimpleNamespace
+
+    from oppu.training import encode_prompt
+
+    items = profiles.sample_history(USERS[0], 5, 0)  # most recent first
+    assert profiles.fitting_profile_prompt(TASK, items) == profile_prompt(TASK, items)  # no budget: all
+    sizes = [len(encode_prompt(tokenizer, profile_prompt(TASK, items[:n]))) for n in range(1, 6)]
+    budget = sizes[2]  # room for the 3 most recent items
+    assert profiles.fitting_profile_prompt(TASK, items, tokenizer, budget) == profile_prompt(TASK, items[:3])
+    assert profiles.fitting_profile_prompt(TASK, items, tokenizer, 1) == profile_prompt(TASK, items[:1])
+    seen = []
+    monkeypatch.setattr(profiles, "generate", lambda m, t, prompts, cfg, **kw: seen.append((prompts, cfg)) or ["p"])
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=sizes[2] + 16))
+    texts, _ = profiles.generate_profiles(model, tokenizer, TASK, [USERS[0]], 5, 0, DecodeConfig(max_new_tokens=16))
+    assert texts == ["p"] and seen[0][0] == [profile_prompt(TASK, items[:3])] and seen[0][1].cut_off == sizes[2] + 16
+    seen.clear()
+    profiles.generate_profiles(None, tokenizer, TASK, [USERS[0]], 5, 0, DecodeConfig(max_new_tokens=16))
+    assert seen[0][0] == [profile_prompt(TASK, items)] and seen[0][1].cut_off is None  # no context known: all
+
+
 def test_script_rejects_a_misaligned_file_before_loading_a_model(tmp_path):
     folder = tmp_path / TASK.name
     folder.mkdir()
