@@ -89,8 +89,8 @@ def generate_profiles(
     are left out first (Llama-2's 4,096 positions hold about ten LaMP reviews at most). Returns
     the profiles and how many were retried."""
     context = model_context(model)
-    if context is not None and decode.cut_off is None:
-        decode = replace(decode, cut_off=context)
+    if context is not None:
+        decode = replace(decode, cut_off=min(decode.cut_off or context, context))
     budget = decode.prompt_budget(decode.max_new_tokens)
     prompts = {
         i: fitting_profile_prompt(task, sample_history(u, num_history, seed), tokenizer, budget)

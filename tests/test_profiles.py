@@ -119,9 +119,10 @@ def test_empty_profile_is_retried_once_with_sampling(monkeypatch):
 
 
 def test_a_prompt_over_the_context_leaves_out_the_oldest_sampled_items(tokenizer, monkeypatch):
-    """A model of 10 x the tokens of one item's prompt: the 5 sampled items do not fit with a
-    profile of max_new_tokens, so the oldest go until the prompt and its answer fit; the
-    profile is decoded under that context (generate() cuts a single item that overflows)."""
+    """A model whose context holds the 3 most recent of 5 sampled items and a profile of
+    max_new_tokens: the oldest go until the prompt and its answer fit, and the profile is decoded
+    under that context (generate() cuts a single item that overflows; a larger cut_off asked for
+    is held to the context)."""
     from types import SimpleNamespace
 
     from oppu.training import encode_prompt
@@ -137,6 +138,9 @@ def test_a_prompt_over_the_context_leaves_out_the_oldest_sampled_items(tokenizer
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=sizes[2] + 16))
     texts, _ = profiles.generate_profiles(model, tokenizer, TASK, [USERS[0]], 5, 0, DecodeConfig(max_new_tokens=16))
     assert texts == ["p"] and seen[0][0] == [profile_prompt(TASK, items[:3])] and seen[0][1].cut_off == sizes[2] + 16
+    seen.clear()
+    profiles.generate_profiles(model, tokenizer, TASK, [USERS[0]], 5, 0, DecodeConfig(max_new_tokens=16, cut_off=10**6))
+    assert seen[0][1].cut_off == sizes[2] + 16
     seen.clear()
     profiles.generate_profiles(None, tokenizer, TASK, [USERS[0]], 5, 0, DecodeConfig(max_new_tokens=16))
     assert seen[0][0] == [profile_prompt(TASK, items)] and seen[0][1].cut_off is None  # no context known: all
