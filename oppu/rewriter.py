@@ -95,7 +95,7 @@ def rewrite_histories(
 ):
     """Every history item's input written by the rewriter in ``task_lora`` loaded on ``model``
     (the clean base: call it before the task adapter is merged), greedy, all users' items in one
-    batched pass, each prompt cut as the rewriter's training examples were (``rewrite_budget``).
+    batched pass, each prompt cut as the rewriter's training examples were (``rewrite_decoding``).
     Returns (the clean model, {user id: one input per item}); an empty rewrite keeps the item's
     own text."""
     from peft import PeftModel
