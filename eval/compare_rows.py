@@ -1,13 +1,21 @@
-"""Compare two finished grid rows on the same users, from one grid or from two: e.g. the
-defaults' OPPU against a hand-tuned OPPU run as a second grid on the same data.
+"""Compare two finished rows on the same users, from one grid or from two, or from a study:
+e.g. the defaults' OPPU against a hand-tuned OPPU run as a second grid on the same data, or a
+study's row against a grid's.
+
+A row is named SOURCE:ROW, where SOURCE is a work folder (its grid's results/<task>/table.json)
+or a table.json file, a grid's or a study's (W/studies/<study>/<task>/table.json).
 
 Prints (and with --output_file writes as JSON) both rows with their 95% intervals and the paired
 difference ROW − BASELINE: each metric's difference, its bootstrap interval over users (the same
 resampled users for both rows) and how many users gained, lost or tied, as run_grid.py's table.
+Rows scored on different users (a study run with --user_stride 2 against the whole grid) are
+compared on the users both scored with --common_users, both rows scored again on those users.
 
 Usage:
     python eval/compare_rows.py --task_name news_categorize --data_dir D \
         --row W_defaults:OPPU --baseline W_hand:OPPU [--output_file compare.json]
+    python eval/compare_rows.py --task_name news_headline --data_dir D --common_users \
+        --row "W/studies/shift/news_headline/table.json:OPPU+RAG[least]" --baseline W:RAG
 """
 
 from __future__ import annotations
@@ -32,8 +40,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task_name", required=True, help="task name or LaMP id")
     parser.add_argument("--data_dir", required=True, help="the data folder both grids ran on")
-    parser.add_argument("--row", required=True, help="WORK_DIR:ROW, e.g. W:OPPU (a finished row of that grid)")
-    parser.add_argument("--baseline", required=True, help="WORK_DIR:ROW it is compared with")
+    parser.add_argument(
+        "--row",
+        required=True,
+        help="SOURCE:ROW, e.g. W:OPPU (a finished row of W's grid) or W/studies/shift/T/table.json:RAG[least]",
+    )
+    parser.add_argument("--baseline", required=True, help="SOURCE:ROW it is compared with")
+    parser.add_argument(
+        "--common_users",
+        action="store_true",
+        help="rows scored on different users: compare (and score) both on the users both scored",
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the users")
     parser.add_argument("--bootstrap_seed", type=int, default=0)
     parser.add_argument("--output_file", help="also write the comparison here as JSON")
@@ -42,16 +59,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_row(task: Task, spec: str, users_file: Path, flag: str) -> dict[str, Any]:
-    """The scored row named by ``WORK_DIR:ROW`` from that grid's table.json, checked to be scored
-    on ``users_file`` as it is now."""
-    work_dir, sep, name = spec.rpartition(":")
-    if not sep or not work_dir or not name:
-        raise UserError(f"{flag} {spec}: expected WORK_DIR:ROW, e.g. W:OPPU")
-    table_file, table = g.read_table(Path(work_dir), task, [name])
-    scored_on = table["config"]["data_sha256"].get(TEST_USERS_FILE)
+    """The scored row named by ``SOURCE:ROW`` from that grid's or study's table.json, checked to
+    be scored on ``users_file`` as it is now."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise UserError(f"{flag} {spec}: expected SOURCE:ROW (a work folder or a table.json), e.g. W:OPPU")
+    table_file, table = g.read_table(Path(source), task, [name])
+    scored_on = table.get("config", {}).get("data_sha256", {}).get(TEST_USERS_FILE)
     if scored_on != file_fingerprint(users_file):
         raise UserError(f"{table_file}: row {name!r} was scored on another {TEST_USERS_FILE} than {users_file}")
     return table["rows"][name]
+
+
+def on_users(
+    task: Task, row: dict[str, Any], users: list, users_file: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``row`` scored again on ``users`` only (its seconds and config kept)."""
+    scores = g.score_predictions(task, users, users_file, Path(row["predictions"]), args.resamples, args.bootstrap_seed)
+    return row | scores
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -62,13 +87,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"{users_file}: no such file")
     row = load_row(task, args.row, users_file, "--row")
     baseline = load_row(task, args.baseline, users_file, "--baseline")
-    if set(row["per_user"]) != set(baseline["per_user"]):
-        raise UserError(
-            f"--row {args.row} and --baseline {args.baseline} were scored on different users "
-            f"({len(row['per_user'])} and {len(baseline['per_user'])}); give both runs the same --max_users"
-        )
+    ids = set(row["per_user"]) & set(baseline["per_user"])
     # as the grid scores: users without queries have no score to resample (per_user lists them as n 0)
-    users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in row["per_user"] and u["query"]]
+    users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in ids and u["query"]]
+    if set(row["per_user"]) != set(baseline["per_user"]):
+        if not args.common_users:
+            raise UserError(
+                f"--row {args.row} and --baseline {args.baseline} were scored on different users "
+                f"({len(row['per_user'])} and {len(baseline['per_user'])}): give both runs the same "
+                "--max_users and --user_stride, or compare them on the users both scored with --common_users"
+            )
+        if not users:
+            raise UserError(f"--row {args.row} and --baseline {args.baseline} have no scored user in common")
+        print(
+            f"on the {len(users)} users both rows scored ({len(row['per_user'])} and {len(baseline['per_user'])}); "
+            "the seconds are each whole row's"
+        )
+        row, baseline = (on_users(task, r, users, users_file, args) for r in (row, baseline))
     diff = g.paired_rows(task, users, row, baseline, args.resamples, args.bootstrap_seed)
     table = {
         "rows": {args.row: row, args.baseline: baseline},

@@ -524,22 +524,36 @@ def user_seconds(grid: Grid, record: Mapping[str, Any]) -> float | None:
     return round(sum(m["seconds"] for m in mine), 1) if mine else None
 
 
-def score_row(grid: Grid, record: Mapping[str, Any]) -> dict[str, Any]:
-    """A row's metrics on all its queries, their 95% intervals, sizes and per-user scores."""
-    users = test_users(grid)
-    ex = row_examples(grid.task, users, Path(record["predictions"]))
-    statistic = pooled_scorer(grid.task, ex.golds, ex.preds)
+def score_predictions(
+    task: Task, users: Sequence[User], users_path: Path, predictions: Path, resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """A predictions file's metrics on ``users``' queries, their 95% bootstrap intervals over the
+    users, the numbers of users and queries, and each user's scores."""
+    ex = row_examples(task, users, predictions)
+    statistic = pooled_scorer(task, ex.golds, ex.preds)
     every = [i for g in ex.groups for i in g]
     return {
         "metrics": statistic(every),
-        "ci95": bootstrap_ci(ex.groups, statistic, grid.resamples, grid.bootstrap_seed),
+        "ci95": bootstrap_ci(ex.groups, statistic, resamples, seed),
         "n_users": len(ex.users),
         "n_queries": len(ex.golds),
+        "per_user": user_scores(task, users, ex, users_path),
+    }
+
+
+def score_row(grid: Grid, record: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's metrics on all its queries, their 95% intervals, sizes and per-user scores."""
+    users_path, predictions = grid.data_file(TEST_USERS_FILE), Path(record["predictions"])
+    scores = score_predictions(
+        grid.task, test_users(grid), users_path, predictions, grid.resamples, grid.bootstrap_seed
+    )
+    per_user = scores.pop("per_user")
+    return scores | {
         "seconds": record["seconds"],
         "user_seconds": user_seconds(grid, record),
         "predictions": record["predictions"],
         "config": record["config"],
-        "per_user": user_scores(grid.task, users, ex, grid.data_file(TEST_USERS_FILE)),
+        "per_user": per_user,
     }
 
 
@@ -719,12 +733,20 @@ def overview_markdown(tables: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + f"\n\nTest users per task: {users}.\n"
 
 
-def read_table(work_dir: Path, task: Task, names: Sequence[str]) -> tuple[Path, dict[str, Any]]:
-    """A finished grid's table.json (and its path), checked to hold the rows ``names``."""
-    table_file = Path(work_dir) / "results" / task.name / "table.json"
+def read_table(source: Path, task: Task, names: Sequence[str]) -> tuple[Path, dict[str, Any]]:
+    """A finished grid's table (and its file), checked to hold the rows ``names``. ``source`` is
+    a work folder (its grid's ``results/<task>/table.json``) or a table.json file: a grid's, or a
+    study's (``studies/<study>/<task>/table.json``, whose grid part is returned)."""
+    source = Path(source)
+    table_file = source if source.suffix == ".json" else source / "results" / task.name / "table.json"
     if not table_file.is_file():
         raise UserError(f"{table_file}: no grid table; run run_grid.py first")
     table = read_json(table_file)
+    table = table.get("grid", table)  # a study's table.json holds its rows' grid table under "grid"
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), dict):
+        raise UserError(f"{table_file}: not a grid's or a study's table.json (no rows)")
+    if table.get("config", {}).get("task_name", task.name) != task.name:
+        raise UserError(f"{table_file}: a table of task {table['config']['task_name']!r}, not {task.name!r}")
     for name in names:
         if name not in table["rows"]:
             raise UserError(f"{table_file}: no row {name!r}; it has {', '.join(table['rows'])}")

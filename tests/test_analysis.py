@@ -168,8 +168,43 @@ def test_compare_rows_of_two_grids(tmp_path, capsys):
     table_b.write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"B/results/news_categorize/table.json: row 'OPPU' was scored on another"):
         compare_rows.main(argv)
-    with pytest.raises(UserError, match="--row nocolon: expected WORK_DIR:ROW"):
+    with pytest.raises(UserError, match="--row nocolon: expected SOURCE:ROW"):
         compare_rows.main(argv[:4] + ["--row", "nocolon", "--baseline", "x:OPPU"])
+
+
+def test_compare_a_study_row_on_the_users_both_rows_scored(tmp_path, capsys):
+    """A study's table.json (its grid part under "grid") names a row scored on u1 only, as a study
+    run with --user_stride 2 is; against the grid's row on u1 and u2 it needs --common_users, and
+    then both rows are scored again on u1 alone."""
+    data = tmp_path / "data"
+    grid_table = write_grid(data, tmp_path / "W", {"non_personalized": PREDS["non_personalized"]})
+    study_table = write_grid(data, tmp_path / "S", {"OPPU": PREDS["OPPU"]})
+    inner = json.loads(study_table.read_text())
+    del inner["rows"]["OPPU"]["per_user"]["u2"]
+    study_file = tmp_path / "S" / "studies" / "shift" / "news_categorize" / "table.json"
+    study_file.parent.mkdir(parents=True)
+    study_file.write_text(json.dumps({"study": "shift", "task": "news_categorize", "grid": inner}))
+    argv = ["--task_name", "news_categorize", "--data_dir", str(data), "--resamples", "50"]
+    argv += ["--row", f"{study_file}:OPPU", "--baseline", f"{tmp_path / 'W'}:non_personalized"]
+    with pytest.raises(UserError, match="scored on different users .* with --common_users"):
+        compare_rows.main(argv)
+    result = compare_rows.main(argv + ["--common_users"])
+    assert "on the 1 users both rows scored (1 and 2)" in capsys.readouterr().out
+    row, baseline = result["rows"].values()
+    # u1's queries 0, 1, 2 (golds sports, crime, sports): OPPU 2/3 right, the baseline 2/3 right
+    assert row["metrics"]["accuracy"] == pytest.approx(2 / 3) and baseline["metrics"]["accuracy"] == pytest.approx(
+        2 / 3
+    )
+    assert row["n_users"] == baseline["n_users"] == 1 and row["n_queries"] == 3
+    assert set(baseline["per_user"]) == {"u1"}
+    diff = result["paired"][0]["metrics"]["accuracy"]
+    assert diff["difference"] == pytest.approx(0.0) and (diff["gained"], diff["lost"], diff["tied"]) == (0, 0, 1)
+    assert json.loads(grid_table.read_text())["rows"]["non_personalized"]["n_users"] == 2  # nothing rewritten
+    with pytest.raises(UserError, match="no row 'RAG'; it has OPPU"):
+        compare_rows.main(argv[:6] + ["--row", f"{study_file}:RAG", "--baseline", f"{tmp_path / 'W'}:OPPU"])
+    (tmp_path / "other.json").write_text(json.dumps({"users": []}))
+    with pytest.raises(UserError, match="other.json: not a grid's or a study's table.json"):
+        compare_rows.main(argv[:6] + ["--row", f"{tmp_path / 'other.json'}:OPPU", "--baseline", f"{study_file}:OPPU"])
 
 
 def test_a_user_without_queries_is_left_out_as_the_grid_does(tmp_path):
