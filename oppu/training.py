@@ -136,7 +136,10 @@ def encode_prompts(tokenizer, prompts: Sequence[str], budget: int | None, report
         return encoded
     cut = sum(len(ids) > budget for ids in encoded)
     if cut and report:
-        print(f"note: {cut} of {len(encoded)} prompts were cut to {budget} tokens (--cut_off)", file=sys.stderr)
+        print(
+            f"note: {cut} of {len(encoded)} prompts were cut to {budget} tokens (the cut-off less the answer's new tokens)",
+            file=sys.stderr,
+        )
     return [fit_prompt(tokenizer, ids, budget) for ids in encoded]
 
 

@@ -358,7 +358,10 @@ def test_a_test_prompt_longer_than_cut_off_is_cut_as_a_training_prompt_is(tiny_m
     assert tokenize_and_mask(tokenizer, long, " storm", len(kept) + tail).input_ids[: len(kept)] == kept
     cfg = DecodeConfig(max_new_tokens=new, batch_size=2, cut_off=cut_off)
     got = generate(model, tokenizer, [long, QUERIES[0]], cfg, show=False)
-    assert f"1 of 2 prompts were cut to {len(kept)} tokens (--cut_off)" in capsys.readouterr().err
+    assert (
+        f"1 of 2 prompts were cut to {len(kept)} tokens (the cut-off less the answer's new tokens)"
+        in capsys.readouterr().err
+    )
     with torch.no_grad():
         out = model.generate(
             torch.tensor([kept]), max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id
