@@ -43,6 +43,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     task = get_task(args.task_name)
+    if Path(args.work_dir).is_file():
+        raise UserError(f"--work_dir {args.work_dir}: a grid's work folder, not a file")
     _, table = read_table(Path(args.work_dir), task, [args.row, args.baseline])
     rows = {name: table["rows"][name] for name in (args.row, args.baseline)}
     metric = args.metric or next(iter(rows[args.row]["metrics"]))

@@ -1,4 +1,4 @@
-"""Compare two finished rows on the same users, from one grid or from two, or from a study:
+r"""Compare two finished rows on the same users, from one grid or from two, or from a study:
 e.g. the defaults' OPPU against a hand-tuned OPPU run as a second grid on the same data, or a
 study's row against a grid's.
 
@@ -10,12 +10,13 @@ difference ROW − BASELINE: each metric's difference, its bootstrap interval ov
 resampled users for both rows) and how many users gained, lost or tied, as run_grid.py's table.
 Rows scored on different users (a study run with --user_stride 2 against the whole grid) are
 compared on the users both scored with --common_users, both rows scored again on those users.
+A row whose table recorded its predictions file's hash is refused if that file has changed since.
 
 Usage:
     python eval/compare_rows.py --task_name news_categorize --data_dir D \
         --row W_defaults:OPPU --baseline W_hand:OPPU [--output_file compare.json]
     python eval/compare_rows.py --task_name news_headline --data_dir D --common_users \
-        --row "W/studies/shift/news_headline/table.json:OPPU+RAG[least]" --baseline W:RAG
+        --row "W/studies/shift/news_headline/table.json:OPPU+RAG[least]" --baseline W:OPPU+RAG
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from utils import UserError, run_cli, write_json
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task_name", required=True, help="task name or LaMP id")
-    parser.add_argument("--data_dir", required=True, help="the data folder both grids ran on")
+    parser.add_argument("--data_dir", required=True, help="the data folder both rows ran on")
     parser.add_argument(
         "--row",
         required=True,
@@ -60,23 +61,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def load_row(task: Task, spec: str, users_file: Path, flag: str) -> dict[str, Any]:
     """The scored row named by ``SOURCE:ROW`` from that grid's or study's table.json, checked to
-    be scored on ``users_file`` as it is now."""
+    be scored on ``users_file`` as it is now, from its predictions file as it is now."""
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise UserError(f"{flag} {spec}: expected SOURCE:ROW (a work folder or a table.json), e.g. W:OPPU")
     table_file, table = g.read_table(Path(source), task, [name])
-    scored_on = table.get("config", {}).get("data_sha256", {}).get(TEST_USERS_FILE)
-    if scored_on != file_fingerprint(users_file):
+    config = table.get("config") if isinstance(table.get("config"), dict) else {}
+    if (config.get("data_sha256") or {}).get(TEST_USERS_FILE) != file_fingerprint(users_file):
         raise UserError(f"{table_file}: row {name!r} was scored on another {TEST_USERS_FILE} than {users_file}")
-    return table["rows"][name]
+    row = table["rows"][name]
+    predictions, scored = Path(row["predictions"]), row.get("predictions_sha256")
+    if not predictions.is_file():
+        raise UserError(f"{table_file}: row {name!r}'s predictions {predictions}: no such file")
+    if scored is not None and scored != file_fingerprint(predictions):
+        raise UserError(
+            f"{predictions}: changed since {table_file} scored row {name!r}; run that grid again to score it"
+        )
+    return row
 
 
-def on_users(
-    task: Task, row: dict[str, Any], users: list, users_file: Path, args: argparse.Namespace
-) -> dict[str, Any]:
-    """``row`` scored again on ``users`` only (its seconds and config kept)."""
-    scores = g.score_predictions(task, users, users_file, Path(row["predictions"]), args.resamples, args.bootstrap_seed)
-    return row | scores
+def scored_users(row: dict[str, Any]) -> set[str]:
+    """The users a row has scores for (per-user scores list a user without queries as n 0)."""
+    return {u for u, s in row["per_user"].items() if s.get("n", 1)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -87,32 +93,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"{users_file}: no such file")
     row = load_row(task, args.row, users_file, "--row")
     baseline = load_row(task, args.baseline, users_file, "--baseline")
-    ids = set(row["per_user"]) & set(baseline["per_user"])
-    # as the grid scores: users without queries have no score to resample (per_user lists them as n 0)
-    users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in ids and u["query"]]
-    if set(row["per_user"]) != set(baseline["per_user"]):
+    mine, theirs = scored_users(row), scored_users(baseline)
+    # as the grid scores: users without queries have no score to resample
+    users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in mine & theirs and u["query"]]
+    table: dict[str, Any] = {}
+    if mine != theirs:
         if not args.common_users:
             raise UserError(
                 f"--row {args.row} and --baseline {args.baseline} were scored on different users "
-                f"({len(row['per_user'])} and {len(baseline['per_user'])}): give both runs the same "
-                "--max_users and --user_stride, or compare them on the users both scored with --common_users"
+                f"({len(mine)} and {len(theirs)}): give both runs the same --max_users and --user_stride, "
+                "or compare them on the users both scored with --common_users"
             )
         if not users:
             raise UserError(f"--row {args.row} and --baseline {args.baseline} have no scored user in common")
         print(
-            f"on the {len(users)} users both rows scored ({len(row['per_user'])} and {len(baseline['per_user'])}); "
-            "the seconds are each whole row's"
+            f"note: on the {len(users)} users both rows scored ({len(mine)} and {len(theirs)}); "
+            "the seconds are each whole row's",
+            file=sys.stderr,
         )
         row, baseline = (on_users(task, r, users, users_file, args) for r in (row, baseline))
+        table["common_users"] = [u["user_id"] for u in users]
     diff = g.paired_rows(task, users, row, baseline, args.resamples, args.bootstrap_seed)
     table = {
         "rows": {args.row: row, args.baseline: baseline},
         "paired": [{"row": args.row, "baseline": args.baseline, "metrics": diff}],
-    }
+    } | table
     print(g.markdown_table(table), end="")
     if args.output_file:
         write_json(Path(args.output_file), table)
     return table
+
+
+def on_users(
+    task: Task, row: dict[str, Any], users: list, users_file: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``row`` scored again on ``users`` only (its seconds and config kept)."""
+    scores = g.score_predictions(task, users, users_file, Path(row["predictions"]), args.resamples, args.bootstrap_seed)
+    return row | scores
 
 
 if __name__ == "__main__":

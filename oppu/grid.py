@@ -552,6 +552,7 @@ def score_row(grid: Grid, record: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": record["seconds"],
         "user_seconds": user_seconds(grid, record),
         "predictions": record["predictions"],
+        "predictions_sha256": record.get("predictions_sha256"),  # what was scored (compare_rows checks it)
         "config": record["config"],
         "per_user": per_user,
     }
@@ -740,13 +741,16 @@ def read_table(source: Path, task: Task, names: Sequence[str]) -> tuple[Path, di
     source = Path(source)
     table_file = source if source.suffix == ".json" else source / "results" / task.name / "table.json"
     if not table_file.is_file():
-        raise UserError(f"{table_file}: no grid table; run run_grid.py first")
+        run = "run_grid.py" if table_file == source / "results" / task.name / "table.json" else "the grid or the study"
+        raise UserError(f"{table_file}: no such table; run {run} first")
     table = read_json(table_file)
-    table = table.get("grid", table)  # a study's table.json holds its rows' grid table under "grid"
+    if isinstance(table, dict) and isinstance(table.get("grid"), dict):
+        table = table["grid"]  # a study's table.json holds its rows' grid table under "grid"
     if not isinstance(table, dict) or not isinstance(table.get("rows"), dict):
         raise UserError(f"{table_file}: not a grid's or a study's table.json (no rows)")
-    if table.get("config", {}).get("task_name", task.name) != task.name:
-        raise UserError(f"{table_file}: a table of task {table['config']['task_name']!r}, not {task.name!r}")
+    config = table.get("config") if isinstance(table.get("config"), dict) else {}
+    if config.get("task_name", task.name) != task.name:
+        raise UserError(f"{table_file}: a table of task {config['task_name']!r}, not {task.name!r}")
     for name in names:
         if name not in table["rows"]:
             raise UserError(f"{table_file}: no row {name!r}; it has {', '.join(table['rows'])}")

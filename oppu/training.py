@@ -137,7 +137,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], budget: int | None, report
     cut = sum(len(ids) > budget for ids in encoded)
     if cut and report:
         print(
-            f"note: {cut} of {len(encoded)} prompts were cut to {budget} tokens (the cut-off less the answer's new tokens)",
+            f"note: {cut} of {len(encoded)} prompts were cut to {budget} tokens (the cut-off less the answer's room)",
             file=sys.stderr,
         )
     return [fit_prompt(tokenizer, ids, budget) for ids in encoded]

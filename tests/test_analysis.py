@@ -189,7 +189,8 @@ def test_compare_a_study_row_on_the_users_both_rows_scored(tmp_path, capsys):
     with pytest.raises(UserError, match="scored on different users .* with --common_users"):
         compare_rows.main(argv)
     result = compare_rows.main(argv + ["--common_users"])
-    assert "on the 1 users both rows scored (1 and 2)" in capsys.readouterr().out
+    assert "on the 1 users both rows scored (1 and 2)" in capsys.readouterr().err
+    assert result["common_users"] == ["u1"]
     row, baseline = result["rows"].values()
     # u1's queries 0, 1, 2 (golds sports, crime, sports): OPPU 2/3 right, the baseline 2/3 right
     assert row["metrics"]["accuracy"] == pytest.approx(2 / 3) and baseline["metrics"]["accuracy"] == pytest.approx(
@@ -202,9 +203,37 @@ def test_compare_a_study_row_on_the_users_both_rows_scored(tmp_path, capsys):
     assert json.loads(grid_table.read_text())["rows"]["non_personalized"]["n_users"] == 2  # nothing rewritten
     with pytest.raises(UserError, match="no row 'RAG'; it has OPPU"):
         compare_rows.main(argv[:6] + ["--row", f"{study_file}:RAG", "--baseline", f"{tmp_path / 'W'}:OPPU"])
-    (tmp_path / "other.json").write_text(json.dumps({"users": []}))
-    with pytest.raises(UserError, match="other.json: not a grid's or a study's table.json"):
-        compare_rows.main(argv[:6] + ["--row", f"{tmp_path / 'other.json'}:OPPU", "--baseline", f"{study_file}:OPPU"])
+    for bad in ({"users": []}, [1, 2], {"grid": None}):
+        (tmp_path / "other.json").write_text(json.dumps(bad))
+        with pytest.raises(UserError, match="other.json: not a grid's or a study's table.json"):
+            compare_rows.main(
+                argv[:6] + ["--row", f"{tmp_path / 'other.json'}:OPPU", "--baseline", f"{study_file}:OPPU"]
+            )
+    with pytest.raises(UserError, match="a grid's work folder, not a file"):  # analyze_grid reads only work folders
+        analyze_grid.main(argv[:4] + ["--work_dir", str(study_file)])
+
+
+def test_compare_rows_refuses_predictions_changed_since_scored(tmp_path):
+    """A table row that recorded its predictions' hash (run_grid.py's since 2026-11-30) is not
+    compared once another call has answered into the same file; a missing file is named."""
+    data, work = tmp_path / "data", tmp_path / "W"
+    table_file = write_grid(data, work, PREDS)
+    table = json.loads(table_file.read_text())
+    for row in table["rows"].values():
+        row["predictions_sha256"] = file_fingerprint(Path(row["predictions"]))
+    table_file.write_text(json.dumps(table))
+    argv = ["--task_name", "news_categorize", "--data_dir", str(data), "--resamples", "20"]
+    argv += ["--row", f"{work}:OPPU", "--baseline", f"{work}:non_personalized"]
+    assert compare_rows.main(argv)["paired"][0]["metrics"]["accuracy"]["difference"] == pytest.approx(-0.2)
+    oppu = Path(table["rows"]["OPPU"]["predictions"])
+    oppu.write_text(oppu.read_text().replace('"sports"', '"crime"', 1))
+    with pytest.raises(
+        UserError, match=r"k0-news_categorize-M-OPPU.json: changed since .*table.json scored row 'OPPU'"
+    ):
+        compare_rows.main(argv)
+    oppu.unlink()
+    with pytest.raises(UserError, match=r"row 'OPPU''s predictions .*OPPU.json: no such file"):
+        compare_rows.main(argv)
 
 
 def test_a_user_without_queries_is_left_out_as_the_grid_does(tmp_path):
