@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mine, theirs = scored_users(row), scored_users(baseline)
     # as the grid scores: users without queries have no score to resample
     users = [u for u in load_users(task, users_file, need_gold=True) if u["user_id"] in mine & theirs and u["query"]]
-    table: dict[str, Any] = {}
+    extra: dict[str, Any] = {}  # what the comparison adds to the two rows and their difference
     if mine != theirs:
         if not args.common_users:
             raise UserError(
@@ -112,12 +112,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             file=sys.stderr,
         )
         row, baseline = (on_users(task, r, users, users_file, args) for r in (row, baseline))
-        table["common_users"] = [u["user_id"] for u in users]
+        extra["common_users"] = [u["user_id"] for u in users]
     diff = g.paired_rows(task, users, row, baseline, args.resamples, args.bootstrap_seed)
     table = {
         "rows": {args.row: row, args.baseline: baseline},
         "paired": [{"row": args.row, "baseline": args.baseline, "metrics": diff}],
-    } | table
+    } | extra
     print(g.markdown_table(table), end="")
     if args.output_file:
         write_json(Path(args.output_file), table)

@@ -741,7 +741,7 @@ def read_table(source: Path, task: Task, names: Sequence[str]) -> tuple[Path, di
     source = Path(source)
     table_file = source if source.suffix == ".json" else source / "results" / task.name / "table.json"
     if not table_file.is_file():
-        run = "run_grid.py" if table_file == source / "results" / task.name / "table.json" else "the grid or the study"
+        run = "the grid or the study" if source.suffix == ".json" else "run_grid.py"
         raise UserError(f"{table_file}: no such table; run {run} first")
     table = read_json(table_file)
     if isinstance(table, dict) and isinstance(table.get("grid"), dict):
