@@ -368,3 +368,33 @@ def test_a_test_prompt_longer_than_cut_off_is_cut_as_a_training_prompt_is(tiny_m
     assert got[0] == tokenizer.decode(out[0, len(kept) :], skip_special_tokens=True)
     uncut = generate(model, tokenizer, [QUERIES[0]], replace(cfg, cut_off=None), show=False)
     assert uncut == got[1:]  # a short prompt is untouched
+
+
+def test_known_third_party_noise_is_silenced(tiny_model):
+    """peft's read of transformers' deprecated is_gradient_checkpointing warns on every adapter
+    it wraps; oppu hides that warning (and bitsandbytes' missing-kernel log line) and nothing else."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig
+
+    import oppu
+    from oppu.adapters import add_adapter
+
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+    def future_warnings(silenced: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("always")
+            if silenced:
+                oppu.silence_known_noise()
+            add_adapter(tiny_model(), config)
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)  # still shown
+        return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+    plain = future_warnings(silenced=False)
+    if not any("is_gradient_checkpointing" in m for m in plain):
+        pytest.skip("this transformers no longer warns about is_gradient_checkpointing")
+    assert future_warnings(silenced=True) == ["another FutureWarning"]
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
