@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 EXIT_USER_ERROR = 2
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # logs a missing optional kernel on AVX-512 BF16 CPUs
 
 
 class UserError(Exception):
@@ -27,6 +30,7 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    silence_known_noise()
     try:
         main(args)
     except UserError as err:
@@ -34,6 +38,19 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+def _not_a_missing_kernel(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def silence_known_noise() -> None:
+    """Hide two third-party messages a user cannot act on, which every run printed: peft reads
+    transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning for every adapter it
+    wraps), and bitsandbytes, which peft imports, logs on CPUs with AVX-512 BF16 that an optional
+    4-bit kernel package is missing (4-bit loading needs CUDA here anyway). Nothing else is hidden."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger(BNB_CPU_LOGGER).addFilter(_not_a_missing_kernel)  # added once, however often called
 
 
 def parse_json_bytes(raw: bytes, source: str) -> Any:

@@ -371,15 +371,15 @@ def test_a_test_prompt_longer_than_cut_off_is_cut_as_a_training_prompt_is(tiny_m
 
 
 def test_known_third_party_noise_is_silenced(tiny_model):
-    """peft's read of transformers' deprecated is_gradient_checkpointing warns on every adapter
-    it wraps; oppu hides that warning (and bitsandbytes' missing-kernel log line) and nothing else."""
+    """The CLI wrapper hides peft's read of transformers' deprecated is_gradient_checkpointing (a
+    FutureWarning for every adapter) and bitsandbytes' missing-kernel log line, and nothing else."""
     import logging
     import warnings
 
     from peft import LoraConfig
 
-    import oppu
     from oppu.adapters import add_adapter
+    from utils import BNB_CPU_LOGGER, silence_known_noise
 
     config = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
@@ -388,7 +388,7 @@ def test_known_third_party_noise_is_silenced(tiny_model):
             warnings.resetwarnings()
             warnings.simplefilter("always")
             if silenced:
-                oppu.silence_known_noise()
+                silence_known_noise()
             add_adapter(tiny_model(), config)
             warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)  # still shown
         return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
@@ -397,4 +397,15 @@ def test_known_third_party_noise_is_silenced(tiny_model):
     if not any("is_gradient_checkpointing" in m for m in plain):
         pytest.skip("this transformers no longer warns about is_gradient_checkpointing")
     assert future_warnings(silenced=True) == ["another FutureWarning"]
-    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+
+    ops = pytest.importorskip(BNB_CPU_LOGGER)
+    assert ops.logger.name == BNB_CPU_LOGGER  # the module that logs it
+
+    def shown(message: str) -> bool:
+        return bool(
+            ops.logger.filter(logging.LogRecord(BNB_CPU_LOGGER, logging.WARNING, __file__, 0, message, (), None))
+        )
+
+    missing = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
+    silence_known_noise()
+    assert not shown(missing) and shown("another warning")
