@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oppu import cli, ownership, serving
+from oppu.answers import ANSWER_MODES
 from oppu.data import predictions_json
 from oppu.modeling import ModelSpec, check_spec
 from oppu.tasks import get_task
@@ -46,9 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--task_lora", help="the task adapter folder (its SHA-256 must match the PEFT's record)")
     cli.add_loading_args(g)
     g = parser.add_argument_group("decoding (greedy unless --do_sample)")
-    g.add_argument(
-        "--answer_mode", choices=("generate", "score"), default=None, help="default: the PEFT's training run's"
-    )
+    g.add_argument("--answer_mode", choices=ANSWER_MODES, default=None, help="default: the PEFT's training run's")
     g.add_argument("--max_new_tokens", type=int, default=None, help="default: the PEFT's training run's")
     g.add_argument("--decode_batch_size", type=int, default=None, help="default: the PEFT's training run's")
     g.add_argument(
@@ -116,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unsaid = [k for k in ("answer_mode", "max_new_tokens") if getattr(args, k) is None]
     stack = ownership.same_stack(identities, unsaid)
     task = get_task(stack["task_name"])
+    if args.answer_mode not in (None, "generate") and task.kind == "generation":
+        raise UserError(
+            f"--answer_mode {args.answer_mode} needs a task with fixed answers; {task.name} is free generation"
+        )
     spec = ModelSpec(
         args.model_name or stack["base_model"], args.dtype, args.load_in_4bit, args.access_token, args.trust_remote_code
     )

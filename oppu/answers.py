@@ -1,9 +1,9 @@
-"""Answering queries: free generation (the paper's way) or scoring the task's fixed answers, and
-how many answers are not answers (invalid labels or ratings, which the metrics score as worst)."""
+"""Answering queries: free generation (the paper's way), scoring the task's fixed answers, or
+greedy decoding kept to them, and how many answers are not answers (invalid labels or ratings, which the metrics score as worst)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +23,9 @@ from oppu.training import (
 from prompts import format_target, is_valid_prediction
 
 RATING_ANSWERS = ("1", "2", "3", "4", "5")
+# generate: free text (the paper's way); score: the most likely answer; constrained: greedy decoding
+# kept to the task's answers. The last two are for tasks with fixed answers only.
+ANSWER_MODES = ("generate", "score", "constrained")
 WARN_INVALID = 0.10  # above this share of invalid answers a stage prints a warning
 
 
@@ -41,10 +44,11 @@ def answer(
     desc: str = "answer",
     show: bool = True,
 ) -> list[str]:
-    """The model's raw answer to every prompt: its generation, or (``mode`` "score") the
-    candidate answer it finds most likely."""
-    if mode == "score":
-        return score_answers(
+    """The model's raw answer to every prompt: its generation, the candidate answer it finds most
+    likely (``mode`` "score"), or its greedy generation kept to the candidates ("constrained")."""
+    if mode in ANSWER_MODES[1:]:
+        pick = score_answers if mode == "score" else constrained_answers
+        return pick(
             model, tokenizer, prompts, candidates(task), desc, show, decode.shared_prefix, cut_off=decode.cut_off
         )
     return generate(model, tokenizer, prompts, decode, desc=desc, show=show)
@@ -98,17 +102,17 @@ def packed_rows(
     return ids, positions, torch.cat([torch.ones(len(ids), held, dtype=torch.bool), sees], dim=1), where
 
 
-def packed_log_likelihoods(
+def packed_log_probs(
     model, prefix: Prefix | None, rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
-) -> list[list[float]]:
-    """Every answer's log-likelihood behind its prompt, all ``rows`` in one forward pass (see
-    ``packed_rows``) behind ``prefix``'s cached keys and values, which stay untouched; without a
-    prefix the rows hold whole prompts."""
+) -> tuple[torch.Tensor, dict[int, int], list[list[list[int]]]]:
+    """One forward pass over ``rows`` packed (see ``packed_rows``) behind ``prefix``'s cached keys
+    and values, which stay untouched; without a prefix the rows hold whole prompts. Returns the
+    next-token log-probabilities at the positions that predict an answer's token, the row of each
+    packed position among them, and ``packed_rows``'s indices per prompt and answer."""
     held = prefix.kv[0][0].size(-2) if prefix else 0  # virtual tokens and shared text
     ids, positions, mask, where = packed_rows(rows, held)
     device = next(model.parameters()).device
     keep = sorted({i for per_answer in where for idx in per_answer for i in idx})
-    column = {i: n for n, i in enumerate(keep)}
     runner = prefix.model if prefix else model
     dtype = next(runner.parameters()).dtype
     # additive, as eager attention adds the mask to the scores (sdpa takes either form)
@@ -121,7 +125,15 @@ def packed_log_likelihoods(
         use_cache=bool(prefix),
         logits_to_keep=torch.tensor(keep, device=device),
     )
-    logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+    return torch.log_softmax(out.logits[0].float(), dim=-1), {i: n for n, i in enumerate(keep)}, where
+
+
+def packed_log_likelihoods(
+    model, prefix: Prefix | None, rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+) -> list[list[float]]:
+    """Every answer's log-likelihood behind its prompt, all ``rows`` in one forward pass (see
+    ``packed_log_probs``)."""
+    logp, column, where = packed_log_probs(model, prefix, rows)
     return [
         [sum(float(logp[column[i], t]) for i, t in zip(idx, tail)) for idx, tail in zip(per_answer, tails)]
         for per_answer, (_, tails) in zip(where, rows)
@@ -138,6 +150,41 @@ def answer_log_likelihoods(model, tokenizer, prompt: str, answers: Sequence[str]
     return packed_log_likelihoods(model, prefix, [(prompt_ids, tails)])[0]
 
 
+def packed_passes(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    tails: Sequence[Sequence[int]],
+    desc: str,
+    show: bool,
+    shared_prefix: bool,
+    max_tokens: int,
+    budget: int | None,
+) -> Iterator[tuple[torch.Tensor, dict[int, int], list[list[list[int]]]]]:
+    """``packed_log_probs`` of every prompt with ``tails`` behind it, in the prompts' order, in
+    forward passes of about ``max_tokens`` tokens. With ``shared_prefix``, the tokens all prompts
+    start with (chat template, instruction, label list) run once for the call, as in generate(),
+    and every pass sees them. A prompt longer than ``budget`` tokens loses its oldest text first."""
+    rows = [(ids, tails) for ids in encode_prompts(tokenizer, prompts, budget)]
+    shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    device = next(model.parameters()).device
+    # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.
+    cached = bool(shared) or prompt_tuned(model)
+    prefix = run_prefix(model, torch.tensor([rows[0][0][:shared]], device=device, dtype=torch.long)) if cached else None
+    passes: list[list[tuple[list[int], Sequence[Sequence[int]]]]] = [[]]
+    filled = 0  # tokens in the last pass
+    for ids, tails in rows:
+        size = len(ids) - shared + sum(len(t) - 1 for t in tails)
+        if passes[-1] and filled + size > max_tokens:
+            passes.append([])
+            filled = 0
+        passes[-1].append((ids[shared:], tails))
+        filled += size
+    for batch in tqdm(passes, desc=desc, leave=False, disable=not show):
+        yield packed_log_probs(model, prefix, batch)
+
+
 @torch.no_grad()
 def score_answers(
     model,
@@ -151,34 +198,85 @@ def score_answers(
     cut_off: int | None = None,
 ) -> list[str]:
     """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer).
-    Prompts and their answers are packed into forward passes of about ``max_tokens`` tokens (see
-    ``packed_rows``); with ``shared_prefix``, the tokens all prompts start with (chat template,
-    instruction, label list) run once for the call, as in generate(), and every pass sees them.
-    A prompt longer than ``cut_off`` less the longest answer loses its oldest text first."""
+    Prompts and their answers are packed into forward passes (see ``packed_passes``). A prompt
+    longer than ``cut_off`` less the longest answer loses its oldest text first."""
     if not prompts:  # e.g. a user file with a history and no queries
         return []
     tails = answer_rows(tokenizer, prompts[0], answers)[1]  # an answer's tokens do not depend on the prompt
     budget = None if cut_off is None else max(1, cut_off - max(len(t) for t in tails))
-    rows = [(ids, tails) for ids in encode_prompts(tokenizer, prompts, budget)]
-    shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix else 0
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    device = next(model.parameters()).device
-    # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.
-    cached = bool(shared) or prompt_tuned(model)
-    prefix = run_prefix(model, torch.tensor([rows[0][0][:shared]], device=device, dtype=torch.long)) if cached else None
-    passes: list[list[tuple[list[int], list[list[int]]]]] = [[]]
-    filled = 0  # tokens in the last pass
-    for ids, tails in rows:
-        size = len(ids) - shared + sum(len(t) - 1 for t in tails)
-        if passes[-1] and filled + size > max_tokens:
-            passes.append([])
-            filled = 0
-        passes[-1].append((ids[shared:], tails))
-        filled += size
     chosen = []
-    for batch in tqdm(passes, desc=desc, leave=False, disable=not show):
-        for scores in packed_log_likelihoods(model, prefix, batch):
+    for logp, column, where in packed_passes(
+        model, tokenizer, prompts, tails, desc, show, shared_prefix, max_tokens, budget
+    ):
+        for per_answer in where:
+            scores = [sum(float(logp[column[i], t]) for i, t in zip(idx, tail)) for idx, tail in zip(per_answer, tails)]
             chosen.append(answers[max(range(len(answers)), key=lambda i: (scores[i], -i))])
+    return chosen
+
+
+def decision_points(tails: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """The token paths after which greedy decoding restricted to these answers (each its tokens
+    and EOS) has a choice to make: every path that two answers continue with different tokens,
+    the empty path first when they differ in their first token. After any other path the next
+    token is forced."""
+    points, seen = [], set()
+    for tail in tails:
+        for n in range(len(tail)):
+            path = tuple(tail[:n])
+            if path in seen:
+                continue
+            seen.add(path)
+            if len({t[n] for t in tails if len(t) > n and tuple(t[:n]) == path}) > 1:
+                points.append(path)
+    return points
+
+
+def greedy_choice(tails: Sequence[Sequence[int]], next_logp: Mapping[tuple[int, ...], torch.Tensor]) -> int:
+    """The index of the answer greedy decoding restricted to ``tails`` writes: at each decision
+    point (``next_logp``: its next-token log-probabilities) the most likely token that some answer
+    still possible continues with (ties: the earlier answer's), a forced token elsewhere."""
+    alive, n = list(range(len(tails))), 0
+    while len(alive) > 1 and all(len(tails[i]) > n for i in alive):
+        if len({tails[i][n] for i in alive}) > 1:
+            scores = next_logp[tuple(tails[alive[0]][:n])]
+            best = max(alive, key=lambda i: (float(scores[tails[i][n]]), -i))
+            alive = [i for i in alive if tails[i][n] == tails[best][n]]
+        n += 1
+    return alive[0]
+
+
+@torch.no_grad()
+def constrained_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    desc: str = "constrained",
+    show: bool = True,
+    shared_prefix: bool = True,
+    max_tokens: int = SCORE_TOKENS,
+    cut_off: int | None = None,
+) -> list[str]:
+    """For every prompt, what greedy decoding writes when each step may only continue one of
+    ``answers`` (a label, then EOS), without the steps whose token is forced: the model runs only
+    where the answers branch (for the news categories and the ratings, only the prompt's last
+    position; for citation's "[1]" and "[2]", also behind "["). Every prompt and its decision
+    points are packed into forward passes as in scoring (see ``packed_passes``)."""
+    if not prompts:
+        return []
+    tails = answer_rows(tokenizer, prompts[0], answers)[1]  # an answer's tokens do not depend on the prompt
+    points = decision_points(tails)
+    budget = None if cut_off is None else max(1, cut_off - max(len(t) for t in tails))
+    # a point's path with one placeholder token behind it: the packed positions then end at the
+    # one whose logits predict the token after the path (packed_rows drops every tail's last token)
+    probes = [[*path, 0] for path in points]
+    chosen = []
+    for logp, column, where in packed_passes(
+        model, tokenizer, prompts, probes, desc, show, shared_prefix, max_tokens, budget
+    ):
+        for per_point in where:
+            next_logp = {path: logp[column[idx[-1]]] for path, idx in zip(points, per_point)}
+            chosen.append(answers[greedy_choice(tails, next_logp)])
     return chosen
 
 
@@ -202,7 +300,7 @@ def invalid_warning(task: Task, fraction: float, stage: str, trained: bool = Tru
         else "the model without an adapter does not follow the task's answer format"
     )
     if task.kind != "generation":
-        advice += ", or answer with --answer_mode score, which always picks a valid answer"
+        advice += ", or answer with --answer_mode score or constrained, which always pick a valid answer"
     return f"warning: {stage}: {fraction:.0%} of the answers are not {what}; {advice}"
 
 

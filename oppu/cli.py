@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from oppu.adapters import IA3_TARGETS, PEFT_LEARNING_RATES, PEFT_TYPES, USER_TARGETS
+from oppu.answers import ANSWER_MODES
 from oppu.data import (
     OTHER_PROFILES_FILE,
     OTHER_USERS_FILE,
@@ -131,10 +132,11 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g = parser.add_argument_group("decoding (greedy unless --do_sample)")
     g.add_argument(
         "--answer_mode",
-        choices=("generate", "score"),
+        choices=ANSWER_MODES,
         default="generate",
-        help="generate (the paper's way) or score: answer the label (or rating 1-5) the model finds "
-        "most likely, one forward pass per query (classification and rating tasks only)",
+        help="generate (the paper's way); score: answer the label (or rating 1-5) the model finds most likely; "
+        "constrained: greedy decoding kept to the labels (or ratings), which runs the model only where they "
+        "branch (for most tasks one position per query); the last two for classification and rating tasks only",
     )
     g.add_argument("--max_new_tokens", type=int, default=None, help="default: per task (short for labels)")
     g.add_argument("--decode_batch_size", type=int, default=8)
@@ -270,8 +272,10 @@ def validate(args: argparse.Namespace) -> tuple[Task, ModelSpec]:
         raise UserError(NO_4BIT_MERGE)
     chosen = resolve_training_defaults(args, args.stage, model_parameters(spec))
     check_args(args)
-    if args.answer_mode == "score" and task.kind == "generation":
-        raise UserError(f"--answer_mode score needs a task with fixed answers; {task.name} is free generation")
+    if args.answer_mode != "generate" and task.kind == "generation":
+        raise UserError(
+            f"--answer_mode {args.answer_mode} needs a task with fixed answers; {task.name} is free generation"
+        )
     decode_config(args, task)  # its own checks (an answer must fit in --cut_off)
     args.defaults = chosen["defaults"]
     print(

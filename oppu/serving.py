@@ -253,7 +253,7 @@ def answer(
 ) -> tuple[list[str], AdapterPool]:
     """The raw answer to every request, in order, each with its user's PEFT on ``model`` (the
     base with the task adapter merged in), and the pool that held the adapters. LoRA PEFTs that
-    generate are batched across users; other kinds (and --answer_mode score) go user by user.
+    generate are batched across users; other kinds (and --answer_mode score or constrained) go user by user.
     Greedy answers equal answering each user alone."""
     stack = ownership.same_stack(identities)
     task = get_task(stack["task_name"])

@@ -16,6 +16,9 @@ from oppu.answers import (
     answer_log_likelihoods,
     answer_rows,
     candidates,
+    constrained_answers,
+    decision_points,
+    greedy_choice,
     invalid_fraction,
     invalid_warning,
     score_answers,
@@ -213,6 +216,59 @@ def test_cached_scores_equal_full_forward_likelihoods(tiny_model, tokenizer):
     ]
 
 
+def test_decision_points_are_where_the_answers_branch():
+    # two answers share their first token and part at the second; a third differs at once
+    assert decision_points([[1, 2, 9], [1, 3, 9], [4, 9]]) == [(), (1,)]
+    # a forced first token, then an answer that ends (EOS 9) where another goes on
+    assert decision_points([[5, 9], [5, 6, 9]]) == [(5,)]
+    assert decision_points([[7, 9]]) == []  # one answer: nothing to decide
+    logp = {(): torch.tensor([0.0, -1.0, -5.0, -5.0, -0.5]), (1,): torch.tensor([0.0, 0.0, -3.0, -1.0, 0.0])}
+    # token 4 (-0.5) is likelier than token 1 (-1.0): the third answer, without looking behind [1]
+    assert greedy_choice([[1, 2, 9], [1, 3, 9], [4, 9]], logp) == 2
+    logp[()][1] = 0.0  # now [1] leads, and behind it token 3 (-1.0) beats token 2 (-3.0)
+    assert greedy_choice([[1, 2, 9], [1, 3, 9], [4, 9]], logp) == 1
+    assert greedy_choice([[1, 9], [4, 9]], {(): torch.tensor([0.0, -2.0, 0.0, 0.0, -2.0])}) == 0  # tie: the earlier
+
+
+def stepwise_constrained(model, tokenizer, prompt: str, answers) -> str:
+    """The reference: greedy decoding one token at a time, every step through the whole sequence,
+    its logits masked to the tokens that continue an answer still possible."""
+    prompt_ids, tails = answer_rows(tokenizer, prompt, answers)
+    alive, written = list(range(len(answers))), []
+    while len(alive) > 1:
+        n = len(written)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + written])).logits[0, -1]
+        allowed = list(dict.fromkeys(tails[i][n] for i in alive))  # in the answers' order: ties go to the earlier
+        token = max(allowed, key=lambda t: (float(logits[t]), -allowed.index(t)))
+        written.append(token)
+        alive = [i for i in alive if tails[i][n] == token]
+    return answers[alive[0]]
+
+
+@pytest.mark.parametrize("task_name", ["news_categorize", "citation", "movie_tagging", "product_rating"])
+def test_constrained_answers_equal_stepwise_masked_greedy(tiny_model, tokenizer, task_name):
+    """Packed, behind the prompts' shared prefix (or not), in one pass or several: the answers of
+    greedy decoding restricted to the task's answers, computed one step at a time."""
+    task = get_task(task_name)
+    answers = candidates(task)
+    prompts = [
+        f"Which label fits? item: {text}\nAnswer:"
+        for text in ("a bank robbery", "the cup final", "a week in Lisbon", "taxes rise", "new phone", "x")
+    ]
+    picked = set()
+    for seed in (1, 2, 3):
+        model = tiny_model(seed)
+        want = [stepwise_constrained(model, tokenizer, p, answers) for p in prompts]
+        picked.update(want)
+        for shared_prefix, max_tokens in ((True, 512), (False, 512), (True, 20)):
+            got = constrained_answers(
+                model, tokenizer, prompts, answers, show=False, shared_prefix=shared_prefix, max_tokens=max_tokens
+            )
+            assert got == want, (seed, shared_prefix, max_tokens)
+    assert len(picked) > 1  # the random models do not all answer the same: the comparison means something
+
+
 def test_scoring_equals_generation_where_the_model_is_confident(tiny_model, tokenizer):
     model = tiny_model()  # every weight trains: the tiny model memorises three answers quickly
     topics = [("a bank robbery", "crime"), ("the final match", "sports"), ("a cheap flight", "travel")]
@@ -224,15 +280,18 @@ def test_scoring_equals_generation_where_the_model_is_confident(tiny_model, toke
     assert [g.strip() for g in generated] == [y for _, y in topics]  # confident: it learnt the answers
     scored = answer(model, tokenizer, NEWS, prompts, DecodeConfig(), mode="score", show=False)
     assert scored == [y for _, y in topics]
+    constrained = answer(model, tokenizer, NEWS, prompts, DecodeConfig(), mode="constrained", show=False)
+    assert constrained == [y for _, y in topics]
 
 
 def test_rating_candidates_and_score_mode_refused_for_generation_tasks():
     from utils import UserError
 
     assert candidates(RATING) == ("1", "2", "3", "4", "5") and candidates(NEWS) == NEWS.labels
-    args = OPPU.parse_args(["--task_name", "news_headline", "--task_lora", "x", "--answer_mode", "score"])
-    with pytest.raises(UserError, match="answer_mode score needs a task with fixed answers"):
-        cli.validate(args)
+    for mode in ("score", "constrained"):
+        args = OPPU.parse_args(["--task_name", "news_headline", "--task_lora", "x", "--answer_mode", mode])
+        with pytest.raises(UserError, match=f"answer_mode {mode} needs a task with fixed answers"):
+            cli.validate(args)
 
 
 def test_task_adapter_is_reused_across_ways_of_answering(tmp_path):

@@ -332,3 +332,12 @@ def test_prompt_tuning_scores_answers_as_peft_s_full_forward(tiny_model, tokeniz
     assert score_answers(model, tokenizer, prompts, answers, show=False) == score_answers(
         model, tokenizer, prompts, answers, show=False, shared_prefix=False
     )
+    # greedy decoding kept to the answers: the virtual tokens run once too, and the answers are
+    # those of stepping through peft's own forward (which prepends them every time)
+    from test_defaults import stepwise_constrained
+
+    from oppu.answers import constrained_answers
+
+    want = [stepwise_constrained(model, tokenizer, p, answers) for p in prompts]
+    for shared_prefix in (True, False):
+        assert constrained_answers(model, tokenizer, prompts, answers, show=False, shared_prefix=shared_prefix) == want
