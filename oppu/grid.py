@@ -87,6 +87,9 @@ ROWS: dict[str, Row] = {
     # answers by scoring the task's labels or ratings (--answer_mode score) instead of generating
     "non_personalized[score]": Row("task_LoRA", flags=("--answer_mode", "score")),
     "OPPU[score]": Row("OPPU", flags=("--answer_mode", "score")),
+    # greedy decoding kept to the labels or ratings (--answer_mode constrained)
+    "non_personalized[constrained]": Row("task_LoRA", flags=("--answer_mode", "constrained")),
+    "OPPU[constrained]": Row("OPPU", flags=("--answer_mode", "constrained")),
 }
 # The paper's main table: run_grid.py's default rows.
 PAPER_ROWS = (
