@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere
 import torch  # noqa: E402
 
 from oppu.adapters import TASK_TARGETS, USER_TARGETS, add_adapter, lora_config, save_adapter  # noqa: E402
-from oppu.answers import answer_rows, candidates, score_answers  # noqa: E402
+from oppu.answers import answer_rows, candidates, constrained_answers, decision_points, score_answers  # noqa: E402
 from oppu.cost import Shape, linear_flops, train_flops  # noqa: E402
 from oppu.data import TEST_USERS_FILE, load_users  # noqa: E402
 from oppu.examples import history_pairs, query_prompts  # noqa: E402
@@ -48,6 +48,7 @@ from oppu.training import (  # noqa: E402
     encode_prompt,
     train,
 )
+from prompts import parse_prediction  # noqa: E402
 from utils import read_json, run_cli, write_json  # noqa: E402
 
 HUFFPOST = ROOT.parent / "shared" / "data" / "huffpost-news" / "News_Category_Dataset_v3.head9999.jsonl"
@@ -224,6 +225,7 @@ def measure_decode(model, tokenizer, prompts: list[str], settings: dict, limit: 
     floor = forward_flops(model.config, own_tokens(tokenizer, prompts) + new - len(prompts), new) / 1e9
     return {
         "queries_per_s": len(prompts) / seconds,
+        "answers": outputs,
         "new_tokens_per_s": new / seconds,
         "seconds": seconds,
         "queries": len(prompts),
@@ -233,21 +235,30 @@ def measure_decode(model, tokenizer, prompts: list[str], settings: dict, limit: 
     }
 
 
-def measure_score(model, tokenizer, task, prompts: list[str], limit: float) -> dict:
-    """--answer_mode score: every candidate answer's likelihood, prompts and answers packed into
-    forward passes behind the shared prefix; no decoding loop."""
-    score_answers(model, tokenizer, prompts[:1], candidates(task), show=False)  # first-call costs out of the timing
+def measure_packed(model, tokenizer, task, prompts: list[str], limit: float, mode: str) -> dict:
+    """--answer_mode score (every candidate answer's likelihood) or constrained (greedy decoding
+    kept to the candidates: the model runs only where they branch), prompts and what runs behind
+    them packed into forward passes behind the shared prefix; no decoding loop."""
+    pick = score_answers if mode == "score" else constrained_answers
+    pick(model, tokenizer, prompts[:1], candidates(task), show=False)  # first-call costs out of the timing
     start = time.perf_counter()
-    chosen = score_answers(model, tokenizer, prompts, candidates(task), show=False)
+    chosen = pick(model, tokenizer, prompts, candidates(task), show=False)
     seconds = time.perf_counter() - start
-    # The floor: the prompts, then every answer's tokens but its last, at the matmul limit.
+    # The floor at the matmul limit: the prompts, then (score) every answer's tokens but its
+    # last, with logits at each, or (constrained) each decision point's path, with logits behind it.
     _, tails = answer_rows(tokenizer, prompts[0], candidates(task))  # the same for every prompt
-    answer_tokens = len(prompts) * sum(len(t) - 1 for t in tails)
-    flops = forward_flops(model.config, own_tokens(tokenizer, prompts) + answer_tokens, answer_tokens + len(prompts))
+    if mode == "score":
+        behind, logits = sum(len(t) - 1 for t in tails), sum(len(t) for t in tails)
+    else:
+        points = decision_points(tails)
+        behind, logits = sum(len(p) for p in points), len(points)
+    n = len(prompts)
+    flops = forward_flops(model.config, own_tokens(tokenizer, prompts) + n * behind, n * logits)
     return {
         "queries_per_s": len(prompts) / seconds,
         "seconds": seconds,
         "queries": len(chosen),
+        "answers": chosen,
         "floor_gflop": flops / 1e9,
         "floor_seconds": flops / 1e9 / limit,
     }
@@ -291,8 +302,16 @@ def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float)
         print(f"[{task.name}] decoding, {name} configuration ({len(prompts)} queries)", flush=True)
         out["decode"][name] = measure_decode(trained, tokenizer, prompts, settings, limit)
     if task.is_classification:
-        print(f"[{task.name}] answering by scoring the {len(task.labels)} labels ({len(prompts)} queries)", flush=True)
-        out["decode"]["score"] = measure_score(trained, tokenizer, task, prompts, limit)
+        for mode, how in (("score", "scoring"), ("constrained", "greedy decoding kept to")):
+            print(
+                f"[{task.name}] answering by {how} the {len(task.labels)} labels ({len(prompts)} queries)", flush=True
+            )
+            out["decode"][mode] = measure_packed(trained, tokenizer, task, prompts, limit, mode)
+        # constrained answers against free greedy ones, where those are a label
+        greedy = [parse_prediction(task, a) for a in out["decode"]["ours"]["answers"]]
+        valid = [(g, c) for g, c in zip(greedy, out["decode"]["constrained"]["answers"]) if g in task.labels]
+        out["decode"]["constrained"]["greedy_valid"] = len(valid)
+        out["decode"]["constrained"]["same_as_valid_greedy"] = sum(g == c for g, c in valid)
     trained.unload()
     return out
 
@@ -490,9 +509,10 @@ def headline(r: dict) -> dict:
         out["decode_speedup_vs_paper"] = dec["ours"]["queries_per_s"] / dec["paper"]["queries_per_s"]
         # the most any decoder could gain: the paper's seconds over ours' floor (same queries)
         out["decode_ceiling_vs_paper"] = dec["paper"]["seconds"] / dec["ours"]["floor_seconds"]
-        if "score" in dec:
-            out["score_speedup_vs_paper"] = dec["score"]["queries_per_s"] / dec["paper"]["queries_per_s"]
-            out["score_ceiling_vs_paper"] = dec["paper"]["seconds"] / dec["score"]["floor_seconds"]
+        for mode in ("score", "constrained"):
+            if mode in dec:
+                out[f"{mode}_speedup_vs_paper"] = dec[mode]["queries_per_s"] / dec["paper"]["queries_per_s"]
+                out[f"{mode}_ceiling_vs_paper"] = dec["paper"]["seconds"] / dec[mode]["floor_seconds"]
     if "serve" in r:
         q = r["serve"]["queries_per_s"]
         out |= {
@@ -536,9 +556,10 @@ def table(r: dict) -> str:
             lines.append(f"| {task} decode {key} | {d['paper'][key]:.2f} | | {d['ours'][key]:.2f} |")
         per = {c: d[c]["new_tokens"] / d[c]["queries"] for c in ("paper", "ours")}  # ours stops at the task's cap
         lines.append(f"| {task} decode new tokens per query | {per['paper']:.1f} | | {per['ours']:.1f} |")
-        if "score" in t["decode"]:
-            q = t["decode"]["score"]["queries_per_s"]
-            lines.append(f"| {task} answered by scoring (--answer_mode score): queries/s | | | {q:.2f} |")
+        for mode, how in (("score", "scoring"), ("constrained", "greedy decoding kept to the labels")):
+            if mode in t["decode"]:
+                q = t["decode"][mode]["queries_per_s"]
+                lines.append(f"| {task} answered by {how} (--answer_mode {mode}): queries/s | | | {q:.2f} |")
     if "e2e" in r:
         for key in ("seconds_per_user", "train_seconds_per_user", "answer_seconds_per_user", "peak_rss_gb", "peft_mb"):
             if key not in r["e2e"]["paper"]:
