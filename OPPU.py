@@ -212,10 +212,12 @@ def answer_with_saved(
     shutil.copytree(user_result_dir(source, user["user_id"]) / "adapter", staging / "adapter")
     peft_model = PeftModel.from_pretrained(model, str(staging / "adapter"), use_safetensors=True)
     peft_model.eval()
+    loaded = time.time()
     answers = answer_user(peft_model, tokenizer, task, user, profile, args)
     result = trained | {
         "source_seconds": trained.get("source_seconds", trained["seconds"]),  # training and answering there
-        "seconds": round(time.time() - start, 2),  # this run's own: answering only
+        "seconds": round(time.time() - start, 2),  # this run's own: loading the PEFT and answering
+        "answer_seconds": round(time.time() - loaded, 2),  # this run's answering (train_seconds: the source's)
         "adapter_from": str(source),
         "config": fingerprint,
         **answers,

@@ -361,6 +361,11 @@ def test_an_answer_only_oppu_row_answers_with_the_plain_rows_peft_and_trains_non
     assert {p: p.stat().st_mtime_ns for p in adapters} == before
     reused = sorted((full_grid["root"] / "W" / "variants").glob("**/users/*/result.json"))
     assert len(reused) == 2 and all("adapter_from" in json.loads(p.read_text()) for p in reused)
+    for path in reused:  # this run's own answering time, not the source run's
+        result = json.loads(path.read_text())
+        source = json.loads((Path(result["adapter_from"]) / "users" / path.parent.name / "result.json").read_text())
+        assert 0 < result["answer_seconds"] <= result["seconds"] + 0.01
+        assert result["source_seconds"] == source["seconds"] and result["train_seconds"] == source["train_seconds"]
 
     monkeypatch.setattr(OPPU, "train_user", train_user)  # the same row trained from scratch elsewhere
     own = [a if a != str(full_grid["root"] / "W") else str(tmp_path / "W2") for a in full_grid["own"]]
