@@ -279,8 +279,9 @@ def planned_padding(lengths: Sequence[Sequence[int]], settings: dict, epochs: in
     return pad / (pad + real)
 
 
-def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float) -> dict:
-    """Training (paper, plain, ours) and decoding (paper, ours) figures on one task's users."""
+def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float, samples: list[float]) -> dict:
+    """Training (paper, plain, ours) and decoding (paper, ours) figures on one task's users; a
+    matmul measurement after each timed epoch is appended to ``samples``."""
     task = get_task(task_name)
     all_users = load_users(task, data / task.name / TEST_USERS_FILE)
     users = all_users[: args.users]
@@ -299,6 +300,7 @@ def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float)
         for name, settings in (("paper", PAPER_TRAIN), ("plain", PLAIN_TRAIN), ("ours", OURS_TRAIN)):
             print(f"[{task.name}] training, {name} configuration ({len(encoded)} examples)", flush=True)
             figures, peft = measure_train(model, tokenizer, encoded, settings, limit)
+            samples.append(matmul_gflops())  # the limit measured again beside every timed epoch
             kept = out["train"].get(name)
             times = [*(kept["round_seconds"] if kept else []), figures["seconds"]]
             out["train"][name] = figures if kept is None or figures["seconds"] < kept["seconds"] else kept
@@ -511,9 +513,10 @@ def bench_e2e(model, data: Path, work: Path, args) -> dict:
 
 
 def apply_limit(r: dict) -> None:
-    """The machine's limit is the best of the run's matmul measurements (start, after training,
-    end): a shared machine sometimes gives less for a while, and a low limit would inflate every
-    utilisation. Utilisations and floors are recomputed against it."""
+    """The machine's limit is the best of the run's matmul measurements (start, after every timed
+    training epoch, after training, end): a shared machine sometimes gives less for a while (one
+    --quick run measured 124 to 138 GFLOP/s in its three samples, others up to 189), and a low
+    limit would inflate every utilisation. Utilisations and floors are recomputed against it."""
     limit = r["matmul_gflops"] = max(r["matmul_samples"])
     for task in r.get("train", {}).values():
         for figures in task["train"].values():
@@ -663,7 +666,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model, tokenizer = load_model(ModelSpec())
     # Written after every section, so a long run stopped half-way keeps what it measured.
     if sections & {"train", "decode"}:
-        results["train"] = {t: bench_task(model, tokenizer, t, data, args, limit) for t in RECORD_FLAGS}
+        samples = results["matmul_samples"]
+        results["train"] = {t: bench_task(model, tokenizer, t, data, args, limit, samples) for t in RECORD_FLAGS}
         results["matmul_samples"].append(matmul_gflops())
         save(results, Path(args.output), start)
     if "serve" in sections:
