@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,33 +248,20 @@ def lean_mlp(model) -> None:
         module.forward = _lean_mlp_forward.__get__(module)
 
 
-# Set by oppu.training around a training forward pass: the shape (rows, positions) of the hidden
-# states it hands the LM head, and a boolean mask of that shape marking the positions whose logits
-# its loss reads. The LM head then projects those rows only (fold_lm_head's hook).
-LOSS_ROWS: ContextVar[tuple[tuple[int, int], object] | None] = ContextVar("oppu_loss_rows", default=None)
-
-
-def _head_input(module, args):
-    hidden, wanted = args[0], LOSS_ROWS.get()
-    if wanted is not None and hidden.dim() == 3 and tuple(hidden.shape[:2]) == wanted[0]:
-        return (hidden[wanted[1]], *args[1:])  # (n, d), row by row: the logits the loss reads
-    return (hidden.contiguous(), *args[1:])
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def fold_lm_head(model) -> None:
-    """Make the vocabulary projection one matrix product, over the rows that are needed.
-    transformers hands the LM head a slice of the hidden states (``logits_to_keep``: the last
-    position at decoding, the answer's positions in training), and torch multiplies a
-    non-contiguous (rows, n, d) slice by the (d, vocabulary) weight as ``rows`` separate products,
-    each of them reading the whole weight: for the embedded model in training, 0.9 s against
-    0.26 s per batch of 8, forward and backward (benchmarks/README.md). A contiguous copy of the
-    slice is a few kB. In training the slice runs from the batch's first answer token to its end
-    for every row (160 positions for 8 HuffPost news examples, of which 32 hold answer tokens);
-    under ``LOSS_ROWS`` only the rows the loss reads are projected (gathered into one contiguous
-    matrix), and the model returns their logits as (n, vocabulary). Idempotent; values unchanged."""
+    """Make the vocabulary projection one matrix product. transformers hands the LM head a slice
+    of the hidden states (``logits_to_keep``: the last position at decoding, the answer's positions
+    in training), and torch multiplies a non-contiguous (rows, n, d) slice by the (d, vocabulary)
+    weight as ``rows`` separate products, each of them reading the whole weight: for the embedded
+    model in training, 0.9 s against 0.26 s per batch of 8, forward and backward
+    (benchmarks/README.md). A contiguous copy of the slice is a few kB. Idempotent; values unchanged."""
     head = model.get_output_embeddings()
     if head is not None and not getattr(head, "_oppu_folded", False):
-        head.register_forward_pre_hook(_head_input)
+        head.register_forward_pre_hook(_contiguous_input)
         head._oppu_folded = True
 
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from oppu.modeling import LOSS_ROWS
-
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss there
 MEGA_BATCH = 50  # length grouping sorts within 50 batches at a time, as the HF Trainer does
 LENGTH_JITTER = 0.05  # length grouping sorts by length x [1, 1.05): batches vary between epochs
@@ -298,23 +296,13 @@ def _summed_loss(
     prefix = min(prefix or 0, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
     least = min_shared_prefix(labels.device) if min_prefix is None else min_prefix
     prefix = prefix if prefix >= least else 0
-    targets = labels[:, first:]  # what the kept logits predict in turn (the last kept one predicts nothing)
-    needed = torch.zeros(labels.size(0), keep, dtype=torch.bool, device=labels.device)
-    needed[:, :-1] = targets != IGNORE_INDEX
-    # The LM head projects only the rows the loss reads (oppu.modeling.fold_lm_head): the others'
-    # logits would get no gradient, and every row costs a product with the whole vocabulary.
-    token = LOSS_ROWS.set(((labels.size(0), keep), needed))
-    try:
-        if shared and (prefix or prompt_tuned(model)):
-            logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)
-        else:
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-    finally:
-        LOSS_ROWS.reset(token)
-    if logits.dim() == 3:  # a head without fold_lm_head's hook computed every kept position
-        logits = logits[needed]
-    loss = torch.nn.functional.cross_entropy(logits.float(), targets[needed[:, :-1]], reduction="sum")
+    if shared and (prefix or prompt_tuned(model)):
+        logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shift_labels = labels[:, first:].reshape(-1)
+    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, prefix
 
 

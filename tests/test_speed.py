@@ -11,7 +11,6 @@ import torch
 from oppu.adapters import USER_TARGETS, add_adapter, lora_config
 from oppu.generation import DecodeConfig, generate
 from oppu.training import (
-    IGNORE_INDEX,
     MIN_SHARED_PREFIX,
     MIN_SHARED_PREFIX_ACCELERATOR,
     TrainConfig,
@@ -86,36 +85,6 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, to
         assert plain[name].abs().sum() > 0, name  # every LoRA weight, prefix included, gets a gradient
         error = (shared[name] - plain[name]).norm() / plain[name].norm()
         assert error <= 1e-5, (name, error.item())
-
-
-@pytest.mark.parametrize("prefix", [0, None, "common"])
-def test_the_lm_head_projects_only_the_rows_the_loss_reads(tiny_model, tokenizer, make_args, monkeypatch, prefix):
-    """In training the LM head gets the answer tokens' rows only (32 of 160 for 8 HuffPost news
-    examples); the loss and every gradient equal those of projecting every kept position, as
-    transformers does without the hook. Plain forward, plain with prefix None, shared prefix."""
-    from oppu import modeling, training
-
-    examples = shared_examples(tokenizer)
-    batch = collate(examples, tokenizer.pad_token_id)
-    prefix = common_prefix_length([e.input_ids for e in examples]) if prefix == "common" else prefix
-    model = lora_model(tiny_model, make_args)
-    rows = []
-    head = model.get_output_embeddings()
-    hook = head.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
-    answer_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-    try:
-        loss, _, grads = loss_and_grads(model, batch, prefix)
-        gathered = rows[-1]  # the last call of the head (a shared prefix's own call comes first)
-        # every kept position, as before the hook: LOSS_ROWS never set
-        monkeypatch.setattr(training, "LOSS_ROWS", modeling.ContextVar("unset", default=None))
-        full_loss, _, full = loss_and_grads(model, batch, prefix)
-    finally:
-        hook.remove()
-    assert gathered == (answer_tokens, head.in_features)  # the loss's rows, gathered, one product
-    assert len(rows[-1]) == 3 and rows[-1][0] == len(examples) and rows[-1][1] > answer_tokens // len(examples)
-    assert loss == pytest.approx(full_loss, rel=1e-6)
-    for name in full:
-        assert torch.allclose(grads[name], full[name], rtol=1e-5, atol=1e-8), name
 
 
 def test_a_short_shared_prefix_falls_back_to_the_plain_forward(tiny_model, tokenizer, make_args):
