@@ -306,6 +306,13 @@ def _summed_loss(
     return loss, prefix
 
 
+def checkpointing(model, on: bool) -> None:
+    """transformers' activation (gradient) checkpointing on or off, under its current name where
+    the installed release has it: the old name warns at every call from transformers 5.x on."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
+
+
 def loss_denominator(step_tokens: int, processes: int) -> float:
     """What each process divides its summed token loss by, so that the gradient the processes
     average (DDP divides their sum by their number) is the whole step's mean over its
@@ -330,7 +337,7 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * len(plan)), max(len(plan), 1))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if cfg.gradient_checkpointing:  # before prepare: the DDP wrapper does not have the method
-        model.gradient_checkpointing_enable()
+        checkpointing(model, True)
     if accelerator:
         model, optimizer = accelerator.prepare(model, optimizer)
     device = next(model.parameters()).device
@@ -376,7 +383,7 @@ def train(
         result.tokens += sum(len(e.input_ids) for e in mine)
         bar.set_postfix(loss=f"{total:.3f}")
     if cfg.gradient_checkpointing:
-        (accelerator.unwrap_model(model) if accelerator else model).gradient_checkpointing_disable()
+        checkpointing(accelerator.unwrap_model(model) if accelerator else model, False)
     model.eval()
     result.final_loss = result.losses[-1] if result.losses else float("nan")
     result.seconds = time.time() - start

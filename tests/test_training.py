@@ -189,6 +189,26 @@ def test_micro_batches_only_save_memory(tiny_model, tokenizer, make_args):
     assert all(torch.allclose(weights_a[n], weights_b[n], atol=1e-5) for n in weights_a)
 
 
+def test_gradient_checkpointing_only_saves_memory_and_warns_nothing(tiny_model, tokenizer, make_args):
+    """The paper's --gradient_checkpointing: the same losses and weights, switched off again after
+    training, and through transformers' current name (the old one warns at every call)."""
+    import warnings
+
+    args = make_args("--lora_dropout", "0")
+    runs = []
+    for checkpointing in (False, True):
+        model = with_lora(tiny_model(), args, USER_TARGETS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = quick_train(model, tokenizer, gradient_checkpointing=checkpointing, shared_prefix=False)
+        assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again
+        runs.append((fit.losses, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    assert all(torch.allclose(weights_a[n], weights_b[n], atol=1e-5) for n in weights_a)
+
+
 def test_task_adapter_wraps_q_k_v_and_o_of_every_layer_and_only_lora_trains(tiny_model, make_args):
     model = with_lora(tiny_model(), make_args(), TASK_TARGETS)
     layers = model.base_model.model.model.layers
