@@ -115,10 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unsaid = [k for k in ("answer_mode", "max_new_tokens") if getattr(args, k) is None]
     stack = ownership.same_stack(identities, unsaid)
     task = get_task(stack["task_name"])
-    if args.answer_mode not in (None, "generate") and task.kind == "generation":
-        raise UserError(
-            f"--answer_mode {args.answer_mode} needs a task with fixed answers; {task.name} is free generation"
-        )
+    cli.check_answer_mode(args.answer_mode, task)
     spec = ModelSpec(
         args.model_name or stack["base_model"], args.dtype, args.load_in_4bit, args.access_token, args.trust_remote_code
     )

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere
 import torch  # noqa: E402
 
 from oppu.adapters import TASK_TARGETS, USER_TARGETS, add_adapter, lora_config, save_adapter  # noqa: E402
-from oppu.answers import answer_rows, candidates, constrained_answers, decision_points, score_answers  # noqa: E402
+from oppu.answers import PACKED, answer_rows, candidates, decision_points  # noqa: E402
 from oppu.cost import Shape, linear_flops, train_flops  # noqa: E402
 from oppu.data import TEST_USERS_FILE, load_users  # noqa: E402
 from oppu.examples import history_pairs, query_prompts  # noqa: E402
@@ -240,7 +240,7 @@ def measure_packed(model, tokenizer, task, prompts: list[str], limit: float, mod
     """--answer_mode score (every candidate answer's likelihood) or constrained (greedy decoding
     kept to the candidates: the model runs only where they branch), prompts and what runs behind
     them packed into forward passes behind the shared prefix; no decoding loop."""
-    pick = score_answers if mode == "score" else constrained_answers
+    pick = PACKED[mode]
     pick(model, tokenizer, prompts[:1], candidates(task), show=False)  # first-call costs out of the timing
     start = time.perf_counter()
     chosen = pick(model, tokenizer, prompts, candidates(task), show=False)
@@ -248,8 +248,9 @@ def measure_packed(model, tokenizer, task, prompts: list[str], limit: float, mod
     # The floor at the matmul limit: the prompts, then (score) every answer's tokens but its
     # last, with logits at each, or (constrained) each decision point's path, with logits behind it.
     _, tails = answer_rows(tokenizer, prompts[0], candidates(task))  # the same for every prompt
-    if mode == "score":
-        behind, logits = sum(len(t) - 1 for t in tails), sum(len(t) for t in tails)
+    if mode == "score":  # logits at the prompt's last token (once) and at every answer token but the last
+        behind = sum(len(t) - 1 for t in tails)
+        logits = 1 + behind
     else:
         points = decision_points(tails)
         behind, logits = sum(len(p) for p in points), len(points)
@@ -356,19 +357,10 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
     cfg = DecodeConfig(max_new_tokens=task.max_new_tokens, batch_size=len(prompts), shared_prefix=False)
     texts = [p for _, p in prompts]
     rows = [(encode_prompt(tokenizer, p), owner[uid]) for uid, p in prompts]
-    try:
-        from oppu.serving import RowAdapters
+    from oppu.serving import RowAdapters
 
-        mixed_model, via = RowAdapters(peft, rows), "oppu.serving.RowAdapters"
-    except ImportError:  # measure peft's per-row selection directly
-        mixed_model, via = None, "peft generate(adapter_names=...)"
-
-    def mixed() -> None:
-        if mixed_model is not None:
-            generate(RowAdapters(peft, rows), tokenizer, texts, cfg, show=False)
-        else:
-            enc = tokenizer.pad({"input_ids": [r[0] for r in rows]}, return_tensors="pt", padding_side="left")
-            peft.generate(**enc, adapter_names=[r[1] for r in rows], max_new_tokens=cfg.max_new_tokens, do_sample=False)
+    def mixed() -> None:  # a fresh RowAdapters each time: it hands each prompt to its adapter once
+        generate(RowAdapters(peft, rows), tokenizer, texts, cfg, show=False)
 
     def single() -> None:
         peft.set_adapter(names[0])
@@ -389,12 +381,12 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
             way()
             seconds[name].append(time.perf_counter() - start)
     qps = {k: len(prompts) / min(v) for k, v in seconds.items()}
-    prefix = serve_prefix(peft, tokenizer, task, users[:4], names[:4], queries=4) if mixed_model is not None else None
+    prefix = serve_prefix(peft, tokenizer, task, users[:4], names[:4], queries=4)
     peft.unload()
     return {
         "queries": len(prompts),
         "users": len(users),
-        "via": via,
+        "via": "oppu.serving.RowAdapters",
         "queries_per_s": qps,
         "seconds": seconds,
         "prefix": prefix,

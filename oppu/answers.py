@@ -3,7 +3,7 @@ greedy decoding kept to them, and how many answers are not answers (invalid labe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -46,8 +46,8 @@ def answer(
 ) -> list[str]:
     """The model's raw answer to every prompt: its generation, the candidate answer it finds most
     likely (``mode`` "score"), or its greedy generation kept to the candidates ("constrained")."""
-    if mode in ANSWER_MODES[1:]:
-        pick = score_answers if mode == "score" else constrained_answers
+    if mode in PACKED:
+        pick = PACKED[mode]
         return pick(
             model, tokenizer, prompts, candidates(task), desc, show, decode.shared_prefix, cut_off=decode.cut_off
         )
@@ -134,10 +134,14 @@ def packed_log_likelihoods(
     """Every answer's log-likelihood behind its prompt, all ``rows`` in one forward pass (see
     ``packed_log_probs``)."""
     logp, column, where = packed_log_probs(model, prefix, rows)
-    return [
-        [sum(float(logp[column[i], t]) for i, t in zip(idx, tail)) for idx, tail in zip(per_answer, tails)]
-        for per_answer, (_, tails) in zip(where, rows)
-    ]
+    return [likelihoods(logp, column, per_answer, tails) for per_answer, (_, tails) in zip(where, rows)]
+
+
+def likelihoods(
+    logp: torch.Tensor, column: Mapping[int, int], per_answer: Sequence[Sequence[int]], tails: Sequence[Sequence[int]]
+) -> list[float]:
+    """Each answer's log-likelihood behind one prompt, from ``packed_log_probs``'s rows."""
+    return [sum(float(logp[column[i], t]) for i, t in zip(idx, tail)) for idx, tail in zip(per_answer, tails)]
 
 
 @torch.no_grad()
@@ -154,18 +158,25 @@ def packed_passes(
     model,
     tokenizer,
     prompts: Sequence[str],
-    tails: Sequence[Sequence[int]],
+    answers: Sequence[str],
+    probes: Callable[[list[list[int]]], Sequence[Sequence[int]]],
     desc: str,
     show: bool,
     shared_prefix: bool,
     max_tokens: int,
-    budget: int | None,
-) -> Iterator[tuple[torch.Tensor, dict[int, int], list[list[list[int]]]]]:
-    """``packed_log_probs`` of every prompt with ``tails`` behind it, in the prompts' order, in
-    forward passes of about ``max_tokens`` tokens. With ``shared_prefix``, the tokens all prompts
-    start with (chat template, instruction, label list) run once for the call, as in generate(),
-    and every pass sees them. A prompt longer than ``budget`` tokens loses its oldest text first."""
-    rows = [(ids, tails) for ids in encode_prompts(tokenizer, prompts, budget)]
+    cut_off: int | None,
+) -> Iterator[tuple[list[list[int]], torch.Tensor, dict[int, int], list[list[list[int]]]]]:
+    """The forward passes both scoring and constrained decoding run: every prompt with the token
+    rows ``probes`` makes of the answers' tails (each answer's tokens and EOS) packed behind it,
+    in passes of about ``max_tokens`` tokens, in the prompts' order; per pass, the tails and
+    ``packed_log_probs``'s output. With ``shared_prefix``, the tokens all prompts start with (chat
+    template, instruction, label list) run once for the call, as in generate(), and every pass
+    sees them. A prompt longer than ``cut_off`` less the longest answer loses its oldest text
+    first, so that any answer fits behind it."""
+    tails = answer_rows(tokenizer, prompts[0], answers)[1]  # an answer's tokens do not depend on the prompt
+    behind = probes(tails)
+    budget = DecodeConfig(cut_off=cut_off).prompt_budget(max(len(t) for t in tails))
+    rows = [(ids, behind) for ids in encode_prompts(tokenizer, prompts, budget)]
     shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     device = next(model.parameters()).device
@@ -174,15 +185,15 @@ def packed_passes(
     prefix = run_prefix(model, torch.tensor([rows[0][0][:shared]], device=device, dtype=torch.long)) if cached else None
     passes: list[list[tuple[list[int], Sequence[Sequence[int]]]]] = [[]]
     filled = 0  # tokens in the last pass
-    for ids, tails in rows:
-        size = len(ids) - shared + sum(len(t) - 1 for t in tails)
+    for ids, probe in rows:
+        size = len(ids) - shared + sum(len(t) - 1 for t in probe)
         if passes[-1] and filled + size > max_tokens:
             passes.append([])
             filled = 0
-        passes[-1].append((ids[shared:], tails))
+        passes[-1].append((ids[shared:], probe))
         filled += size
     for batch in tqdm(passes, desc=desc, leave=False, disable=not show):
-        yield packed_log_probs(model, prefix, batch)
+        yield (tails, *packed_log_probs(model, prefix, batch))
 
 
 @torch.no_grad()
@@ -197,19 +208,17 @@ def score_answers(
     max_tokens: int = SCORE_TOKENS,
     cut_off: int | None = None,
 ) -> list[str]:
-    """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer).
-    Prompts and their answers are packed into forward passes (see ``packed_passes``). A prompt
-    longer than ``cut_off`` less the longest answer loses its oldest text first."""
+    """For every prompt, the answer with the highest log-likelihood (ties: the earlier answer),
+    each answer packed behind its prompt (see ``packed_passes``)."""
     if not prompts:  # e.g. a user file with a history and no queries
         return []
-    tails = answer_rows(tokenizer, prompts[0], answers)[1]  # an answer's tokens do not depend on the prompt
-    budget = None if cut_off is None else max(1, cut_off - max(len(t) for t in tails))
     chosen = []
-    for logp, column, where in packed_passes(
-        model, tokenizer, prompts, tails, desc, show, shared_prefix, max_tokens, budget
-    ):
+    passes = packed_passes(
+        model, tokenizer, prompts, answers, lambda tails: tails, desc, show, shared_prefix, max_tokens, cut_off
+    )
+    for tails, logp, column, where in passes:
         for per_answer in where:
-            scores = [sum(float(logp[column[i], t]) for i, t in zip(idx, tail)) for idx, tail in zip(per_answer, tails)]
+            scores = likelihoods(logp, column, per_answer, tails)
             chosen.append(answers[max(range(len(answers)), key=lambda i: (scores[i], -i))])
     return chosen
 
@@ -245,6 +254,13 @@ def greedy_choice(tails: Sequence[Sequence[int]], next_logp: Mapping[tuple[int, 
     return alive[0]
 
 
+def decision_probes(tails: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each decision point's path with one placeholder token behind it: packed behind a prompt
+    (``packed_rows`` drops a tail's last token), its last packed position is the one whose logits
+    predict the token after the path."""
+    return [[*path, 0] for path in decision_points(tails)]
+
+
 @torch.no_grad()
 def constrained_answers(
     model,
@@ -259,21 +275,18 @@ def constrained_answers(
 ) -> list[str]:
     """For every prompt, what greedy decoding writes when each step may only continue one of
     ``answers`` (a label, then EOS), without the steps whose token is forced: the model runs only
-    where the answers branch (for the news categories and the ratings, only the prompt's last
-    position; for citation's "[1]" and "[2]", also behind "["). Every prompt and its decision
+    where the answers branch. With SmolLM2's tokenizer the news categories, the movie tags and
+    the ratings 1-5 branch at their first token, so only each prompt's last position is needed;
+    citation's "[1]" and "[2]" only behind their common "[". Every prompt and its decision
     points are packed into forward passes as in scoring (see ``packed_passes``)."""
     if not prompts:
         return []
-    tails = answer_rows(tokenizer, prompts[0], answers)[1]  # an answer's tokens do not depend on the prompt
-    points = decision_points(tails)
-    budget = None if cut_off is None else max(1, cut_off - max(len(t) for t in tails))
-    # a point's path with one placeholder token behind it: the packed positions then end at the
-    # one whose logits predict the token after the path (packed_rows drops every tail's last token)
-    probes = [[*path, 0] for path in points]
     chosen = []
-    for logp, column, where in packed_passes(
-        model, tokenizer, prompts, probes, desc, show, shared_prefix, max_tokens, budget
-    ):
+    passes = packed_passes(
+        model, tokenizer, prompts, answers, decision_probes, desc, show, shared_prefix, max_tokens, cut_off
+    )
+    for tails, logp, column, where in passes:
+        points = decision_points(tails)
         for per_point in where:
             next_logp = {path: logp[column[idx[-1]]] for path, idx in zip(points, per_point)}
             chosen.append(answers[greedy_choice(tails, next_logp)])
@@ -317,3 +330,7 @@ def report_answers(task: Task, predictions: Mapping[str, str], path, stage: str,
     if warning:
         print(warning)
     return fraction
+
+
+# the answer modes that pack prompts and answers into forward passes instead of decoding freely
+PACKED: dict[str, Callable[..., list[str]]] = {"score": score_answers, "constrained": constrained_answers}

@@ -136,7 +136,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
         default="generate",
         help="generate (the paper's way); score: answer the label (or rating 1-5) the model finds most likely; "
         "constrained: greedy decoding kept to the labels (or ratings), which runs the model only where they "
-        "branch (for most tasks one position per query); the last two for classification and rating tasks only",
+        "branch (for most tasks one position per query); the last two for classification and rating tasks only, "
+        "and the sampling flags and --max_new_tokens apply to generate only",
     )
     g.add_argument("--max_new_tokens", type=int, default=None, help="default: per task (short for labels)")
     g.add_argument("--decode_batch_size", type=int, default=8)
@@ -144,6 +145,12 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument("--temperature", type=float, default=0.1)
     g.add_argument("--top_k", type=int, default=10)
     g.add_argument("--top_p", type=float, default=0.9)
+
+
+def check_answer_mode(mode: str | None, task: Task) -> None:
+    """Scoring and constrained decoding choose among fixed answers: not for free-generation tasks."""
+    if mode not in (None, "generate") and task.kind == "generation":
+        raise UserError(f"--answer_mode {mode} needs a task with fixed answers; {task.name} is free generation")
 
 
 HISTORY_INPUTS = ("auto", "item", "rewriter")
@@ -272,10 +279,7 @@ def validate(args: argparse.Namespace) -> tuple[Task, ModelSpec]:
         raise UserError(NO_4BIT_MERGE)
     chosen = resolve_training_defaults(args, args.stage, model_parameters(spec))
     check_args(args)
-    if args.answer_mode != "generate" and task.kind == "generation":
-        raise UserError(
-            f"--answer_mode {args.answer_mode} needs a task with fixed answers; {task.name} is free generation"
-        )
+    check_answer_mode(args.answer_mode, task)
     decode_config(args, task)  # its own checks (an answer must fit in --cut_off)
     args.defaults = chosen["defaults"]
     print(

@@ -230,10 +230,12 @@ def test_decision_points_are_where_the_answers_branch():
     assert greedy_choice([[1, 9], [4, 9]], {(): torch.tensor([0.0, -2.0, 0.0, 0.0, -2.0])}) == 0  # tie: the earlier
 
 
-def stepwise_constrained(model, tokenizer, prompt: str, answers) -> str:
+def stepwise_constrained(model, tokenizer, prompt: str, answers, prompt_ids: list[int] | None = None) -> str:
     """The reference: greedy decoding one token at a time, every step through the whole sequence,
-    its logits masked to the tokens that continue an answer still possible."""
-    prompt_ids, tails = answer_rows(tokenizer, prompt, answers)
+    its logits masked to the tokens that continue an answer still possible (``prompt_ids``: the
+    prompt's tokens, if not all of them)."""
+    full, tails = answer_rows(tokenizer, prompt, answers)
+    prompt_ids = full if prompt_ids is None else prompt_ids
     alive, written = list(range(len(answers))), []
     while len(alive) > 1:
         n = len(written)
@@ -246,12 +248,18 @@ def stepwise_constrained(model, tokenizer, prompt: str, answers) -> str:
     return answers[alive[0]]
 
 
-@pytest.mark.parametrize("task_name", ["news_categorize", "citation", "movie_tagging", "product_rating"])
+# decision points at three depths: (), ("dark",), ("dark", " comedy") with the embedded tokenizer
+NESTED = ("dark comedy", "dark comedy drama", "dark fantasy", "drama", "dystopia")
+
+
+@pytest.mark.parametrize("task_name", ["news_categorize", "citation", "movie_tagging", "product_rating", "nested"])
 def test_constrained_answers_equal_stepwise_masked_greedy(tiny_model, tokenizer, task_name):
     """Packed, behind the prompts' shared prefix (or not), in one pass or several: the answers of
-    greedy decoding restricted to the task's answers, computed one step at a time."""
-    task = get_task(task_name)
-    answers = candidates(task)
+    greedy decoding restricted to the task's answers, computed one step at a time. The task's
+    labels branch at their first token (citation's behind "["); "nested" branches deeper."""
+    answers = NESTED if task_name == "nested" else candidates(get_task(task_name))
+    if task_name == "nested":
+        assert len(decision_points(answer_rows(tokenizer, "x", answers)[1])) == 3
     prompts = [
         f"Which label fits? item: {text}\nAnswer:"
         for text in ("a bank robbery", "the cup final", "a week in Lisbon", "taxes rise", "new phone", "x")
@@ -267,6 +275,20 @@ def test_constrained_answers_equal_stepwise_masked_greedy(tiny_model, tokenizer,
             )
             assert got == want, (seed, shared_prefix, max_tokens)
     assert len(picked) > 1  # the random models do not all answer the same: the comparison means something
+
+
+def test_constrained_answers_cut_a_long_prompt_as_scoring_does(tiny_model, tokenizer):
+    """Under a cut_off a prompt keeps what fits beside the longest answer, oldest text lost first
+    (encode_prompts), and the answer is the step-by-step one behind the prompt so cut."""
+    from oppu.training import encode_prompts
+
+    model = tiny_model(2)
+    prompts = [f"Which label fits? item: {'a long story ' * 40}{end}\nAnswer:" for end in ("crime", "a match")]
+    longest = max(len(t) for t in answer_rows(tokenizer, prompts[0], NESTED)[1])
+    cut = encode_prompts(tokenizer, prompts, 64 - longest, report=False)
+    assert all(len(ids) == 64 - longest < len(encode_prompt(tokenizer, p)) for ids, p in zip(cut, prompts))
+    want = [stepwise_constrained(model, tokenizer, p, NESTED, ids) for p, ids in zip(prompts, cut)]
+    assert constrained_answers(model, tokenizer, prompts, NESTED, show=False, cut_off=64) == want
 
 
 def test_scoring_equals_generation_where_the_model_is_confident(tiny_model, tokenizer):
@@ -292,6 +314,11 @@ def test_rating_candidates_and_score_mode_refused_for_generation_tasks():
         args = OPPU.parse_args(["--task_name", "news_headline", "--task_lora", "x", "--answer_mode", mode])
         with pytest.raises(UserError, match=f"answer_mode {mode} needs a task with fixed answers"):
             cli.validate(args)
+        with pytest.raises(UserError, match=f"answer_mode {mode} needs a task with fixed answers"):
+            cli.check_answer_mode(mode, get_task("news_headline"))  # generate.py's check, the same function
+        cli.check_answer_mode(mode, NEWS)
+    cli.check_answer_mode("generate", get_task("news_headline"))
+    cli.check_answer_mode(None, get_task("news_headline"))  # generate.py: the PEFT's own run's mode
 
 
 def test_task_adapter_is_reused_across_ways_of_answering(tmp_path):

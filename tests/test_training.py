@@ -198,10 +198,17 @@ def test_gradient_checkpointing_only_saves_memory_and_warns_nothing(tiny_model, 
     runs = []
     for checkpointing in (False, True):
         model = with_lora(tiny_model(), args, USER_TARGETS)
+        layer = model.get_base_model().model.layers[0]
+        seen = []  # whether the layer checkpoints, at each of its forward calls
+        hook = layer.register_forward_pre_hook(
+            lambda m, a, seen=seen: seen.append(getattr(m, "gradient_checkpointing", False))
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fit = quick_train(model, tokenizer, gradient_checkpointing=checkpointing, shared_prefix=False)
+        hook.remove()
         assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+        assert seen and all(on == checkpointing for on in seen)  # on in training when asked, else off
         assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again
         runs.append((fit.losses, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}))
     (losses_a, weights_a), (losses_b, weights_b) = runs
