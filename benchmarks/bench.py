@@ -507,7 +507,7 @@ def bench_e2e(model, data: Path, work: Path, args) -> dict:
 def apply_limit(r: dict) -> None:
     """The machine's limit is the best of the run's matmul measurements (start, after every timed
     training epoch, after training, end): a shared machine sometimes gives less for a while (one
-    --quick run measured 124 to 138 GFLOP/s in its three samples, others up to 189), and a low
+    --quick run measured 124 to 138 GFLOP/s in its three samples, others up to 191), and a low
     limit would inflate every utilisation. Utilisations and floors are recomputed against it."""
     limit = r["matmul_gflops"] = max(r["matmul_samples"])
     for task in r.get("train", {}).values():
