@@ -66,7 +66,8 @@ PAPER_TRAIN = {
     "shared_prefix": False,
 }
 PLAIN_TRAIN = OURS_TRAIN | {"shared_prefix": False}  # ours without the shared prefix: prefix_speedup's base
-SERVE_ROUNDS = 2  # serving: each way timed this many times, in turn; the fastest counts
+# each way of serving (and, under --quick, of training) is timed this many times, in turn; the fastest counts
+ROUNDS = 2
 PAPER_DECODE = {"do_sample": True, "temperature": 0.1, "max_new_tokens": 200, "batch_size": 1, "shared_prefix": False}
 OURS_OPPU = ["--batch_size", "8", "--micro_batch_size", "8", "--learning_rate", "1e-3"]
 PAPER_OPPU = [
@@ -296,7 +297,7 @@ def bench_task(model, tokenizer, task_name: str, data: Path, args, limit: float,
     trained = None
     # --quick's epochs are short (2 steps each), so every configuration trains twice, in turn, and
     # the faster epoch counts: one slow moment of a shared machine then does not decide a ratio
-    rounds = 2 if args.quick else 1
+    rounds = ROUNDS if args.quick else 1
     for r in range(rounds):
         for name, settings in (("paper", PAPER_TRAIN), ("plain", PLAIN_TRAIN), ("ours", OURS_TRAIN)):
             print(f"[{task.name}] training, {name} configuration ({len(encoded)} examples)", flush=True)
@@ -375,7 +376,7 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
     # every way twice, in turn, and the faster of its two: one slow moment of a shared machine
     # then does not decide a ratio
     seconds: dict[str, list[float]] = {"mixed": [], "single": [], "sequential": []}
-    for _ in range(SERVE_ROUNDS):
+    for _ in range(ROUNDS):
         for name, way in (("mixed", mixed), ("single", single), ("sequential", sequential)):
             start = time.perf_counter()
             way()
