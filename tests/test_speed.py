@@ -374,3 +374,100 @@ def test_the_lean_mlp_keeps_less_and_changes_nothing(tiny_model, tokenizer, make
     config = model.get_base_model().config
     rows, width = batch["input_ids"].shape
     assert kept - lean_kept == config.num_hidden_layers * rows * width * config.intermediate_size * 4
+
+
+# --- decoding's small products split over the threads ------------------------------------------
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def bmm_spy(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    real = torch.bmm
+
+    def spy(a, b):
+        calls.append(tuple(b.shape))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    return calls
+
+
+def test_split_parts_are_two_per_thread_and_divide_the_weight():
+    from oppu.modeling import split_parts
+
+    assert split_parts(576, 2) == 4
+    assert split_parts(192, 2) == 4
+    assert split_parts(49152, 2) == 16  # the vocabulary projection: parts of 3,072 rows
+    assert split_parts(576, 8) == 16
+    assert split_parts(100, 8) == 4  # 16 and 8 do not divide 100
+    assert split_parts(97, 2) == 1  # a prime: not split
+
+
+def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(monkeypatch, two_threads):
+    from oppu.modeling import SMALL_PRODUCT_ROWS, split_small_products
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    split_small_products(layer)
+    calls = bmm_spy(monkeypatch)
+    for shape in ((1, 64), (3, 1, 64), (2, SMALL_PRODUCT_ROWS // 2, 64)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+    assert calls == [(4, 64, 24)] * 3  # 4 parts of 24 output rows each time
+    # more rows, gradients, one thread: nn.Linear's own product, bit for bit
+    x = torch.randn(SMALL_PRODUCT_ROWS + 1, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    x = torch.randn(2, 64)
+    y = layer(x)
+    assert y.requires_grad and torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert len(calls) == 3
+
+
+def test_split_products_go_on_plain_linears_once(tiny_model):
+    from oppu.modeling import split_small_products
+
+    class Mine(torch.nn.Linear):
+        pass
+
+    model = tiny_model()  # prepare_model splits its products
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all("forward" in vars(m) for m in linears)
+    before = [vars(m)["forward"] for m in linears]
+    split_small_products(model)  # idempotent
+    assert [vars(m)["forward"] for m in linears] == before
+    other = torch.nn.Sequential(Mine(64, 64), torch.nn.Linear(64, 8))  # a subclass; a rank-sized factor
+    split_small_products(other)
+    assert not any("forward" in vars(m) for m in other)
+
+
+def test_split_products_give_the_same_greedy_answers(tiny_model, tokenizer, make_args, monkeypatch, two_threads):
+    """Decoding with the step's products split (the default) and with nn.Linear's own products,
+    through a LoRA, left-padded prompts behind a shared prefix: the same answers."""
+    import oppu.modeling
+
+    model = lora_model(tiny_model, make_args)
+    model.eval()
+    prompts = [f"Which category is this article: {t}?" for t in ("a cat", "the stock market fell", "rain", "chess")]
+    cfg = DecodeConfig(max_new_tokens=6, batch_size=3)
+    calls = bmm_spy(monkeypatch)
+    split = generate(model, tokenizer, prompts, cfg, show=False)
+    assert calls  # the steps' products really were split
+    monkeypatch.setattr(oppu.modeling, "SMALL_PRODUCT_ROWS", 0)
+    calls.clear()
+    plain = generate(model, tokenizer, prompts, cfg, show=False)
+    assert not calls
+    assert split == plain
