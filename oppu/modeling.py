@@ -286,7 +286,9 @@ def _split_linear_forward(self, x, *args, **kwargs):
 
     rows = x.numel() // self.in_features if x.numel() else 0
     threads = torch.get_num_threads()
-    if args or kwargs or not 0 < rows <= SMALL_PRODUCT_ROWS or threads < 2 or torch.is_grad_enabled():
+    # on the CPU only: a model prepared there and moved to a GPU keeps nn.Linear's products
+    small = 0 < rows <= SMALL_PRODUCT_ROWS and threads > 1 and x.device.type == "cpu"
+    if args or kwargs or not small or torch.is_grad_enabled():
         return torch.nn.functional.linear(x, self.weight, self.bias, *args, **kwargs)
     parts = split_parts(self.out_features, threads)
     if parts < 2 or not self.weight.is_contiguous():

@@ -434,6 +434,10 @@ def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(mon
     torch.set_num_threads(1)
     with torch.no_grad():
         assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    torch.set_num_threads(2)
+    layer.to("meta")  # moved off the CPU after it was prepared (a GPU's stand-in)
+    with torch.no_grad():
+        assert layer(x.to("meta")).shape == (2, 96)
     assert len(calls) == 3
 
 
