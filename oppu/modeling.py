@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -191,9 +192,10 @@ def load_model(spec: ModelSpec, device=None):
 
 
 def prepare_model(model) -> None:
-    """What every loaded model gets, values unchanged: the LM head as one product, grouped
-    key/value heads on CPU, and the lean MLP. load_model calls it; so do models built from a
-    config (tests, benchmarks/gpu_bench.py), to run as loaded ones do."""
+    """What every loaded model gets, values unchanged (to float rounding for the last): the LM
+    head as one product, grouped key/value heads on CPU, the lean MLP, and decoding's small
+    products split over the CPU's threads. load_model calls it; so do models built from a config
+    (tests, benchmarks/gpu_bench.py), to run as loaded ones do."""
     fold_lm_head(model)
     group_kv_heads(model)
     lean_mlp(model)
@@ -272,44 +274,51 @@ SPLIT_ROWS = 3072  # the vocabulary projection is split into parts of about this
 
 def split_parts(out_features: int, threads: int) -> int:
     """How many parts a small product's weight is cut into: two per thread, more for a wide
-    weight (the vocabulary projection, parts of ``SPLIT_ROWS``), halved until they divide it."""
-    parts = max(2 * threads, out_features // SPLIT_ROWS)
-    while out_features % parts:
-        parts //= 2
-    return parts
+    weight (the vocabulary projection, parts of ``SPLIT_ROWS``); the most parts, at or under
+    that, that divide the weight's rows evenly (1: not split)."""
+    target = min(max(2 * threads, out_features // SPLIT_ROWS), out_features)
+    return next(p for p in range(max(target, 1), 0, -1) if out_features % p == 0)
 
 
-def _split_linear_forward(self, x, *args, **kwargs):
+def _split_linear_forward(self, x):
     """nn.Linear's forward, but a product of few rows without gradients (a decoding step) runs
     as one batched product over parts of the weight, which torch spreads over its threads."""
     import torch
 
-    rows = x.numel() // self.in_features if x.numel() else 0
+    rows = math.prod(x.shape[:-1])
     threads = torch.get_num_threads()
-    # on the CPU only: a model prepared there and moved to a GPU keeps nn.Linear's products
-    small = 0 < rows <= SMALL_PRODUCT_ROWS and threads > 1 and x.device.type == "cpu"
-    if args or kwargs or not small or torch.is_grad_enabled():
-        return torch.nn.functional.linear(x, self.weight, self.bias, *args, **kwargs)
     parts = split_parts(self.out_features, threads)
-    if parts < 2 or not self.weight.is_contiguous():
+    # on the CPU only: a model prepared there and moved to a GPU keeps nn.Linear's products
+    if (
+        torch.is_grad_enabled()
+        or not 0 < rows <= SMALL_PRODUCT_ROWS
+        or threads < 2
+        or parts < 2
+        or x.device.type != "cpu"
+        or x.dim() == 0
+        or x.shape[-1] != self.in_features  # F.linear says what is wrong
+        or not self.weight.is_contiguous()
+    ):
         return torch.nn.functional.linear(x, self.weight, self.bias)
     flat = x.reshape(rows, self.in_features)
     pieces = self.weight.view(parts, self.out_features // parts, self.in_features).transpose(1, 2)
     y = torch.bmm(flat.expand(parts, rows, self.in_features), pieces).transpose(0, 1).reshape(*x.shape[:-1], -1)
-    return y if self.bias is None else y + self.bias
+    return y if self.bias is None else y + self.bias.to(y.dtype)  # under autocast, y is in its dtype
 
 
 def split_small_products(model) -> None:
     """Spread a decoding step's matrix products over the CPU's threads. A step multiplies a few
     rows (one new token per prompt) by every weight, so it is the weights' read; MKL runs such
-    a product on one thread (a 1,536 x 576 weight by one row: the same time on one thread as on
-    two), and the step read the embedded model's 540 MB at about 10 GB/s on this machine
-    (benchmarks/README.md). Cut into parts that one batched product takes, each thread reads its
-    own parts: the 30 layers' products of one row went from 41 to 25 ms and the vocabulary
-    projection's from 14 to 7, with two threads. Products with gradients (training), of more
-    than ``SMALL_PRODUCT_ROWS`` rows, or on one thread are nn.Linear's own. Each part's
-    products are the same dot products, so values agree to float rounding. Plain nn.Linear
-    layers on CPU only (not quantized or subclassed ones, not GPUs); idempotent."""
+    a product on one thread (the 30 layers' products of one row took 41.7 ms on one thread and
+    43.1 ms on two), and the step read the embedded model's 540 MB at about 10 GB/s on this
+    machine (benchmarks/README.md). Cut into parts that one batched product takes, each thread
+    reads its own parts: with two threads, those layers' products took 24 ms and the vocabulary
+    projection's 7 ms instead of 12 (measured on 2 threads only; more threads get more parts).
+    Products with gradients (training), of more than ``SMALL_PRODUCT_ROWS`` rows, or on one
+    thread are nn.Linear's own. Each part's products are the same dot products, so values
+    agree to float rounding. Plain nn.Linear layers on CPU only (not quantized or subclassed
+    ones, not GPUs); idempotent. As with ``lean_mlp``, a module pickled whole (torch.save of the
+    model, which the project never does: it saves safetensors) cannot be unpickled."""
     import torch
 
     for module in model.modules():

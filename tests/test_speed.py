@@ -406,8 +406,10 @@ def test_split_parts_are_two_per_thread_and_divide_the_weight():
     assert split_parts(192, 2) == 4
     assert split_parts(49152, 2) == 16  # the vocabulary projection: parts of 3,072 rows
     assert split_parts(576, 8) == 16
-    assert split_parts(100, 8) == 4  # 16 and 8 do not divide 100
+    assert split_parts(100, 8) == 10  # the most parts under 16 that divide 100
+    assert split_parts(151936, 2) == 32  # Qwen's vocabulary: 49 parts do not divide it, 32 do
     assert split_parts(97, 2) == 1  # a prime: not split
+    assert split_parts(64, 0) == 1
 
 
 def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(monkeypatch, two_threads):
@@ -451,8 +453,8 @@ def test_split_products_go_on_plain_linears_once(tiny_model):
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     assert linears and all("forward" in vars(m) for m in linears)
     before = [vars(m)["forward"] for m in linears]
-    split_small_products(model)  # idempotent
-    assert [vars(m)["forward"] for m in linears] == before
+    split_small_products(model)  # idempotent: the same bound methods, not new ones
+    assert all(vars(m)["forward"] is b for m, b in zip(linears, before))
     other = torch.nn.Sequential(Mine(64, 64), torch.nn.Linear(64, 8))  # a subclass; a rank-sized factor
     split_small_products(other)
     assert not any("forward" in vars(m) for m in other)
@@ -469,9 +471,48 @@ def test_split_products_give_the_same_greedy_answers(tiny_model, tokenizer, make
     cfg = DecodeConfig(max_new_tokens=6, batch_size=3)
     calls = bmm_spy(monkeypatch)
     split = generate(model, tokenizer, prompts, cfg, show=False)
-    assert calls  # the steps' products really were split
+    assert (16, 32, 3072) in calls  # the steps' products really were split, the tied head's too
+    assert (4, 32, 16) in calls  # and a layer's (q: 32 x 32 in 4 parts)
     monkeypatch.setattr(oppu.modeling, "SMALL_PRODUCT_ROWS", 0)
     calls.clear()
     plain = generate(model, tokenizer, prompts, cfg, show=False)
     assert not calls
     assert split == plain
+
+
+def test_split_products_on_the_edges(monkeypatch, two_threads):
+    """No bias, a weight that does not divide, a non-contiguous weight, inference mode, a wrong
+    input width: each either split and equal to nn.Linear's product, or nn.Linear's own."""
+    from oppu.modeling import split_small_products
+
+    torch.manual_seed(0)
+    plain = torch.nn.functional.linear
+    no_bias, prime = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(64, 97)
+    odd = torch.nn.Linear(64, 96)
+    odd.weight = torch.nn.Parameter(torch.randn(64, 96).t())  # a transposed view: not contiguous
+    for layer in (no_bias, prime, odd):
+        split_small_products(layer)
+    calls = bmm_spy(monkeypatch)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(no_bias(x), plain(x, no_bias.weight), rtol=1e-5, atol=1e-6)
+        assert calls == [(4, 64, 24)]
+        assert torch.equal(prime(x), plain(x, prime.weight, prime.bias))
+        assert torch.equal(odd(x), plain(x, odd.weight, odd.bias))
+        assert len(calls) == 1
+        with pytest.raises(RuntimeError):  # as nn.Linear: the input's width must be in_features
+            no_bias(torch.randn(2, 32))
+
+
+def test_split_products_keep_autocasts_dtype(monkeypatch, two_threads):
+    from oppu.modeling import split_small_products
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    split_small_products(layer)
+    calls = bmm_spy(monkeypatch)
+    x = torch.randn(2, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert calls and y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
