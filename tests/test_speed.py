@@ -425,7 +425,9 @@ def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(mon
             y = layer(x)
         assert y.shape == (*shape[:-1], 96)
         torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
-    assert calls == [(4, 64, 24)] * 3  # 4 parts of 24 output rows each time
+    # 4 parts of 24 output rows each time: one row by the weight's parts (weight first), more
+    # rows by the parts' transposes
+    assert calls == [(4, 64, 1), (4, 64, 24), (4, 64, 24)]
     # more rows, gradients, one thread: nn.Linear's own product, bit for bit
     x = torch.randn(SMALL_PRODUCT_ROWS + 1, 64)
     with torch.no_grad():
@@ -472,6 +474,7 @@ def test_split_products_give_the_same_greedy_answers(tiny_model, tokenizer, make
     calls = bmm_spy(monkeypatch)
     split = generate(model, tokenizer, prompts, cfg, show=False)
     assert (16, 32, 3072) in calls  # the steps' products really were split, the tied head's too
+    assert (16, 32, 1) in calls  # the fourth prompt alone: its one row, weight first
     assert (4, 32, 16) in calls  # and a layer's (q: 32 x 32 in 4 parts)
     monkeypatch.setattr(oppu.modeling, "SMALL_PRODUCT_ROWS", 0)
     calls.clear()
