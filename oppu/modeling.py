@@ -271,7 +271,8 @@ def fold_lm_head(model) -> None:
 SMALL_PRODUCT_ROWS = 32  # a product of at most this many rows without gradients is split
 SPLIT_ROWS = 3072  # the vocabulary projection is split into parts of about this many output rows
 # Up to this many rows, each part multiplies the weight by the rows (weight first: a matrix by one
-# or two vectors), which read the weights faster here than the rows by the weight (benchmarks/README.md).
+# or two vectors), which read the weights faster here than the rows by the weight (benchmarks/README.md;
+# measured on 2 threads only).
 WEIGHT_FIRST_ROWS = 2
 
 

@@ -419,7 +419,7 @@ def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(mon
     layer = torch.nn.Linear(64, 96)
     split_small_products(layer)
     calls = bmm_spy(monkeypatch)
-    for shape in ((1, 64), (3, 1, 64), (2, SMALL_PRODUCT_ROWS // 2, 64)):
+    for shape in ((64,), (1, 64), (2, 64), (3, 1, 64), (2, SMALL_PRODUCT_ROWS // 2, 64)):
         x = torch.randn(shape)
         with torch.no_grad():
             y = layer(x)
@@ -427,7 +427,7 @@ def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(mon
         torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
     # 4 parts of 24 output rows each time: one row by the weight's parts (weight first), more
     # rows by the parts' transposes
-    assert calls == [(4, 64, 1), (4, 64, 24), (4, 64, 24)]
+    assert calls == [(4, 64, 1), (4, 64, 1), (4, 64, 2), (4, 64, 24), (4, 64, 24)]
     # more rows, gradients, one thread: nn.Linear's own product, bit for bit
     x = torch.randn(SMALL_PRODUCT_ROWS + 1, 64)
     with torch.no_grad():
@@ -442,7 +442,7 @@ def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(mon
     layer.to("meta")  # moved off the CPU after it was prepared (a GPU's stand-in)
     with torch.no_grad():
         assert layer(x.to("meta")).shape == (2, 96)
-    assert len(calls) == 3
+    assert len(calls) == 5
 
 
 def test_split_products_go_on_plain_linears_once(tiny_model):
