@@ -473,9 +473,9 @@ def test_split_products_give_the_same_greedy_answers(tiny_model, tokenizer, make
     cfg = DecodeConfig(max_new_tokens=6, batch_size=3)
     calls = bmm_spy(monkeypatch)
     split = generate(model, tokenizer, prompts, cfg, show=False)
-    assert (16, 32, 3072) in calls  # the steps' products really were split, the tied head's too
-    assert (16, 32, 1) in calls  # the fourth prompt alone: its one row, weight first
-    assert (4, 32, 16) in calls  # and a layer's (q: 32 x 32 in 4 parts)
+    assert (4, 32, 16) in calls  # the steps' products really were split: q (32 x 32) in 4 parts
+    assert (16, 32, 3) in calls  # the tied head's, weight first for a batch of 3 rows
+    assert (16, 32, 1) in calls  # and for the fourth prompt alone
     monkeypatch.setattr(oppu.modeling, "SMALL_PRODUCT_ROWS", 0)
     calls.clear()
     plain = generate(model, tokenizer, prompts, cfg, show=False)
@@ -519,3 +519,18 @@ def test_split_products_keep_autocasts_dtype(monkeypatch, two_threads):
         y, want = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert calls and y.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_vocabulary_wide_weight_goes_weight_first_up_to_more_rows(monkeypatch, two_threads):
+    from oppu.modeling import WIDE_ROWS, WIDE_WEIGHT_FIRST_ROWS, split_small_products
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, WIDE_ROWS, bias=False)
+    split_small_products(head)
+    calls = bmm_spy(monkeypatch)
+    for rows in (WIDE_WEIGHT_FIRST_ROWS, WIDE_WEIGHT_FIRST_ROWS + 1):
+        x = torch.randn(rows, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    parts = 4  # max(2 x 2 threads, 16384 // 3072 = 5), and 5 does not divide 16384
+    assert calls == [(parts, 64, WIDE_WEIGHT_FIRST_ROWS), (parts, 64, WIDE_ROWS // parts)]
