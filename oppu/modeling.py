@@ -274,8 +274,9 @@ SPLIT_ROWS = 3072  # the vocabulary projection is split into parts of about this
 # or two vectors), which read the weights faster here than the rows by the weight (benchmarks/README.md;
 # measured on 2 threads only).
 WEIGHT_FIRST_ROWS = 2
-# A vocabulary-wide weight (``WIDE_ROWS`` output rows or more) goes weight first up to more rows.
-WIDE_ROWS, WIDE_WEIGHT_FIRST_ROWS = 16384, 8
+# The vocabulary projection (the model's output embeddings) goes weight first up to more rows
+# (measured for the embedded model's 49,152 x 576 head, on 2 threads only).
+VOCABULARY_WEIGHT_FIRST_ROWS = 8
 
 
 def split_parts(out_features: int, threads: int) -> int:
@@ -308,7 +309,7 @@ def _split_linear_forward(self, x):
         return torch.nn.functional.linear(x, self.weight, self.bias)
     flat = x.reshape(rows, self.in_features)
     pieces = self.weight.view(parts, self.out_features // parts, self.in_features)
-    weight_first = WIDE_WEIGHT_FIRST_ROWS if self.out_features >= WIDE_ROWS else WEIGHT_FIRST_ROWS
+    weight_first = VOCABULARY_WEIGHT_FIRST_ROWS if getattr(self, "_oppu_vocabulary", False) else WEIGHT_FIRST_ROWS
     if rows <= weight_first:  # (parts, out / parts, rows): output column-wise
         y = torch.bmm(pieces, flat.t().expand(parts, self.in_features, rows)).permute(2, 0, 1)
     else:  # (parts, rows, out / parts)
@@ -329,7 +330,7 @@ def split_small_products(model) -> None:
     user with one query or in the paper's configuration) multiply each part of the weight by
     them, a matrix by vectors, which read the weights faster still: all those products of one
     row took 17 to 22 ms that way against 31 to 36 ms the other way, and 54 to 56 ms unsplit.
-    The vocabulary projection goes weight first up to 8 rows (``WIDE_WEIGHT_FIRST_ROWS``): 4.1
+    The vocabulary projection goes weight first up to 8 rows (``VOCABULARY_WEIGHT_FIRST_ROWS``): 4.1
     against 13.6 to 15.3 ms for 3 rows, 7.0 to 7.8 against 9.2 to 9.4 ms for 8.
     Products with gradients (training), of more than ``SMALL_PRODUCT_ROWS`` rows, or on one
     thread are nn.Linear's own. Each part's products are the same dot products, so values
@@ -338,6 +339,10 @@ def split_small_products(model) -> None:
     model, which the project never does: it saves safetensors) cannot be unpickled."""
     import torch
 
+    heads = getattr(model, "get_output_embeddings", None)
+    head = heads() if heads else None
+    if isinstance(head, torch.nn.Linear):
+        head._oppu_vocabulary = True
     for module in model.modules():
         if (
             type(module) is torch.nn.Linear

@@ -425,8 +425,8 @@ def test_a_small_product_without_gradients_is_split_and_equals_the_plain_one(mon
             y = layer(x)
         assert y.shape == (*shape[:-1], 96)
         torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
-    # 4 parts of 24 output rows each time: one row by the weight's parts (weight first), more
-    # rows by the parts' transposes
+    # 4 parts of 24 output rows each time: one or two rows by the weight's parts (weight first),
+    # more rows by the parts' transposes
     assert calls == [(4, 64, 1), (4, 64, 1), (4, 64, 2), (4, 64, 24), (4, 64, 24)]
     # more rows, gradients, one thread: nn.Linear's own product, bit for bit
     x = torch.randn(SMALL_PRODUCT_ROWS + 1, 64)
@@ -473,7 +473,7 @@ def test_split_products_give_the_same_greedy_answers(tiny_model, tokenizer, make
     cfg = DecodeConfig(max_new_tokens=6, batch_size=3)
     calls = bmm_spy(monkeypatch)
     split = generate(model, tokenizer, prompts, cfg, show=False)
-    assert (4, 32, 16) in calls  # the steps' products really were split: q (32 x 32) in 4 parts
+    assert (4, 32, 16) in calls  # the steps' products really were split: gate and up (64 x 32) in 4 parts
     assert (16, 32, 3) in calls  # the tied head's, weight first for a batch of 3 rows
     assert (16, 32, 1) in calls  # and for the fourth prompt alone
     monkeypatch.setattr(oppu.modeling, "SMALL_PRODUCT_ROWS", 0)
@@ -521,16 +521,20 @@ def test_split_products_keep_autocasts_dtype(monkeypatch, two_threads):
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
 
 
-def test_a_vocabulary_wide_weight_goes_weight_first_up_to_more_rows(monkeypatch, two_threads):
-    from oppu.modeling import WIDE_ROWS, WIDE_WEIGHT_FIRST_ROWS, split_small_products
+def test_the_vocabulary_projection_goes_weight_first_up_to_more_rows(tiny_model, monkeypatch, two_threads):
+    """The output embeddings, and not another weight as wide, go weight first up to 8 rows."""
+    from oppu.modeling import VOCABULARY_WEIGHT_FIRST_ROWS, WEIGHT_FIRST_ROWS, split_small_products
 
-    torch.manual_seed(0)
-    head = torch.nn.Linear(64, WIDE_ROWS, bias=False)
-    split_small_products(head)
+    assert (WEIGHT_FIRST_ROWS, VOCABULARY_WEIGHT_FIRST_ROWS) == (2, 8)
+    head = tiny_model().lm_head  # 49,152 x 32, tied to the embeddings; prepare_model split it
+    wide = torch.nn.Linear(32, head.out_features, bias=False)  # as wide, not the vocabulary's
+    split_small_products(wide)
     calls = bmm_spy(monkeypatch)
-    for rows in (WIDE_WEIGHT_FIRST_ROWS, WIDE_WEIGHT_FIRST_ROWS + 1):
-        x = torch.randn(rows, 64)
-        with torch.no_grad():
-            torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
-    parts = 4  # max(2 x 2 threads, 16384 // 3072 = 5), and 5 does not divide 16384
-    assert calls == [(parts, 64, WIDE_WEIGHT_FIRST_ROWS), (parts, 64, WIDE_ROWS // parts)]
+    for layer in (head, wide):
+        for rows in (3, 8, 9):
+            x = torch.randn(rows, 32)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    parts = 16  # 49,152 // 3,072
+    weight_first, transposed = [(parts, 32, 3), (parts, 32, 8)], [(parts, 32, 3072)]
+    assert calls == weight_first + transposed + transposed * 3
