@@ -292,21 +292,24 @@ def _split_linear_forward(self, x):
     as one batched product over parts of the weight, which torch spreads over its threads."""
     import torch
 
+    plain = torch.nn.functional.linear
+    if torch.is_grad_enabled():  # training: checked first, it is every product of a step
+        return plain(x, self.weight, self.bias)
     rows = math.prod(x.shape[:-1])
     threads = torch.get_num_threads()
-    parts = split_parts(self.out_features, threads)
     # on the CPU only: a model prepared there and moved to a GPU keeps nn.Linear's products
     if (
-        torch.is_grad_enabled()
-        or not 0 < rows <= SMALL_PRODUCT_ROWS
+        not 0 < rows <= SMALL_PRODUCT_ROWS
         or threads < 2
-        or parts < 2
         or x.device.type != "cpu"
         or x.dim() == 0
         or x.shape[-1] != self.in_features  # F.linear says what is wrong
         or not self.weight.is_contiguous()
     ):
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return plain(x, self.weight, self.bias)
+    parts = split_parts(self.out_features, threads)
+    if parts < 2:
+        return plain(x, self.weight, self.bias)
     flat = x.reshape(rows, self.in_features)
     pieces = self.weight.view(parts, self.out_features // parts, self.in_features)
     weight_first = VOCABULARY_WEIGHT_FIRST_ROWS if getattr(self, "_oppu_vocabulary", False) else WEIGHT_FIRST_ROWS
