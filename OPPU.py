@@ -59,7 +59,7 @@ from oppu.runs import (
     wait_for_users,
 )
 from oppu.tasks import Task
-from oppu.training import encode_pairs, train
+from oppu.training import Encoded, TrainConfig, encode_pairs, train
 from prompts import parse_prediction
 from utils import (
     UserError,
@@ -113,6 +113,19 @@ def answer_user(peft_model, tokenizer, task: Task, user: User, profile: str | No
     }
 
 
+def user_training(
+    tokenizer, task: Task, user: User, profile: str | None, args: argparse.Namespace, inputs: list[str] | None = None
+) -> tuple[list[Encoded], TrainConfig]:
+    """What a user's personal training runs on: the user's history as encoded examples (with
+    ``args.k`` retrieved items, the profile, ``inputs`` as in ``train_user``) and the training
+    settings, seeded per user, with the epochs raised to reach ``--min_steps``."""
+    pairs = history_pairs(task, user, args.k, profile, args.retrieval, args.history_format, inputs)
+    encoded = encode_pairs(tokenizer, pairs, args.cut_off)
+    epochs = epochs_for_min_steps(len(encoded), args.batch_size, args.max_epoch, args.min_steps)
+    train_cfg, _ = cli.personal_configs(args, task)
+    return encoded, replace(train_cfg, seed=stable_seed(args.seed, user["user_id"]), max_epoch=epochs)
+
+
 def train_user(
     model,
     tokenizer,
@@ -131,11 +144,7 @@ def train_user(
     seed = stable_seed(args.seed, user["user_id"])
     set_seed(seed)
     peft_model = add_user_adapter(model, tokenizer, args, cli.target_modules(args))
-    pairs = history_pairs(task, user, args.k, profile, args.retrieval, args.history_format, inputs)
-    encoded = encode_pairs(tokenizer, pairs, args.cut_off)
-    epochs = epochs_for_min_steps(len(encoded), args.batch_size, args.max_epoch, args.min_steps)
-    train_cfg, _ = cli.personal_configs(args, task)
-    cfg = replace(train_cfg, seed=seed, max_epoch=epochs)
+    encoded, cfg = user_training(tokenizer, task, user, profile, args, inputs)
     fit = train(peft_model, tokenizer, encoded, cfg, desc=f"user {user['user_id']}")
     trained = time.time()
     answers = answer_user(peft_model, tokenizer, task, user, profile, args)
@@ -153,7 +162,7 @@ def train_user(
         "adapter_bytes": (staging / "adapter" / ADAPTER_WEIGHTS).stat().st_size,
         "train_tokens": fit.tokens,
         "truncated_examples": sum(e.truncated for e in encoded),
-        "epochs": epochs,
+        "epochs": cfg.max_epoch,
         "steps": fit.steps,
         "final_loss": fit.final_loss,
         "losses": [round(x, 4) for x in fit.losses],  # training loss per optimiser step

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from oppu.adapters import TASK_TARGETS, USER_TARGETS, add_adapter, lora_config, save_adapter  # noqa: E402
 from oppu.answers import PACKED, answer_rows, candidates, decision_points  # noqa: E402
-from oppu.cost import Shape, linear_flops, train_flops  # noqa: E402
+from oppu.cost import Shape, linear_flops, plan_train_flops, train_flops  # noqa: E402
 from oppu.data import TEST_USERS_FILE, load_users  # noqa: E402
 from oppu.examples import history_pairs, query_prompts  # noqa: E402
 from oppu.generation import DecodeConfig, generate  # noqa: E402
@@ -205,12 +205,29 @@ def forward_flops(config, tokens: int, logit_positions: int) -> float:
     return 2.0 * (linear_flops(shape, tokens) + shape.hidden * shape.vocab * logit_positions)
 
 
-def own_tokens(tokenizer, prompts: list[str]) -> int:
-    """Prompt tokens to run at least once: the prompts' common first tokens once, the rest each."""
+def own_tokens(tokenizer, prompts: list[str], shared_prefix: bool = True) -> int:
+    """Prompt tokens to run at least once: the prompts' common first tokens once, the rest each
+    (``shared_prefix`` False: every prompt's tokens, as a mixed batch of users runs them)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    shared = common_prefix_length(encoded)
+    shared = common_prefix_length(encoded) if shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0  # as generate() and score_answers() decide
     return shared + sum(len(e) - shared for e in encoded)
+
+
+def new_tokens(tokenizer, outputs: Sequence[str], max_new_tokens: int) -> int:
+    """New tokens of these answers, re-counted from their text, plus the EOS that ends an answer
+    shorter than the cap."""
+    return sum(min(len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1, max_new_tokens) for o in outputs)
+
+
+def answer_floor_gflop(
+    config, tokenizer, prompts: list[str], outputs: Sequence[str], max_new_tokens: int, shared_prefix: bool = True
+) -> float:
+    """The least work of answering ``prompts`` with ``outputs``: the prompts' tokens (``own_tokens``)
+    and each new token but the last through the model, every new token with its logits. No decoder
+    of these answers does less."""
+    new = new_tokens(tokenizer, outputs, max_new_tokens)
+    return forward_flops(config, own_tokens(tokenizer, prompts, shared_prefix) + new - len(prompts), new) / 1e9
 
 
 def measure_decode(model, tokenizer, prompts: list[str], settings: dict, limit: float) -> dict:
@@ -220,11 +237,8 @@ def measure_decode(model, tokenizer, prompts: list[str], settings: dict, limit: 
     start = time.perf_counter()
     outputs = generate(model, tokenizer, prompts, cfg, show=False)
     seconds = time.perf_counter() - start
-    # New tokens re-counted from the text, plus the EOS that ends an answer shorter than the cap.
-    new = sum(min(len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1, cfg.max_new_tokens) for o in outputs)
-    # The floor: these prompts and new tokens at the matmul limit (each new token but the last
-    # runs through the model; every one needs logits). No decoder of these answers does less.
-    floor = forward_flops(model.config, own_tokens(tokenizer, prompts) + new - len(prompts), new) / 1e9
+    new = new_tokens(tokenizer, outputs, cfg.max_new_tokens)
+    floor = answer_floor_gflop(model.config, tokenizer, prompts, outputs, cfg.max_new_tokens)  # at the limit below
     return {
         "queries_per_s": len(prompts) / seconds,
         "answers": outputs,
@@ -360,8 +374,13 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
     rows = [(encode_prompt(tokenizer, p), owner[uid]) for uid, p in prompts]
     from oppu.serving import RowAdapters
 
+    answers: list[str] = []
+
     def mixed() -> None:  # a fresh RowAdapters each time: it hands each prompt to its adapter once
-        generate(RowAdapters(peft, rows), tokenizer, texts, cfg, show=False)
+        answers[:] = generate(RowAdapters(peft, rows), tokenizer, texts, cfg, show=False)
+
+    def prompt_pass() -> None:  # the mixed batch's prompt pass (and its first new token) alone
+        generate(RowAdapters(peft, rows), tokenizer, texts, replace(cfg, max_new_tokens=1), show=False)
 
     def single() -> None:
         peft.set_adapter(names[0])
@@ -375,13 +394,20 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
     generate(peft, tokenizer, texts[:1], cfg, show=False)  # first-call costs out of the timings
     # every way twice, in turn, and the faster of its two: one slow moment of a shared machine
     # then does not decide a ratio
-    seconds: dict[str, list[float]] = {"mixed": [], "single": [], "sequential": []}
+    seconds: dict[str, list[float]] = {"mixed": [], "single": [], "sequential": [], "prompt_pass": []}
     for _ in range(ROUNDS):
-        for name, way in (("mixed", mixed), ("single", single), ("sequential", sequential)):
+        for name, way in (
+            ("mixed", mixed),
+            ("single", single),
+            ("sequential", sequential),
+            ("prompt_pass", prompt_pass),
+        ):
             start = time.perf_counter()
             way()
             seconds[name].append(time.perf_counter() - start)
-    qps = {k: len(prompts) / min(v) for k, v in seconds.items()}
+    qps = {k: len(prompts) / min(v) for k, v in seconds.items() if k != "prompt_pass"}
+    # the mixed batch's floor: every prompt's tokens (no shared prefix) and its answer at the limit
+    floor = answer_floor_gflop(model.config, tokenizer, texts, answers, cfg.max_new_tokens, shared_prefix=False)
     prefix = serve_prefix(peft, tokenizer, task, users[:4], names[:4], queries=4)
     peft.unload()
     return {
@@ -390,6 +416,8 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
         "via": "oppu.serving.RowAdapters",
         "queries_per_s": qps,
         "seconds": seconds,
+        "mixed_new_tokens": new_tokens(tokenizer, answers, cfg.max_new_tokens),
+        "floor_gflop": floor,
         "prefix": prefix,
     }
 
@@ -482,7 +510,36 @@ def run_oppu(work: Path, data: Path, task_lora: Path, name: str, flags: list[str
     }
 
 
-def bench_e2e(model, data: Path, work: Path, args) -> dict:
+def e2e_floor_gflop(config, tokenizer, run_dir: Path) -> dict[str, float]:
+    """The least work per user of a finished OPPU.py run (its folder, ``run_dir``), with the
+    settings it saved: each user's training as it ran (its batches, the shared prefix once per
+    batch: oppu.cost's ``plan_train_flops`` on ``OPPU.user_training``) and the answers it wrote
+    (``answer_floor_gflop``), per user: ``train``, ``answer`` and their sum. Profiles and
+    retrieval's index are not counted (the bench uses neither)."""
+    import OPPU
+    from oppu import cli
+    from oppu.runs import user_result_dir
+
+    args = argparse.Namespace(**read_json(run_dir / "run_config.json"))
+    task = get_task(args.task_name)
+    _, decode_cfg = cli.personal_configs(args, task)
+    shape = Shape.from_config(config)
+    train_gflop, answer_gflop = [], []
+    for user in load_users(task, Path(args.data_dir) / task.name / TEST_USERS_FILE):
+        result = read_json(user_result_dir(run_dir, user["user_id"]) / "result.json")
+        encoded, cfg = OPPU.user_training(tokenizer, task, user, None, args)
+        train_flops, _ = plan_train_flops(shape, encoded, cfg)
+        prompts = query_prompts(task, user, args.k, None, args.retrieval)
+        outputs = [result["raw_generations"][q["id"]] for q in user["query"]]
+        train_gflop.append(train_flops / 1e9)
+        answer_gflop.append(
+            answer_floor_gflop(config, tokenizer, prompts, outputs, decode_cfg.max_new_tokens, decode_cfg.shared_prefix)
+        )
+    train, answer = sum(train_gflop) / len(train_gflop), sum(answer_gflop) / len(answer_gflop)
+    return {"train": train, "answer": answer, "total": train + answer}
+
+
+def bench_e2e(model, tokenizer, data: Path, work: Path, args) -> dict:
     """OPPU end to end (train + answer per user) in ours and the paper's configuration. The task
     adapter is a fresh LoRA (B = 0, so merging it changes nothing): speed does not depend on it."""
     torch.manual_seed(0)
@@ -491,9 +548,15 @@ def bench_e2e(model, data: Path, work: Path, args) -> dict:
     peft.unload()
     short = short_histories(data, work / "data-e2e", args.e2e_users, args.e2e_items)
     out = {"ours": run_oppu(work, short, work / "task_adapter", "ours", OURS_OPPU)}
+    ours_run = next((work / "ckpt-ours").rglob("manifest.jsonl")).parent
+    floor = e2e_floor_gflop(model.config, tokenizer, ours_run)  # per user; in seconds at the limit: apply_limit
+    out["ours"] |= {
+        "floor_gflop": floor["total"],
+        "floor_train_gflop": floor["train"],
+        "floor_answer_gflop": floor["answer"],
+    }
     # the same PEFTs answering by greedy decoding kept to the labels: OPPU.py --reuse_adapters
     # loads them and only answers; a user's seconds are then ours' training and this answering
-    ours_run = next((work / "ckpt-ours").rglob("manifest.jsonl")).parent
     reused = ["--answer_mode", "constrained", "--reuse_adapters", str(ours_run)]
     constrained = run_oppu(work, short, work / "task_adapter", "ours_constrained", [*OURS_OPPU, *reused])
     constrained["seconds_per_user"] = out["ours"]["train_seconds_per_user"] + constrained["answer_seconds_per_user"]
@@ -517,6 +580,9 @@ def apply_limit(r: dict) -> None:
         for figures in task["decode"].values():
             if "floor_gflop" in figures:
                 figures["floor_seconds"] = figures["floor_gflop"] / limit
+    for figures in (r.get("serve"), r.get("e2e", {}).get("ours")):
+        if figures and "floor_gflop" in figures:
+            figures["floor_seconds"] = figures["floor_gflop"] / limit
 
 
 def headline(r: dict) -> dict:
@@ -545,6 +611,10 @@ def headline(r: dict) -> dict:
             "mixed_vs_single_adapter": q["mixed"] / q["single"],
             "mixed_vs_sequential": q["mixed"] / q["sequential"],
         }
+        if "floor_seconds" in r["serve"]:
+            # the most a mixed batch could gain on user after user: the latter's time over the
+            # mixed batch's floor (every prompt token and new token at the matmul limit)
+            out["mixed_vs_sequential_ceiling"] = min(r["serve"]["seconds"]["sequential"]) / r["serve"]["floor_seconds"]
         if r["serve"].get("prefix"):
             pq = r["serve"]["prefix"]["queries_per_s"]
             out["mixed_prefix_speedup"] = pq["shared_prefix"] / pq["no_prefix"]
@@ -561,6 +631,9 @@ def headline(r: dict) -> dict:
             "peak_rss_gb": e["ours"]["peak_rss_gb"],
             "peft_mb": e["ours"]["peft_mb"],
         }
+        if "floor_seconds" in e["ours"]:
+            # the paper's seconds per user over ours' floor: its training and answers at the limit
+            out["e2e_ceiling_vs_paper"] = e["paper"]["seconds_per_user"] / e["ours"]["floor_seconds"]
     return out
 
 
@@ -596,6 +669,11 @@ def table(r: dict) -> str:
             if key not in r["e2e"]["paper"]:
                 continue  # a results.json from before the figure
             lines.append(f"| OPPU end to end {key} | {r['e2e']['paper'][key]:.2f} | | {r['e2e']['ours'][key]:.2f} |")
+        if "floor_seconds" in r["e2e"]["ours"]:
+            f = r["e2e"]["ours"]["floor_seconds"]
+            lines.append(
+                f"| OPPU end to end: ours' floor per user (its training and answers at the limit), s | | | {f:.2f} |"
+            )
         if "ours_constrained" in r["e2e"]:
             c = r["e2e"]["ours_constrained"]
             lines.append(
@@ -608,6 +686,13 @@ def table(r: dict) -> str:
             f"| serving queries/s: mixed 8 users / one adapter / user after user | "
             f"{q['mixed']:.2f} / {q['single']:.2f} / {q['sequential']:.2f} | | |"
         )
+        if "floor_seconds" in r["serve"]:
+            sv = r["serve"]
+            lines.append(
+                f"| serving: user after user / the mixed batch / its prompt pass alone / its floor at the limit, s | "
+                f"{min(sv['seconds']['sequential']):.2f} / {min(sv['seconds']['mixed']):.2f} / "
+                f"{min(sv['seconds']['prompt_pass']):.2f} / {sv['floor_seconds']:.2f} | | |"
+            )
         if r["serve"].get("prefix"):
             pr = r["serve"]["prefix"]
             pq = pr["queries_per_s"]
@@ -667,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["serve"] = bench_serving(model, tokenizer, data, args)
         save(results, Path(args.output), start)
     if "e2e" in sections:
-        results["e2e"] = bench_e2e(model, data, work, args)
+        results["e2e"] = bench_e2e(model, tokenizer, data, work, args)
     results["matmul_samples"].append(matmul_gflops())
     out = save(results, Path(args.output), start)
     print(table(results))

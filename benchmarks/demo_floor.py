@@ -20,21 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
-from oppu.cost import Shape, pass_train_flops  # noqa: E402
+from oppu.cost import Shape, plan_train_flops  # noqa: E402
 from oppu.data import OTHER_USERS_FILE, TEST_USERS_FILE, load_users  # noqa: E402
 from oppu.defaults import SMALL, epochs_for_min_steps  # noqa: E402
 from oppu.examples import history_pairs, query_pairs  # noqa: E402
 from oppu.modeling import ModelSpec, embedded_checkpoint, load_tokenizer  # noqa: E402
 from oppu.tasks import get_task  # noqa: E402
-from oppu.training import (  # noqa: E402
-    IGNORE_INDEX,
-    MIN_SHARED_PREFIX,
-    Encoded,
-    TrainConfig,
-    batch_plan,
-    common_prefix_length,
-    encode_pairs,
-)
+from oppu.training import TrainConfig, encode_pairs  # noqa: E402
 from utils import stable_seed  # noqa: E402
 
 
@@ -45,35 +37,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pass_flops(shape: Shape, chunk: Sequence[Encoded]) -> float:
-    """One forward pass as ``training._summed_loss`` runs it: the common prefix once (if long
-    enough to be shared), logits from the batch's first target position on."""
-    firsts = [next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), len(e.labels) - 1) for e in chunk]
-    first, width = max(min(firsts), 1), max(len(e.input_ids) for e in chunk)
-    prefix = min(common_prefix_length([e.input_ids for e in chunk]), first - 1)
-    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
-    lengths = [len(e.input_ids) for e in chunk]
-    return pass_train_flops(shape, lengths, [width - first + 1] * len(chunk), prefix)
-
-
-def plan_flops(shape: Shape, encoded: Sequence[Encoded], cfg: TrainConfig) -> tuple[float, int]:
-    """Model FLOPs and optimiser steps of ``train(..., encoded, cfg)``."""
-    steps = batch_plan(len(encoded), cfg, [len(e.input_ids) for e in encoded])
-    total = 0.0
-    for step in steps:
-        chunk = [encoded[i] for i in step]
-        for i in range(0, len(chunk), cfg.micro_batch_size):
-            total += pass_flops(shape, chunk[i : i + cfg.micro_batch_size])
-    return total, len(steps)
-
-
 def task_flops(shape: Shape, tokenizer, data: Path, name: str, micro: int, seed: int) -> dict:
     task = get_task(name)
     others = load_users(task, data / name / OTHER_USERS_FILE, need_history=False)
     tests = load_users(task, data / name / TEST_USERS_FILE)
     encoded = encode_pairs(tokenizer, [p for u in others for p in query_pairs(task, u)], 2048)
     cfg = TrainConfig(batch_size=SMALL.batch_size, micro_batch_size=micro, max_epoch=SMALL.task_epochs, seed=seed)
-    task_adapter, task_steps = plan_flops(shape, encoded, cfg)
+    task_adapter, task_steps = plan_train_flops(shape, encoded, cfg)
     personal, personal_steps = 0.0, 0
     for user in tests:
         # A tweet's pairs ask with the rewriter's neutral input: the tweet's own text stands in
@@ -86,7 +56,7 @@ def task_flops(shape: Shape, tokenizer, data: Path, name: str, micro: int, seed:
             max_epoch=epochs,
             seed=stable_seed(seed, user["user_id"]),
         )
-        flops, steps = plan_flops(shape, mine, user_cfg)
+        flops, steps = plan_train_flops(shape, mine, user_cfg)
         personal, personal_steps = personal + flops, personal_steps + steps
     return {
         "task_adapter": task_adapter,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from oppu.defaults import epochs_for_min_steps, estimate_parameters
 from oppu.runs import split_users
+from oppu.training import IGNORE_INDEX, MIN_SHARED_PREFIX, Encoded, TrainConfig, batch_plan, common_prefix_length
 
 # The projections LoRA adapts in each layer, and their output widths (d: hidden, kv: key/value).
 LORA_OUTPUTS = {"q_proj": "d", "k_proj": "kv", "v_proj": "kv", "o_proj": "d"}
@@ -97,6 +98,34 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
     attention = attention_flops(shape, prefix) + sum(attention_flops(shape, n, prefix) for n in lengths)
     head = shape.hidden * shape.vocab * sum(logit_positions)
     return 2.0 * (2 * linear + 3 * attention + 2 * head)
+
+
+def chunk_train_flops(
+    shape: Shape, chunk: Sequence[Encoded], shared_prefix: bool = True, min_prefix: int | None = None
+) -> float:
+    """Model FLOPs of one training pass over ``chunk`` as ``oppu.training`` runs it on CPU: the
+    logits from the batch's first target position on, in every row, and (``shared_prefix``) the
+    tokens every row starts with once, if at least ``min_prefix`` (default ``MIN_SHARED_PREFIX``)
+    and short of that position. Padding is not counted; recomputation by checkpointing is not."""
+    firsts = [next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), len(e.labels) - 1) for e in chunk]
+    first, width = max(min(firsts), 1), max(len(e.input_ids) for e in chunk)
+    prefix = min(common_prefix_length([e.input_ids for e in chunk]), first - 1) if shared_prefix else 0
+    prefix = prefix if prefix >= (MIN_SHARED_PREFIX if min_prefix is None else min_prefix) else 0
+    lengths = [len(e.input_ids) for e in chunk]
+    return pass_train_flops(shape, lengths, [width - first + 1] * len(chunk), prefix)
+
+
+def plan_train_flops(shape: Shape, examples: Sequence[Encoded], cfg: TrainConfig) -> tuple[float, int]:
+    """Model FLOPs and optimiser steps of ``oppu.training.train(model, tokenizer, examples, cfg)``
+    in one process on CPU: its batch plan, each micro-batch one pass (``chunk_train_flops``)."""
+    shared = cfg.shared_prefix and not cfg.gradient_checkpointing
+    steps = batch_plan(len(examples), cfg, [len(e.input_ids) for e in examples])
+    total = 0.0
+    for step in steps:
+        chunk = [examples[i] for i in step]
+        for i in range(0, len(chunk), cfg.micro_batch_size):
+            total += chunk_train_flops(shape, chunk[i : i + cfg.micro_batch_size], shared, cfg.min_shared_prefix)
+    return total, len(steps)
 
 
 def recompute_factor(shape: Shape, length: int, logit_positions: int) -> float:

@@ -169,3 +169,58 @@ def test_each_configuration_decodes_answers_of_its_own_length():
     # each new-token step reads 2 GB at 1 GB/s: 4 queries one at a time x 11 tokens, or one batch of 8 x 3
     assert user_figures(shape, machine, h, PAPER, 1, 4, q)["answer_seconds"] == pytest.approx(4 * 11 * 2.0)
     assert user_figures(shape, machine, h, OURS, 1, 4, q)["answer_seconds"] == pytest.approx(3 * 2.0)
+
+
+# --- a training run's FLOPs as oppu.training computes them ------------------------------------
+
+
+def _example(prefix: list[int], own: int, answer: int, start: int = 1000):
+    """An encoded example: ``prefix``, then ``own`` prompt tokens, then ``answer`` target tokens."""
+    from oppu.training import IGNORE_INDEX, Encoded
+
+    ids = prefix + list(range(start, start + own + answer))
+    return Encoded(ids, [IGNORE_INDEX] * (len(prefix) + own) + ids[len(prefix) + own :], False)
+
+
+def test_chunk_train_flops_shares_the_prefix_as_training_does():
+    from oppu.cost import chunk_train_flops
+
+    shape = Shape(hidden=8, layers=2, intermediate=16, kv=4, vocab=50, parameters=1.0)
+    prefix = list(range(20))
+    chunk = [_example(prefix, 5, 3), _example(prefix, 9, 2, start=2000)]  # 28 and 31 tokens
+    # logits from the batch's first target position (25) to the widest row's end (31): 7 per row
+    assert chunk_train_flops(shape, chunk) == pass_train_flops(shape, [28, 31], [7, 7], prefix=20)
+    assert chunk_train_flops(shape, chunk, shared_prefix=False) == pass_train_flops(shape, [28, 31], [7, 7])
+    # a prefix shorter than the least worth sharing runs in every row
+    assert chunk_train_flops(shape, chunk, min_prefix=21) == pass_train_flops(shape, [28, 31], [7, 7])
+    # rows that share more than their prompts: the prefix stops before the first target's logits
+    same = [_example(prefix, 5, 3), _example(prefix, 5, 3)]
+    assert chunk_train_flops(shape, same) == pass_train_flops(shape, [28, 28], [4, 4], prefix=24)
+
+
+def test_plan_train_flops_follows_the_batch_plan():
+    from oppu.cost import chunk_train_flops, plan_train_flops
+    from oppu.training import TrainConfig, batch_plan
+
+    shape = Shape(hidden=8, layers=2, intermediate=16, kv=4, vocab=50, parameters=1.0)
+    prefix = list(range(20))
+    examples = [_example(prefix, 3 + i, 2, start=1000 + 100 * i) for i in range(5)]
+    cfg = TrainConfig(batch_size=4, micro_batch_size=2, max_epoch=2, seed=3)
+    flops, steps = plan_train_flops(shape, examples, cfg)
+    plan = batch_plan(5, cfg, [len(e.input_ids) for e in examples])
+    assert steps == len(plan) == 4  # 2 epochs of a batch of 4 and a batch of 1
+    want = sum(
+        chunk_train_flops(shape, [examples[i] for i in step[j : j + 2]])
+        for step in plan
+        for j in range(0, len(step), 2)
+    )
+    assert flops == pytest.approx(want)
+    # checkpointing runs no shared prefix (oppu.training), nor does --no_shared_prefix
+    for off in ({"gradient_checkpointing": True}, {"shared_prefix": False}):
+        plain, _ = plan_train_flops(shape, examples, TrainConfig(**(vars(cfg) | off)))
+        unshared = sum(
+            chunk_train_flops(shape, [examples[i] for i in step[j : j + 2]], shared_prefix=False)
+            for step in plan
+            for j in range(0, len(step), 2)
+        )
+        assert plain == pytest.approx(unshared) and plain > flops

@@ -538,3 +538,91 @@ def test_the_vocabulary_projection_goes_weight_first_up_to_more_rows(tiny_model,
     parts = 16  # 49,152 // 3,072
     weight_first, transposed = [(parts, 32, 3), (parts, 32, 8)], [(parts, 32, 3072)]
     assert calls == weight_first + transposed + transposed * 3
+
+
+# --- the bench's floors and ceilings -----------------------------------------------------------
+
+
+def test_answer_floor_counts_each_prompt_token_once_and_every_new_token(tokenizer, tiny_model):
+    from benchmarks.bench import answer_floor_gflop, forward_flops, new_tokens
+    from oppu.training import encode_prompt
+
+    config = tiny_model().config
+    prompts = [
+        "Which category is this? categories: [a, b, c] article: one",
+        "Which category is this? categories: [a, b, c] article: two two",
+    ]
+    outputs = ["sports", "food & drink"]
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    shared = next(i for i, (x, y) in enumerate(zip(*(encode_prompt(tokenizer, p) for p in prompts))) if x != y)
+    new = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1 for o in outputs]  # each with its EOS
+    assert new_tokens(tokenizer, outputs, 8) == sum(new)
+    assert new_tokens(tokenizer, outputs, 2) == 4  # an answer that ran into the cap has no EOS
+    flops = answer_floor_gflop(config, tokenizer, prompts, outputs, 8)
+    assert flops == forward_flops(config, sum(lengths) - shared + sum(new) - 2, sum(new)) / 1e9
+    alone = answer_floor_gflop(config, tokenizer, prompts, outputs, 8, shared_prefix=False)
+    assert alone == forward_flops(config, sum(lengths) + sum(new) - 2, sum(new)) / 1e9 > flops
+
+
+def test_ceilings_of_serving_and_end_to_end_against_the_runs_best_limit():
+    from benchmarks.bench import apply_limit, headline
+
+    r = {
+        "matmul_samples": [50.0, 100.0],
+        "serve": {
+            "queries_per_s": {"mixed": 4.0, "single": 4.0, "sequential": 2.0},
+            "seconds": {"mixed": [2.0, 2.5], "single": [2.0], "sequential": [4.5, 4.0], "prompt_pass": [1.5]},
+            "floor_gflop": 100.0,
+        },
+        "e2e": {
+            "ours": {"seconds_per_user": 5.0, "peak_rss_gb": 1.0, "peft_mb": 1.8, "floor_gflop": 200.0},
+            "paper": {"seconds_per_user": 16.0},
+        },
+    }
+    apply_limit(r)
+    assert (
+        r["matmul_gflops"] == 100.0 and r["serve"]["floor_seconds"] == 1.0 and r["e2e"]["ours"]["floor_seconds"] == 2.0
+    )
+    out = headline(r)
+    assert out["mixed_vs_sequential"] == 2.0
+    assert out["mixed_vs_sequential_ceiling"] == 4.0  # user after user's best 4.0 s over the 1.0 s floor
+    assert out["e2e_speedup_vs_paper"] == 3.2 and out["e2e_ceiling_vs_paper"] == 8.0
+
+
+def test_e2e_floor_reads_a_finished_run(tmp_path, tokenizer, tiny_model, make_args):
+    """The floor of an OPPU.py run from its folder: the user's training as its settings plan it,
+    and the answers it wrote; here one user of 3 items in one batch per epoch, so each of the 2
+    epochs is one pass over all 3 examples."""
+    import prepare_data
+    from benchmarks.bench import answer_floor_gflop, e2e_floor_gflop
+    from oppu.cost import Shape, chunk_train_flops
+    from oppu.data import TEST_USERS_FILE
+    from oppu.examples import history_pairs, query_prompts
+    from oppu.runs import user_result_dir
+    from oppu.tasks import get_task
+    from oppu.training import encode_pairs
+    from utils import write_json
+
+    data = tmp_path / "data"
+    prepare_data.main(["demo", "--tasks", "news_categorize", "--output_dir", str(data)])
+    task = get_task("news_categorize")
+    users_file = data / task.name / TEST_USERS_FILE
+    user = json.loads(users_file.read_text())[0]
+    user["profile"], user["query"] = user["profile"][:3], user["query"][:2]
+    write_json(users_file, [user])
+    args = make_args("--data_dir", str(data), "--batch_size", "8", "--micro_batch_size", "8", "--max_epoch", "2")
+    args.min_steps = 0
+    run_dir = tmp_path / "run"
+    write_json(run_dir / "run_config.json", vars(args) | {"task_name": task.name, "stage": "OPPU"})
+    answers = {user["query"][0]["id"]: "sports", user["query"][1]["id"]: "women"}
+    write_json(user_result_dir(run_dir, user["user_id"]) / "result.json", {"raw_generations": answers})
+
+    config = tiny_model().config
+    encoded = encode_pairs(tokenizer, history_pairs(task, user), args.cut_off)
+    train = 2 * chunk_train_flops(Shape.from_config(config), encoded) / 1e9
+    answer = answer_floor_gflop(
+        config, tokenizer, query_prompts(task, user), list(answers.values()), task.max_new_tokens
+    )
+    floor = e2e_floor_gflop(config, tokenizer, run_dir)
+    assert floor["train"] == pytest.approx(train) and floor["answer"] == pytest.approx(answer)
+    assert floor["total"] == pytest.approx(train + answer)
