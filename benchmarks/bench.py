@@ -223,9 +223,10 @@ def new_tokens(tokenizer, outputs: Sequence[str], max_new_tokens: int) -> int:
 def answer_floor_gflop(
     config, tokenizer, prompts: list[str], outputs: Sequence[str], max_new_tokens: int, shared_prefix: bool = True
 ) -> float:
-    """The least work of answering ``prompts`` with ``outputs``: the prompts' tokens (``own_tokens``)
-    and each new token but the last through the model, every new token with its logits. No decoder
-    of these answers does less."""
+    """The least work of answering ``prompts`` with ``outputs``: the prompts' tokens (``own_tokens``:
+    their common first tokens once) and each new token but the last through the model, every new
+    token with its logits. No decoder of these answers does less (with ``shared_prefix`` False:
+    none that runs every prompt in full)."""
     new = new_tokens(tokenizer, outputs, max_new_tokens)
     return forward_flops(config, own_tokens(tokenizer, prompts, shared_prefix) + new - len(prompts), new) / 1e9
 
@@ -406,8 +407,17 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
             way()
             seconds[name].append(time.perf_counter() - start)
     qps = {k: len(prompts) / min(v) for k, v in seconds.items() if k != "prompt_pass"}
-    # the mixed batch's floor: every prompt's tokens (no shared prefix) and its answer at the limit
-    floor = answer_floor_gflop(model.config, tokenizer, texts, answers, cfg.max_new_tokens, shared_prefix=False)
+    # The mixed batch's floor: each user's prompts, their common first tokens once (a mixed batch
+    # can share a prefix per adapter, not across adapters), and every answer's new tokens.
+    mine: dict[str, list[int]] = {}
+    for i, (uid, _) in enumerate(prompts):
+        mine.setdefault(uid, []).append(i)
+    floor = sum(
+        answer_floor_gflop(
+            model.config, tokenizer, [texts[i] for i in rows], [answers[i] for i in rows], cfg.max_new_tokens
+        )
+        for rows in mine.values()
+    )
     prefix = serve_prefix(peft, tokenizer, task, users[:4], names[:4], queries=4)
     peft.unload()
     return {
@@ -511,27 +521,33 @@ def run_oppu(work: Path, data: Path, task_lora: Path, name: str, flags: list[str
 
 
 def e2e_floor_gflop(config, tokenizer, run_dir: Path) -> dict[str, float]:
-    """The least work per user of a finished OPPU.py run (its folder, ``run_dir``), with the
-    settings it saved: each user's training as it ran (its batches, the shared prefix once per
-    batch: oppu.cost's ``plan_train_flops`` on ``OPPU.user_training``) and the answers it wrote
-    (``answer_floor_gflop``), per user: ``train``, ``answer`` and their sum. Profiles and
-    retrieval's index are not counted (the bench uses neither)."""
+    """The work per user of a finished OPPU.py run on CPU in one process (its folder, ``run_dir``),
+    with the settings it saved, over the users it finished: each user's training as it ran (its
+    batches, each micro-batch's shared prefix once: oppu.cost's ``plan_train_flops`` on
+    ``OPPU.user_training``) and the least work of the answers it wrote (``answer_floor_gflop``;
+    prompts uncut, as the bench's are far below ``--cut_off``). Returns ``train``, ``answer`` and
+    their sum, in GFLOP. Profiles and retrieval's index are not counted (the bench uses neither)."""
     import OPPU
     from oppu import cli
     from oppu.runs import user_result_dir
 
     args = argparse.Namespace(**read_json(run_dir / "run_config.json"))
+    if args.answer_mode != "generate":
+        raise ValueError(f"{run_dir}: answer_mode {args.answer_mode}; the floor counts generated answers only")
     task = get_task(args.task_name)
     _, decode_cfg = cli.personal_configs(args, task)
     shape = Shape.from_config(config)
     train_gflop, answer_gflop = [], []
     for user in load_users(task, Path(args.data_dir) / task.name / TEST_USERS_FILE):
-        result = read_json(user_result_dir(run_dir, user["user_id"]) / "result.json")
+        done = user_result_dir(run_dir, user["user_id"]) / "result.json"
+        if not done.exists():  # not in this run (--max_users, --user_stride) or not finished
+            continue
+        result = read_json(done)
         encoded, cfg = OPPU.user_training(tokenizer, task, user, None, args)
-        train_flops, _ = plan_train_flops(shape, encoded, cfg)
+        flops, _ = plan_train_flops(shape, encoded, cfg)
         prompts = query_prompts(task, user, args.k, None, args.retrieval)
         outputs = [result["raw_generations"][q["id"]] for q in user["query"]]
-        train_gflop.append(train_flops / 1e9)
+        train_gflop.append(flops / 1e9)
         answer_gflop.append(
             answer_floor_gflop(config, tokenizer, prompts, outputs, decode_cfg.max_new_tokens, decode_cfg.shared_prefix)
         )

@@ -100,24 +100,40 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
     return 2.0 * (2 * linear + 3 * attention + 2 * head)
 
 
+def first_target(chunk: Sequence[Encoded]) -> int:
+    """The batch's first target position, as ``oppu.training._summed_loss`` finds it (at least 1)."""
+    width = max(len(e.input_ids) for e in chunk)
+    firsts = [next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), width - 1) for e in chunk]
+    return max(min(firsts), 1)
+
+
+def chunk_shared_prefix(chunk: Sequence[Encoded], min_prefix: int | None = None) -> int:
+    """The tokens a training pass over ``chunk`` runs once for all its rows on CPU: those every
+    row starts with, short of the first target's logits, if at least ``min_prefix`` (default
+    ``MIN_SHARED_PREFIX``); else 0."""
+    prefix = min(common_prefix_length([e.input_ids for e in chunk]), first_target(chunk) - 1)
+    return prefix if prefix >= (MIN_SHARED_PREFIX if min_prefix is None else min_prefix) else 0
+
+
 def chunk_train_flops(
     shape: Shape, chunk: Sequence[Encoded], shared_prefix: bool = True, min_prefix: int | None = None
 ) -> float:
-    """Model FLOPs of one training pass over ``chunk`` as ``oppu.training`` runs it on CPU: the
-    logits from the batch's first target position on, in every row, and (``shared_prefix``) the
-    tokens every row starts with once, if at least ``min_prefix`` (default ``MIN_SHARED_PREFIX``)
-    and short of that position. Padding is not counted; recomputation by checkpointing is not."""
-    firsts = [next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), len(e.labels) - 1) for e in chunk]
-    first, width = max(min(firsts), 1), max(len(e.input_ids) for e in chunk)
-    prefix = min(common_prefix_length([e.input_ids for e in chunk]), first - 1) if shared_prefix else 0
-    prefix = prefix if prefix >= (MIN_SHARED_PREFIX if min_prefix is None else min_prefix) else 0
+    """Model FLOPs of one training pass over ``chunk`` as ``oppu.training`` runs it on CPU:
+    (``shared_prefix``) the tokens every row starts with once (``chunk_shared_prefix``), the
+    projections and attention of every row's own tokens (padding not counted), and the logits at
+    every row's positions from the batch's first target on (as training computes them, padded
+    positions included). Recomputation by checkpointing is not counted."""
+    first, width = first_target(chunk), max(len(e.input_ids) for e in chunk)
+    prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix else 0
     lengths = [len(e.input_ids) for e in chunk]
     return pass_train_flops(shape, lengths, [width - first + 1] * len(chunk), prefix)
 
 
 def plan_train_flops(shape: Shape, examples: Sequence[Encoded], cfg: TrainConfig) -> tuple[float, int]:
     """Model FLOPs and optimiser steps of ``oppu.training.train(model, tokenizer, examples, cfg)``
-    in one process on CPU: its batch plan, each micro-batch one pass (``chunk_train_flops``)."""
+    in one process on CPU: its batch plan, each micro-batch one pass (``chunk_train_flops``). On
+    an accelerator training shares only longer prefixes (``oppu.training.min_shared_prefix``), and
+    several processes share none: there this counts less than they compute."""
     shared = cfg.shared_prefix and not cfg.gradient_checkpointing
     steps = batch_plan(len(examples), cfg, [len(e.input_ids) for e in examples])
     total = 0.0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from oppu.adapters import USER_TARGETS, add_adapter, lora_config
+from oppu.cost import Shape
 from oppu.generation import DecodeConfig, generate
 from oppu.training import (
     MIN_SHARED_PREFIX,
@@ -119,6 +120,22 @@ def test_training_with_and_without_the_shared_prefix_takes_the_same_steps(tiny_m
     assert plain.shared_prefix_tokens == 0 and shared.shared_prefix_tokens > 0
     assert shared.losses == pytest.approx(plain.losses, rel=1e-5)
     assert all(torch.allclose(shared_w[n], plain_w[n], atol=1e-6) for n in plain_w)
+
+
+def test_the_flop_plan_shares_the_prefix_training_shares(tiny_model, tokenizer, make_args):
+    """oppu.cost's plan of a training run (benchmarks: the floors) against train() itself: the
+    same steps, and the same prefix tokens run once (TrainResult counts them per micro-batch)."""
+    from oppu.cost import chunk_shared_prefix, plan_train_flops
+
+    examples = shared_examples(tokenizer) + [tokenize_and_mask(tokenizer, "a short one", " crime", 256)]
+    for micro in (3, 2):
+        cfg = TrainConfig(learning_rate=1e-2, batch_size=4, micro_batch_size=micro, max_epoch=2, seed=5)
+        fit = train(lora_model(tiny_model, make_args), tokenizer, examples, cfg)
+        plan = batch_plan(len(examples), cfg, [len(e.input_ids) for e in examples])
+        chunks = [[examples[i] for i in step[j : j + micro]] for step in plan for j in range(0, len(step), micro)]
+        shared = sum(chunk_shared_prefix(c, MIN_SHARED_PREFIX) * (len(c) - 1) for c in chunks)
+        assert shared == fit.shared_prefix_tokens > 0
+        assert plan_train_flops(Shape.from_config(tiny_model().config), examples, cfg)[1] == fit.steps == len(plan)
 
 
 # --- length-grouped batches --------------------------------------------------------------------
@@ -591,8 +608,8 @@ def test_ceilings_of_serving_and_end_to_end_against_the_runs_best_limit():
 
 def test_e2e_floor_reads_a_finished_run(tmp_path, tokenizer, tiny_model, make_args):
     """The floor of an OPPU.py run from its folder: the user's training as its settings plan it,
-    and the answers it wrote; here one user of 3 items in one batch per epoch, so each of the 2
-    epochs is one pass over all 3 examples."""
+    and the answers it wrote; here one finished user of 3 items in one batch per epoch, so each of
+    the 2 epochs is one pass over all 3 examples (a second user without a result is left out)."""
     import prepare_data
     from benchmarks.bench import answer_floor_gflop, e2e_floor_gflop
     from oppu.cost import Shape, chunk_train_flops
@@ -607,9 +624,9 @@ def test_e2e_floor_reads_a_finished_run(tmp_path, tokenizer, tiny_model, make_ar
     prepare_data.main(["demo", "--tasks", "news_categorize", "--output_dir", str(data)])
     task = get_task("news_categorize")
     users_file = data / task.name / TEST_USERS_FILE
-    user = json.loads(users_file.read_text())[0]
+    user, unfinished = json.loads(users_file.read_text())[:2]
     user["profile"], user["query"] = user["profile"][:3], user["query"][:2]
-    write_json(users_file, [user])
+    write_json(users_file, [user, unfinished])  # the second has no result: not in the floor
     args = make_args("--data_dir", str(data), "--batch_size", "8", "--micro_batch_size", "8", "--max_epoch", "2")
     args.min_steps = 0
     run_dir = tmp_path / "run"
@@ -626,3 +643,27 @@ def test_e2e_floor_reads_a_finished_run(tmp_path, tokenizer, tiny_model, make_ar
     floor = e2e_floor_gflop(config, tokenizer, run_dir)
     assert floor["train"] == pytest.approx(train) and floor["answer"] == pytest.approx(answer)
     assert floor["total"] == pytest.approx(train + answer)
+    write_json(run_dir / "run_config.json", vars(args) | {"task_name": task.name, "answer_mode": "constrained"})
+    with pytest.raises(ValueError, match="generated answers only"):
+        e2e_floor_gflop(config, tokenizer, run_dir)
+
+
+def test_the_table_shows_the_new_floors():
+    from benchmarks.bench import table
+
+    r = {
+        "serve": {
+            "queries_per_s": {"mixed": 4.0, "single": 4.0, "sequential": 2.0},
+            "seconds": {"mixed": [2.0, 2.5], "single": [2.0], "sequential": [4.5, 4.0], "prompt_pass": [1.5, 1.6]},
+            "floor_seconds": 1.0,
+        },
+        "e2e": {
+            "ours": {"seconds_per_user": 5.0, "floor_seconds": 2.0},
+            "paper": {"seconds_per_user": 16.0},
+        },
+        "headline": {"e2e_ceiling_vs_paper": 8.0},
+    }
+    text = table(r)
+    assert "| 4.00 / 2.00 / 1.50 / 1.00 |" in text  # user after user, mixed, its prompt pass, its floor
+    assert "ours' floor per user (its training and answers at the limit), s | | | 2.00 |" in text
+    assert "- e2e_ceiling_vs_paper: 8.000" in text
