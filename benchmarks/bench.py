@@ -409,14 +409,14 @@ def bench_serving(model, tokenizer, data: Path, args) -> dict:
     qps = {k: len(prompts) / min(v) for k, v in seconds.items() if k != "prompt_pass"}
     # The mixed batch's floor: each user's prompts, their common first tokens once (a mixed batch
     # can share a prefix per adapter, not across adapters), and every answer's new tokens.
-    mine: dict[str, list[int]] = {}
+    per_user: dict[str, list[int]] = {}
     for i, (uid, _) in enumerate(prompts):
-        mine.setdefault(uid, []).append(i)
+        per_user.setdefault(uid, []).append(i)
     floor = sum(
         answer_floor_gflop(
-            model.config, tokenizer, [texts[i] for i in rows], [answers[i] for i in rows], cfg.max_new_tokens
+            model.config, tokenizer, [texts[i] for i in at], [answers[i] for i in at], cfg.max_new_tokens
         )
-        for rows in mine.values()
+        for at in per_user.values()
     )
     prefix = serve_prefix(peft, tokenizer, task, users[:4], names[:4], queries=4)
     peft.unload()
@@ -629,7 +629,8 @@ def headline(r: dict) -> dict:
         }
         if "floor_seconds" in r["serve"]:
             # the most a mixed batch could gain on user after user: the latter's time over the
-            # mixed batch's floor (every prompt token and new token at the matmul limit)
+            # mixed batch's floor (each user's prompts, their common first tokens once, and every
+            # new token, at the matmul limit)
             out["mixed_vs_sequential_ceiling"] = min(r["serve"]["seconds"]["sequential"]) / r["serve"]["floor_seconds"]
         if r["serve"].get("prefix"):
             pq = r["serve"]["prefix"]["queries_per_s"]
