@@ -188,7 +188,7 @@ def profile_training(model, examples: list[Encoded], args, folder: Path) -> dict
     for name, prefix in (("plain", None), ("shared_prefix_forced", args.prefix)):
 
         def step(prefix=prefix):
-            loss, _ = _summed_loss(peft, batch, prefix, MIN_SHARED_PREFIX)
+            loss, _, _ = _summed_loss(peft, batch, prefix, MIN_SHARED_PREFIX)
             loss.backward()
 
         for _ in range(2):

@@ -14,8 +14,10 @@ from oppu.training import (
     IGNORE_INDEX,
     MIN_SHARED_PREFIX,
     Prefix,
+    additive_mask,
     common_prefix_length,
     encode_prompts,
+    packed_rows,
     prompt_tuned,
     run_prefix,
     tokenize_and_mask,
@@ -64,44 +66,6 @@ def answer_rows(tokenizer, prompt: str, answers: Sequence[str]) -> tuple[list[in
 SCORE_TOKENS = 512  # packed tokens per forward pass in scoring mode (memory; attention grows with it)
 
 
-def packed_rows(
-    rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], held: int
-) -> tuple[list[int], list[int], torch.Tensor, list[list[list[int]]]]:
-    """One sequence holding every prompt's own tokens and every answer behind it, for one forward
-    pass behind ``held`` cached positions (virtual tokens and shared text) that all of it sees.
-
-    ``rows`` are (the prompt's tokens behind the cache, each answer's tokens and EOS). An answer's
-    last token predicts nothing, so it is left out. Returns the token ids, their position ids, the
-    boolean mask (tokens, held + tokens): a prompt's token sees the cache and its own prompt's
-    earlier tokens, an answer's token the cache, its prompt and its own earlier tokens; and, per
-    prompt and answer, the packed indices whose logits predict the answer's tokens in turn."""
-    ids: list[int] = []
-    positions: list[int] = []
-    block: list[int] = []  # every prompt and every answer is a block of its own
-    owner: list[int] = []  # the prompt block each token sees besides its own
-    where: list[list[list[int]]] = []
-    for rest, tails in rows:
-        if not rest:
-            raise ValueError("every prompt needs a token of its own behind the cached prefix")
-        prompt_block, last = len(where) + sum(len(w) for w in where), len(ids) + len(rest) - 1
-        ids += rest
-        positions += range(held, held + len(rest))
-        block += [prompt_block] * len(rest)
-        owner += [prompt_block] * len(rest)
-        per_answer = []
-        for n, tail in enumerate(tails, 1):
-            body = list(tail[:-1])
-            per_answer.append([last, *range(len(ids), len(ids) + len(body))])
-            ids += body
-            positions += range(held + len(rest), held + len(rest) + len(body))
-            block += [prompt_block + n] * len(body)
-            owner += [prompt_block] * len(body)
-        where.append(per_answer)
-    b, o, p = torch.tensor(block), torch.tensor(owner), torch.tensor(positions)
-    sees = (p[:, None] >= p[None, :]) & ((b[:, None] == b[None, :]) | (o[:, None] == b[None, :]))
-    return ids, positions, torch.cat([torch.ones(len(ids), held, dtype=torch.bool), sees], dim=1), where
-
-
 def packed_log_probs(
     model, prefix: Prefix | None, rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
 ) -> tuple[torch.Tensor, dict[int, int], list[list[list[int]]]]:
@@ -115,11 +79,9 @@ def packed_log_probs(
     keep = sorted({i for per_answer in where for idx in per_answer for i in idx})
     runner = prefix.model if prefix else model
     dtype = next(runner.parameters()).dtype
-    # additive, as eager attention adds the mask to the scores (sdpa takes either form)
-    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     out = runner(
         input_ids=torch.tensor([ids], device=device),
-        attention_mask=additive[None, None].to(device),
+        attention_mask=additive_mask(mask, dtype)[None, None].to(device),
         position_ids=torch.tensor([positions], device=device),
         cache=prefix.cache(1) if prefix else None,
         use_cache=bool(prefix),

@@ -100,6 +100,20 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
     return 2.0 * (2 * linear + 3 * attention + 2 * head)
 
 
+def packing_pays(shape: Shape, rows: Sequence[int], held: int) -> bool:
+    """Whether a training pass's rows (``rows``: each one's own tokens, behind ``held`` positions
+    run once) cost fewer FLOPs as one packed row than as a right-padded batch: the projections of
+    every position computed, and attention over every (query, key) pair the kernel computes,
+    masked or not (padded: each row's width of queries over held + width keys; packed: all the
+    tokens over held + all of them). ``oppu.training._summed_loss`` packs where this holds; the
+    logits it then saves (only targets' positions) are not counted."""
+    width, total = max(rows), sum(rows)
+    pair = shape.layers * shape.hidden * 2  # attention_flops per (query, key) pair
+    padded = linear_flops(shape, len(rows) * width) + pair * len(rows) * width * (held + width)
+    packed = linear_flops(shape, total) + pair * total * (held + total)
+    return packed < padded
+
+
 def first_target(chunk: Sequence[Encoded]) -> int:
     """The batch's first target position, as ``oppu.training._summed_loss`` finds it (at least 1)."""
     width = max(len(e.input_ids) for e in chunk)
@@ -120,12 +134,17 @@ def chunk_train_flops(
 ) -> float:
     """Model FLOPs of one training pass over ``chunk`` as ``oppu.training`` runs it on CPU:
     (``shared_prefix``) the tokens every row starts with once (``chunk_shared_prefix``), the
-    projections and attention of every row's own tokens (padding not counted), and the logits at
-    every row's positions from the batch's first target on (as training computes them, padded
-    positions included). Recomputation by checkpointing is not counted."""
+    projections and attention of every row's own tokens (padding not counted), and the logits
+    training computes: at its targets only where the rows behind a shared prefix run packed
+    (``packing_pays``), else at every row's positions from the batch's first target on, padded
+    ones included. Recomputation by checkpointing and the packed row's masked attention are not
+    counted."""
     first, width = first_target(chunk), max(len(e.input_ids) for e in chunk)
     prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix else 0
     lengths = [len(e.input_ids) for e in chunk]
+    if prefix and packing_pays(shape, [n - prefix for n in lengths], prefix):
+        targets = [sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in chunk]
+        return pass_train_flops(shape, lengths, targets, prefix)
     return pass_train_flops(shape, lengths, [width - first + 1] * len(chunk), prefix)
 
 

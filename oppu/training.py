@@ -61,7 +61,7 @@ class TrainResult:
     steps: int = 0
     examples: int = 0
     tokens: int = 0
-    padded_tokens: int = 0  # padding positions the forward passes computed (plain path)
+    padded_tokens: int = 0  # padding positions the forward passes computed (none in a packed pass)
     shared_prefix_tokens: int = 0  # prompt tokens not recomputed thanks to a shared prefix
     final_loss: float = float("nan")
     seconds: float = 0.0
@@ -254,6 +254,50 @@ def run_prefix(model, prefix_ids: torch.Tensor) -> Prefix:
     return Prefix(core, [(k, v) for k, v, *_ in out.cache], virtual.size(1), out.logits[0, -1])
 
 
+def packed_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], held: int
+) -> tuple[list[int], list[int], torch.Tensor, list[list[list[int]]]]:
+    """One sequence holding every prompt's own tokens and every answer behind it, for one forward
+    pass behind ``held`` cached positions (virtual tokens and shared text) that all of it sees.
+
+    ``rows`` are (the prompt's tokens behind the cache, each answer's tokens and EOS). An answer's
+    last token predicts nothing, so it is left out. Returns the token ids, their position ids, the
+    boolean mask (tokens, held + tokens): a prompt's token sees the cache and its own prompt's
+    earlier tokens, an answer's token the cache, its prompt and its own earlier tokens; and, per
+    prompt and answer, the packed indices whose logits predict the answer's tokens in turn."""
+    ids: list[int] = []
+    positions: list[int] = []
+    block: list[int] = []  # every prompt and every answer is a block of its own
+    owner: list[int] = []  # the prompt block each token sees besides its own
+    where: list[list[list[int]]] = []
+    for rest, tails in rows:
+        if not rest:
+            raise ValueError("every prompt needs a token of its own behind the cached prefix")
+        prompt_block, last = len(where) + sum(len(w) for w in where), len(ids) + len(rest) - 1
+        ids += rest
+        positions += range(held, held + len(rest))
+        block += [prompt_block] * len(rest)
+        owner += [prompt_block] * len(rest)
+        per_answer = []
+        for n, tail in enumerate(tails, 1):
+            body = list(tail[:-1])
+            per_answer.append([last, *range(len(ids), len(ids) + len(body))])
+            ids += body
+            positions += range(held + len(rest), held + len(rest) + len(body))
+            block += [prompt_block + n] * len(body)
+            owner += [prompt_block] * len(body)
+        where.append(per_answer)
+    b, o, p = torch.tensor(block), torch.tensor(owner), torch.tensor(positions)
+    sees = (p[:, None] >= p[None, :]) & ((b[:, None] == b[None, :]) | (o[:, None] == b[None, :]))
+    return ids, positions, torch.cat([torch.ones(len(ids), held, dtype=torch.bool), sees], dim=1), where
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: may attend) as the additive one eager attention adds to the
+    scores (sdpa takes either form)."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def forward_shared_prefix(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int, logits_to_keep: int
 ) -> torch.Tensor:
@@ -277,17 +321,57 @@ def forward_shared_prefix(
     return out.logits
 
 
+def packed_shared_loss(model, batch: dict[str, torch.Tensor], prefix: int) -> torch.Tensor:
+    """``_summed_loss`` of a right-padded batch whose rows all start with the same ``prefix``
+    tokens, with no padding computed: the prefix runs once (``run_prefix``), every row's own
+    tokens follow it in one packed row (``packed_rows``: each sees the prefix and its own earlier
+    tokens, at the positions it has in its row), and logits are computed only where a row has a
+    target. The same loss and gradients as the padded pass, up to float rounding (tested); LoRA
+    dropout draws its masks over other shapes, so a run with dropout differs from the padded
+    pass's as two seeds do."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    head = run_prefix(model, ids[:1, :prefix])
+    held = head.virtual + prefix
+    tokens, _, mask, _ = packed_rows([(ids[r, prefix:n].tolist(), []) for r, n in enumerate(lengths)], held)
+    # a row's token at t predicts its label at t + 1; its last token predicts nothing
+    ignore = labels.new_full((1,), IGNORE_INDEX)
+    targets = torch.cat([torch.cat([labels[r, prefix + 1 : n], ignore]) for r, n in enumerate(lengths)])
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    positions = torch.cat([torch.arange(held, held + n - prefix) for n in lengths]).unsqueeze(0)
+    device, dtype = ids.device, next(model.parameters()).dtype
+    out = head.model(
+        input_ids=torch.tensor([tokens], device=device),
+        attention_mask=additive_mask(mask, dtype)[None, None].to(device),
+        position_ids=positions.to(device),
+        cache=head.cache(1),
+        logits_to_keep=keep,
+    )
+    return torch.nn.functional.cross_entropy(out.logits[0].float(), targets[keep], reduction="sum")
+
+
 def _summed_loss(
-    model, batch: dict[str, torch.Tensor], prefix: int | None = 0, min_prefix: int | None = None
-) -> tuple[torch.Tensor, int]:
-    """Sum of token losses (so micro-batches add up to the same gradient as one big batch), and
-    how many of the ``prefix`` tokens all rows share were run once (0: none). ``prefix`` None
-    asks for the plain forward; a prefix too short to pay is not shared, but a prompt-tuning
-    adapter's virtual tokens still run once for the batch.
+    model,
+    batch: dict[str, torch.Tensor],
+    prefix: int | None = 0,
+    min_prefix: int | None = None,
+    pack: bool | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """Sum of token losses (so micro-batches add up to the same gradient as one big batch), how
+    many of the ``prefix`` tokens all rows share were run once (0: none), and how many padding
+    positions the pass computed. ``prefix`` None asks for the plain forward; a prefix too short
+    to pay is not shared, but a prompt-tuning adapter's virtual tokens still run once for the
+    batch.
 
     Logits are computed only from the first target position on: the vocabulary projection of
     every prompt token would be thrown away, and for a small model it is a fifth of the work.
+
+    Where a prefix runs once on CPU, the rows behind it run as one packed row without padding
+    (``packed_shared_loss``) when that costs fewer FLOPs (``oppu.cost.packing_pays``: the packed
+    row's attention spans every row's tokens); ``pack`` True or False decides instead.
     """
+    from oppu.cost import Shape, packing_pays
+
     labels = batch["labels"]
     has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first = max(int(has_target[0]) if len(has_target) else labels.size(1) - 1, 1)
@@ -296,14 +380,20 @@ def _summed_loss(
     prefix = min(prefix or 0, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
     least = min_shared_prefix(labels.device) if min_prefix is None else min_prefix
     prefix = prefix if prefix >= least else 0
+    padding = batch["attention_mask"].numel() - int(batch["attention_mask"].sum())
     if shared and (prefix or prompt_tuned(model)):
+        if pack is None:
+            rows = [n - prefix for n in batch["attention_mask"].sum(dim=1).tolist()]
+            pack = labels.device.type == "cpu" and packing_pays(Shape.from_config(model.config), rows, prefix)
+        if pack:
+            return packed_shared_loss(model, batch, prefix), prefix, 0
         logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
     shift_labels = labels[:, first:].reshape(-1)
     loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, prefix
+    return loss, prefix, padding
 
 
 def checkpointing(model, on: bool) -> None:
@@ -365,11 +455,11 @@ def train(
             sync = nullcontext() if not accelerator or m == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
                 common = common_prefix_length([e.input_ids for e in chunk]) if share_prefix else None
-                summed, prefix = _summed_loss(model, batch, common, cfg.min_shared_prefix)
+                summed, prefix, padding = _summed_loss(model, batch, common, cfg.min_shared_prefix)
                 loss = weight * summed / denominator
                 accelerator.backward(loss) if accelerator else loss.backward()
             total += weight * summed.item() / max(n_tokens, 1)  # shown and recorded: this process's mean
-            result.padded_tokens += batch["attention_mask"].numel() - int(batch["attention_mask"].sum())
+            result.padded_tokens += padding
             result.shared_prefix_tokens += prefix * (len(chunk) - 1)
         if accelerator:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -246,18 +246,18 @@ def test_virtual_tokens_in_the_shared_prefix_give_peft_s_loss_and_gradient(tiny_
     model = trained_prompt(tiny_model, tokenizer, make_args).train()
     batch = collate(examples, tokenizer.pad_token_id)
     runs = {}
-    # peft's own forward; the virtual tokens run once with the shared text; with no text at all
-    for prefix in (None, common, 0):
+    # peft's own forward; the virtual tokens run once with the shared text; with no text at all;
+    # the rows behind them packed into one or padded
+    for prefix, pack in ((None, None), (common, True), (common, False), (0, True), (0, False)):
         model.zero_grad(set_to_none=True)
-        loss, used = _summed_loss(model, batch, prefix)
+        loss, used, _ = _summed_loss(model, batch, prefix, pack=pack)
         loss.backward()
-        runs[prefix] = (loss.item(), used, model.prompt_encoder["default"].embedding.weight.grad.clone())
-    plain_loss, plain_used, plain_grad = runs[None]
+        runs[prefix, pack] = (loss.item(), used, model.prompt_encoder["default"].embedding.weight.grad.clone())
+    plain_loss, plain_used, plain_grad = runs[None, None]
     assert plain_used == 0 and plain_grad.abs().sum() > 0
-    for prefix in (common, 0):
-        loss, used, grad = runs[prefix]
-        assert used == prefix and loss == pytest.approx(plain_loss, rel=1e-5)
-        assert ((grad - plain_grad).norm() / plain_grad.norm()) <= 1e-5, prefix
+    for (prefix, pack), (loss, used, grad) in runs.items():
+        assert used == (prefix or 0) and loss == pytest.approx(plain_loss, rel=1e-5)
+        assert ((grad - plain_grad).norm() / plain_grad.norm()) <= 1e-5, (prefix, pack)
 
 
 def test_prompt_tuning_decodes_in_batches_as_peft_does_one_prompt_at_a_time(tiny_model, tokenizer, make_args):

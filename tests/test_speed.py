@@ -52,9 +52,9 @@ def lora_model(tiny_model, make_args):
     return model.train()
 
 
-def loss_and_grads(model, batch, prefix):
+def loss_and_grads(model, batch, prefix, pack=None):
     model.zero_grad(set_to_none=True)
-    loss, used = _summed_loss(model, batch, prefix)
+    loss, used, _ = _summed_loss(model, batch, prefix, pack=pack)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item(), used, grads
@@ -71,14 +71,15 @@ def test_common_prefix_length_leaves_every_sequence_a_token_of_its_own():
     assert common_prefix_length([[1, 2, 3]]) == 0  # alone: nothing to share
 
 
-def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, tokenizer, make_args):
+@pytest.mark.parametrize("pack", [True, False], ids=["packed rows", "padded rows"])
+def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, tokenizer, make_args, pack):
     examples = shared_examples(tokenizer)
     common = common_prefix_length([e.input_ids for e in examples])
     assert common >= MIN_SHARED_PREFIX
     batch = collate(examples, tokenizer.pad_token_id)
     model = lora_model(tiny_model, make_args)
     plain_loss, plain_used, plain = loss_and_grads(model, batch, 0)
-    shared_loss, shared_used, shared = loss_and_grads(model, batch, common)
+    shared_loss, shared_used, shared = loss_and_grads(model, batch, common, pack)
     assert plain_used == 0 and shared_used == common
     assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
     assert plain.keys() == shared.keys() and len(plain) == 2 * 2 * 2  # layers x (q, v) x (A, B)
@@ -86,6 +87,31 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, to
         assert plain[name].abs().sum() > 0, name  # every LoRA weight, prefix included, gets a gradient
         error = (shared[name] - plain[name]).norm() / plain[name].norm()
         assert error <= 1e-5, (name, error.item())
+
+
+def test_packed_rows_compute_no_padding(tiny_model, tokenizer, make_args):
+    """The examples differ in length: the padded pass computes their padding, the packed none."""
+    examples = shared_examples(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    common = common_prefix_length([e.input_ids for e in examples])
+    model = lora_model(tiny_model, make_args)
+    pads = int((batch["attention_mask"] == 0).sum())
+    assert pads > 0
+    assert _summed_loss(model, batch, common, pack=False)[2] == pads
+    assert _summed_loss(model, batch, common, pack=True)[2] == 0
+    assert _summed_loss(model, batch, None)[2] == pads  # the plain forward pads
+
+
+def test_packing_pays_where_padding_costs_more_than_the_longer_attention():
+    """SmolLM2-135M's shape: a HuffPost batch (90 shared tokens, rows of 19 to 38 of their own)
+    packs; rows of one length have no padding to save; many long rows would attend over
+    thousands of packed positions and stay padded."""
+    from oppu.cost import packing_pays
+
+    shape = Shape(hidden=576, layers=30, intermediate=1536, kv=192, vocab=49152, parameters=1.35e8)
+    assert packing_pays(shape, [25, 29, 25, 19, 21, 38, 29, 31], held=90)
+    assert not packing_pays(shape, [30] * 8, held=90)
+    assert not packing_pays(shape, [700, 800] * 8, held=90)
 
 
 def test_a_short_shared_prefix_falls_back_to_the_plain_forward(tiny_model, tokenizer, make_args):
@@ -125,7 +151,7 @@ def test_training_with_and_without_the_shared_prefix_takes_the_same_steps(tiny_m
 def test_the_flop_plan_shares_the_prefix_training_shares(tiny_model, tokenizer, make_args):
     """oppu.cost's plan of a training run (benchmarks: the floors) against train() itself: the
     same steps, and the same prefix tokens run once (TrainResult counts them per micro-batch)."""
-    from oppu.cost import chunk_shared_prefix, plan_train_flops
+    from oppu.cost import chunk_shared_prefix, packing_pays, plan_train_flops
 
     examples = shared_examples(tokenizer) + [tokenize_and_mask(tokenizer, "a short one", " crime", 256)]
     for micro in (3, 2):
@@ -135,6 +161,15 @@ def test_the_flop_plan_shares_the_prefix_training_shares(tiny_model, tokenizer, 
         chunks = [[examples[i] for i in step[j : j + micro]] for step in plan for j in range(0, len(step), micro)]
         shared = sum(chunk_shared_prefix(c, MIN_SHARED_PREFIX) * (len(c) - 1) for c in chunks)
         assert shared == fit.shared_prefix_tokens > 0
+        # and the same passes packed: training computes the padding of the others only
+        shape = Shape.from_config(tiny_model().config)
+        padded = every = 0
+        for c in chunks:
+            prefix, lengths = chunk_shared_prefix(c, MIN_SHARED_PREFIX), [len(e.input_ids) for e in c]
+            every += len(c) * max(lengths) - sum(lengths)
+            if not prefix or not packing_pays(shape, [n - prefix for n in lengths], prefix):
+                padded += len(c) * max(lengths) - sum(lengths)
+        assert padded == fit.padded_tokens < every  # some passes ran packed
         assert plan_train_flops(Shape.from_config(tiny_model().config), examples, cfg)[1] == fit.steps == len(plan)
 
 
@@ -248,7 +283,7 @@ def test_packed_answers_see_their_prompt_and_their_own_tokens_only():
     """The packed sequence's mask: a prompt's tokens see the cache and their own prompt causally;
     an answer's tokens see the cache, their prompt and their own earlier tokens, never another
     answer or another prompt; positions continue each prompt; each answer's last token is left out."""
-    from oppu.answers import packed_rows
+    from oppu.training import packed_rows
 
     ids, positions, mask, where = packed_rows([([1, 2], [[7, 0], [8, 9, 0]]), ([3], [[7, 0]])], held=2)
     assert ids == [1, 2, 7, 8, 9, 3, 7]
@@ -302,7 +337,7 @@ def test_grouped_key_value_heads_give_the_stock_attentions_loss_gradients_and_an
         batch = collate(examples, tokenizer.pad_token_id)
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            loss, _ = _summed_loss(peft, batch, common_prefix_length([e.input_ids for e in examples]))
+            loss, _, _ = _summed_loss(peft, batch, common_prefix_length([e.input_ids for e in examples]))
         loss.backward()
         grads = [p.grad.clone() for p in peft.parameters() if p.requires_grad]
         peft.eval()

@@ -356,7 +356,7 @@ def test_processes_average_to_the_steps_token_mean(tokenizer, tiny_model, make_a
 
     def grads(share: list[Encoded], divide_by: float) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        summed, _ = _summed_loss(model, collate(share, tokenizer.pad_token_id), None)
+        summed, _, _ = _summed_loss(model, collate(share, tokenizer.pad_token_id), None)
         (summed / divide_by).backward()
         return [p.grad.clone() for p in params]
 
