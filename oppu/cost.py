@@ -100,18 +100,26 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
     return 2.0 * (2 * linear + 3 * attention + 2 * head)
 
 
+# Packing must save this share of a pass's FLOPs: the packed row's masked attention runs slower
+# per FLOP than the padded batch's. On the demo's batches (4 rows of 41 to 47 tokens behind 92,
+# packed 0.99 to 1.00 of the padded FLOPs) packing was no faster; on HuffPost news batches (0.75
+# to 0.91) it was 5 to 25 % faster (benchmarks/README.md, "Packed rows").
+PACKING_MARGIN = 0.95
+
+
 def packing_pays(shape: Shape, rows: Sequence[int], held: int) -> bool:
     """Whether a training pass's rows (``rows``: each one's own tokens, behind ``held`` positions
-    run once) cost fewer FLOPs as one packed row than as a right-padded batch: the projections of
-    every position computed, and attention over every (query, key) pair the kernel computes,
-    masked or not (padded: each row's width of queries over held + width keys; packed: all the
-    tokens over held + all of them). ``oppu.training._summed_loss`` packs where this holds; the
-    logits it then saves (only targets' positions) are not counted."""
+    run once) cost clearly fewer FLOPs as one packed row than as a right-padded batch (at most
+    ``PACKING_MARGIN`` of them): the projections of every position computed, and attention over
+    every (query, key) pair the kernel computes, masked or not (padded: each row's width of
+    queries over held + width keys; packed: all the tokens over held + all of them).
+    ``oppu.training._summed_loss`` packs where this holds; the logits it then saves (only
+    targets' positions) are not counted."""
     width, total = max(rows), sum(rows)
     pair = shape.layers * shape.hidden * 2  # attention_flops per (query, key) pair
     padded = linear_flops(shape, len(rows) * width) + pair * len(rows) * width * (held + width)
     packed = linear_flops(shape, total) + pair * total * (held + total)
-    return packed < padded
+    return packed <= PACKING_MARGIN * padded
 
 
 def first_target(chunk: Sequence[Encoded]) -> int:

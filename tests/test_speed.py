@@ -104,13 +104,14 @@ def test_packed_rows_compute_no_padding(tiny_model, tokenizer, make_args):
 
 def test_packing_pays_where_padding_costs_more_than_the_longer_attention():
     """SmolLM2-135M's shape: a HuffPost batch (90 shared tokens, rows of 19 to 38 of their own)
-    packs; rows of one length have no padding to save; many long rows would attend over
-    thousands of packed positions and stay padded."""
+    packs; rows of one length have no padding to save, rows of nearly one length too little;
+    many long rows would attend over thousands of packed positions and stay padded."""
     from oppu.cost import packing_pays
 
     shape = Shape(hidden=576, layers=30, intermediate=1536, kv=192, vocab=49152, parameters=1.35e8)
     assert packing_pays(shape, [25, 29, 25, 19, 21, 38, 29, 31], held=90)
     assert not packing_pays(shape, [30] * 8, held=90)
+    assert not packing_pays(shape, [42, 47, 46, 45], held=92)  # 1 % fewer FLOPs: not worth it
     assert not packing_pays(shape, [700, 800] * 8, held=90)
 
 
