@@ -100,10 +100,11 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
     return 2.0 * (2 * linear + 3 * attention + 2 * head)
 
 
-# Packing must save this share of a pass's FLOPs: the packed row's masked attention runs slower
-# per FLOP than the padded batch's. On the demo's batches (4 rows of 41 to 47 tokens behind 92,
-# packed 0.99 to 1.00 of the padded FLOPs) packing was no faster; on HuffPost news batches (0.75
-# to 0.91) it was 5 to 25 % faster (benchmarks/README.md, "Packed rows").
+# Packing must save this share of a pass's FLOPs as packing_pays counts them: the packed row's
+# masked attention runs slower per FLOP than the padded batch's. On three of the demo's batches
+# (4 rows of 41 to 47 tokens behind 92; packed 0.997 of the padded FLOPs) packing was no faster;
+# on HuffPost news batches (0.75 to 0.91) an epoch ran 1.04 to 1.14 times and the end-to-end
+# user's batch 1.2 to 1.6 times as fast (benchmarks/README.md, "Packed rows").
 PACKING_MARGIN = 0.95
 
 
@@ -146,7 +147,7 @@ def chunk_train_flops(
     training computes: at its targets only where the rows behind a shared prefix run packed
     (``packing_pays``), else at every row's positions from the batch's first target on, padded
     ones included. Recomputation by checkpointing and the packed row's masked attention are not
-    counted."""
+    counted. A LoRA's or IA3's passes: no virtual tokens."""
     first, width = first_target(chunk), max(len(e.input_ids) for e in chunk)
     prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix else 0
     lengths = [len(e.input_ids) for e in chunk]

@@ -330,6 +330,10 @@ def packed_shared_loss(model, batch: dict[str, torch.Tensor], prefix: int) -> to
     dropout draws its masks over other shapes, so a run with dropout differs from the padded
     pass's as two seeds do."""
     ids, labels = batch["input_ids"], batch["labels"]
+    if (labels[:, : prefix + 1] != IGNORE_INDEX).any():  # the prefix's own logits are not computed
+        raise ValueError(
+            f"a target token lies within the first {prefix + 1} tokens: the shared prefix must end before it"
+        )
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     head = run_prefix(model, ids[:1, :prefix])
     held = head.virtual + prefix
@@ -350,6 +354,23 @@ def packed_shared_loss(model, batch: dict[str, torch.Tensor], prefix: int) -> to
     return torch.nn.functional.cross_entropy(out.logits[0].float(), targets[keep], reduction="sum")
 
 
+def packs(model, attention_mask: torch.Tensor, prefix: int) -> bool:
+    """Whether ``_summed_loss`` runs the rows behind a shared ``prefix`` as one packed row: on CPU
+    (only CPU was measured), where ``oppu.cost.packing_pays`` finds it saves enough, for models
+    whose config gives the cost model its shape (Llama-like: else the padded pass). A
+    prompt-tuning adapter's virtual tokens count among the positions every row sees."""
+    from oppu.cost import Shape, packing_pays
+
+    if attention_mask.device.type != "cpu":
+        return False
+    try:
+        shape = Shape.from_config(model.config)
+    except AttributeError:  # e.g. a config without intermediate_size or num_key_value_heads
+        return False
+    virtual = model.active_peft_config.num_virtual_tokens if prompt_tuned(model) else 0
+    return packing_pays(shape, [n - prefix for n in attention_mask.sum(dim=1).tolist()], prefix + virtual)
+
+
 def _summed_loss(
     model,
     batch: dict[str, torch.Tensor],
@@ -367,11 +388,9 @@ def _summed_loss(
     every prompt token would be thrown away, and for a small model it is a fifth of the work.
 
     Where a prefix runs once on CPU, the rows behind it run as one packed row without padding
-    (``packed_shared_loss``) when that costs fewer FLOPs (``oppu.cost.packing_pays``: the packed
-    row's attention spans every row's tokens); ``pack`` True or False decides instead.
+    (``packed_shared_loss``) when that costs clearly fewer FLOPs (``packs``: the packed row's
+    attention spans every row's tokens); ``pack`` True or False decides instead.
     """
-    from oppu.cost import Shape, packing_pays
-
     labels = batch["labels"]
     has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first = max(int(has_target[0]) if len(has_target) else labels.size(1) - 1, 1)
@@ -383,8 +402,7 @@ def _summed_loss(
     padding = batch["attention_mask"].numel() - int(batch["attention_mask"].sum())
     if shared and (prefix or prompt_tuned(model)):
         if pack is None:
-            rows = [n - prefix for n in batch["attention_mask"].sum(dim=1).tolist()]
-            pack = labels.device.type == "cpu" and packing_pays(Shape.from_config(model.config), rows, prefix)
+            pack = packs(model, batch["attention_mask"], prefix)
         if pack:
             return packed_shared_loss(model, batch, prefix), prefix, 0
         logits = forward_shared_prefix(model, batch["input_ids"], batch["attention_mask"], prefix, keep)

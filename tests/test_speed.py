@@ -90,16 +90,56 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, to
 
 
 def test_packed_rows_compute_no_padding(tiny_model, tokenizer, make_args):
-    """The examples differ in length: the padded pass computes their padding, the packed none."""
+    """The examples differ in length: the padded pass computes their padding, the packed none.
+    The model sees the prefix (1 row) and then every row's own tokens in one row, or the rows
+    padded to the longest."""
     examples = shared_examples(tokenizer)
     batch = collate(examples, tokenizer.pad_token_id)
     common = common_prefix_length([e.input_ids for e in examples])
     model = lora_model(tiny_model, make_args)
+    shapes = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    own = [len(e.input_ids) - common for e in examples]
     pads = int((batch["attention_mask"] == 0).sum())
     assert pads > 0
     assert _summed_loss(model, batch, common, pack=False)[2] == pads
+    assert shapes == [(1, common), (len(examples), max(own))]
+    shapes.clear()
     assert _summed_loss(model, batch, common, pack=True)[2] == 0
+    assert shapes == [(1, common), (1, sum(own))]
     assert _summed_loss(model, batch, None)[2] == pads  # the plain forward pads
+
+
+def test_a_packed_pass_refuses_a_target_inside_the_prefix(tiny_model, tokenizer, make_args):
+    from oppu.training import packed_shared_loss
+
+    examples = shared_examples(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    first = min(e.labels.index(next(x for x in e.labels if x != -100)) for e in examples)
+    model = lora_model(tiny_model, make_args)
+    packed_shared_loss(model, batch, first - 1)  # the prefix ends just before the first target
+    with pytest.raises(ValueError, match="shared prefix must end before it"):
+        packed_shared_loss(model, batch, first)
+
+
+def test_packing_is_decided_on_cpu_for_models_whose_shape_is_known(tiny_model, tokenizer, make_args):
+    """The padded pass on an accelerator and for a config the cost model cannot read; a prompt's
+    virtual tokens count among the positions every row sees."""
+    from types import SimpleNamespace
+
+    from oppu.cost import packing_pays
+    from oppu.training import packs
+
+    examples = [shared_examples(tokenizer)[i] for i in (1, 2, 3)]  # rows of 18, 24 and 15 tokens
+    batch = collate(examples, tokenizer.pad_token_id)
+    common = common_prefix_length([e.input_ids for e in examples])
+    model = lora_model(tiny_model, make_args)
+    rows = [len(e.input_ids) - common for e in examples]
+    assert packs(model, batch["attention_mask"], common) == packing_pays(Shape.from_config(model.config), rows, common)
+    assert packs(model, batch["attention_mask"], common)  # these rows pack on the tiny model's shape
+    assert not packs(model, batch["attention_mask"].to("meta"), common)
+    gpt2_like = SimpleNamespace(config=SimpleNamespace(hidden_size=32, n_layer=2), active_peft_config=None)
+    assert not packs(gpt2_like, batch["attention_mask"], common)
 
 
 def test_packing_pays_where_padding_costs_more_than_the_longer_attention():
@@ -111,7 +151,7 @@ def test_packing_pays_where_padding_costs_more_than_the_longer_attention():
     shape = Shape(hidden=576, layers=30, intermediate=1536, kv=192, vocab=49152, parameters=1.35e8)
     assert packing_pays(shape, [25, 29, 25, 19, 21, 38, 29, 31], held=90)
     assert not packing_pays(shape, [30] * 8, held=90)
-    assert not packing_pays(shape, [42, 47, 46, 45], held=92)  # 1 % fewer FLOPs: not worth it
+    assert not packing_pays(shape, [42, 47, 46, 45], held=92)  # 0.3 % fewer FLOPs: not worth it
     assert not packing_pays(shape, [700, 800] * 8, held=90)
 
 
@@ -324,10 +364,12 @@ def test_the_lm_head_gets_one_contiguous_matrix_of_the_kept_positions(tiny_model
     assert len(model.lm_head._forward_pre_hooks) == 1
 
 
-def test_grouped_key_value_heads_give_the_stock_attentions_loss_gradients_and_answers(tiny_model, tokenizer):
+@pytest.mark.parametrize("pack", [False, True], ids=["padded rows", "packed rows"])
+def test_grouped_key_value_heads_give_the_stock_attentions_loss_gradients_and_answers(tiny_model, tokenizer, pack):
     """sdpa_grouped (the tiny model's 2 key/value heads for 4 query heads, on CPU) against
-    transformers' sdpa, which copies the key/value heads: a padded batch behind a shared prefix,
-    its loss and LoRA gradients, and greedy answers from left-padded prompts."""
+    transformers' sdpa, which copies the key/value heads: a batch behind a shared prefix (its rows
+    padded, or packed into one under a 4D mask), its loss and LoRA gradients, and greedy answers
+    from left-padded prompts."""
     from oppu.modeling import GROUPED_SDPA
 
     def run(model):
@@ -338,7 +380,7 @@ def test_grouped_key_value_heads_give_the_stock_attentions_loss_gradients_and_an
         batch = collate(examples, tokenizer.pad_token_id)
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            loss, _, _ = _summed_loss(peft, batch, common_prefix_length([e.input_ids for e in examples]))
+            loss, _, _ = _summed_loss(peft, batch, common_prefix_length([e.input_ids for e in examples]), pack=pack)
         loss.backward()
         grads = [p.grad.clone() for p in peft.parameters() if p.requires_grad]
         peft.eval()
