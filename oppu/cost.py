@@ -100,26 +100,27 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
     return 2.0 * (2 * linear + 3 * attention + 2 * head)
 
 
-# Packing must save this share of a pass's FLOPs as packing_pays counts them: the packed row's
-# masked attention runs slower per FLOP than the padded batch's. On three of the demo's batches
-# (4 rows of 41 to 47 tokens behind 92; packed 0.997 of the padded FLOPs) packing was no faster;
-# on HuffPost news batches (0.75 to 0.91) an epoch ran 1.04 to 1.14 times and the end-to-end
-# user's batch 1.2 to 1.6 times as fast (benchmarks/README.md, "Packed rows").
-PACKING_MARGIN = 0.95
+# Packing pays where it computes no more than the padded batch, as packing_pays counts the
+# FLOPs (its one pass runs larger products in fewer calls than the prefix and the padded rows).
+# Measured (benchmarks/README.md, "Packed rows"): HuffPost headline batches at 0.95 and 0.98 of
+# the padded FLOPs trained 1.1 times as fast packed, two of the demo's batches at 1.00 and 1.01
+# about 1.08 times, two at 1.04 as fast either way; news batches at 0.74 to 0.89 1.1 to 1.6 times.
+PACKING_MARGIN = 1.0
 
 
 def packing_pays(shape: Shape, rows: Sequence[int], held: int) -> bool:
-    """Whether a training pass's rows (``rows``: each one's own tokens, behind ``held`` positions
-    run once) cost clearly fewer FLOPs as one packed row than as a right-padded batch (at most
-    ``PACKING_MARGIN`` of them): the projections of every position computed, and attention over
-    every (query, key) pair the kernel computes, masked or not (padded: each row's width of
-    queries over held + width keys; packed: all the tokens over held + all of them).
-    ``oppu.training._summed_loss`` packs where this holds; the logits it then saves (only
-    targets' positions) are not counted."""
-    width, total = max(rows), sum(rows)
+    """Whether a training pass's rows (``rows``: each one's own tokens, behind ``held`` shared
+    positions) cost no more FLOPs packed into one sequence after the shared positions than as a
+    right-padded batch behind them (``PACKING_MARGIN`` of them at most): the projections of
+    every position computed, and attention over every (query, key) pair the kernel computes,
+    masked or not. Padded: each row's width of queries over held + width keys. Packed (each
+    row's last token left out, ``oppu.training.packed_shared_loss``): its tokens over held +
+    all of them, and the shared positions' queries over them too. The shared positions' own
+    work is the same both ways and not counted, nor are the logits packing saves."""
+    width, total = max(rows), sum(rows) - len(rows)
     pair = shape.layers * shape.hidden * 2  # attention_flops per (query, key) pair
     padded = linear_flops(shape, len(rows) * width) + pair * len(rows) * width * (held + width)
-    packed = linear_flops(shape, total) + pair * total * (held + total)
+    packed = linear_flops(shape, total) + pair * total * (2 * held + total)
     return packed <= PACKING_MARGIN * padded
 
 
@@ -145,15 +146,15 @@ def chunk_train_flops(
     (``shared_prefix``) the tokens every row starts with once (``chunk_shared_prefix``), the
     projections and attention of every row's own tokens (padding not counted), and the logits
     training computes: at its targets only where the rows behind a shared prefix run packed
-    (``packing_pays``), else at every row's positions from the batch's first target on, padded
-    ones included. Recomputation by checkpointing and the packed row's masked attention are not
+    (``packing_pays``; there each row's last token, which predicts nothing, is not run), else at
+    every row's positions from the batch's first target on, padded ones included. Recomputation by checkpointing and the packed row's masked attention are not
     counted. A LoRA's or IA3's passes: no virtual tokens."""
     first, width = first_target(chunk), max(len(e.input_ids) for e in chunk)
     prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix else 0
     lengths = [len(e.input_ids) for e in chunk]
-    if prefix and packing_pays(shape, [n - prefix for n in lengths], prefix):
+    if prefix and packing_pays(shape, [n - prefix for n in lengths], prefix):  # every row's last token left out
         targets = [sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in chunk]
-        return pass_train_flops(shape, lengths, targets, prefix)
+        return pass_train_flops(shape, [n - 1 for n in lengths], targets, prefix)
     return pass_train_flops(shape, lengths, [width - first + 1] * len(chunk), prefix)
 
 

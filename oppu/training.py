@@ -323,35 +323,48 @@ def forward_shared_prefix(
 
 def packed_shared_loss(model, batch: dict[str, torch.Tensor], prefix: int) -> torch.Tensor:
     """``_summed_loss`` of a right-padded batch whose rows all start with the same ``prefix``
-    tokens, with no padding computed: the prefix runs once (``run_prefix``), every row's own
-    tokens follow it in one packed row (``packed_rows``: each sees the prefix and its own earlier
-    tokens, at the positions it has in its row), and logits are computed only where a row has a
-    target. The same loss and gradients as the padded pass, up to float rounding (tested); LoRA
-    dropout draws its masks over other shapes, so a run with dropout differs from the padded
-    pass's as two seeds do."""
+    tokens, with no padding computed, in one forward pass: the prefix once, then every row's own
+    tokens (``packed_rows``, the prefix as the prompt and the rows as its answers: each row sees
+    the prefix and its own earlier tokens, at the positions it has in its row; a row's last
+    token, which predicts nothing, is left out), and logits only where a row has a target. A
+    prompt-tuning adapter's virtual tokens run first (``run_prefix``) and everything sees them.
+    The same loss and gradients as the padded pass, up to float rounding (tested); LoRA dropout
+    draws its masks over other shapes, so a run with dropout differs from the padded pass's as
+    two seeds do."""
     ids, labels = batch["input_ids"], batch["labels"]
     if (labels[:, : prefix + 1] != IGNORE_INDEX).any():  # the prefix's own logits are not computed
         raise ValueError(
             f"a target token lies within the first {prefix + 1} tokens: the shared prefix must end before it"
         )
     lengths = batch["attention_mask"].sum(dim=1).tolist()
-    head = run_prefix(model, ids[:1, :prefix])
-    held = head.virtual + prefix
-    tokens, _, mask, _ = packed_rows([(ids[r, prefix:n].tolist(), []) for r, n in enumerate(lengths)], held)
-    # a row's token at t predicts its label at t + 1; its last token predicts nothing
-    ignore = labels.new_full((1,), IGNORE_INDEX)
-    targets = torch.cat([torch.cat([labels[r, prefix + 1 : n], ignore]) for r, n in enumerate(lengths)])
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    positions = torch.cat([torch.arange(held, held + n - prefix) for n in lengths]).unsqueeze(0)
+    rows = [ids[r, prefix:n].tolist() for r, n in enumerate(lengths)]
+    head = run_prefix(model, ids[:1, :0]) if prompt_tuned(model) else None  # the virtual tokens alone
+    held = head.virtual if head else 0
+    if prefix:
+        tokens, positions, mask, where = packed_rows([(ids[0, :prefix].tolist(), rows)], held)
+        predicts = where[0]  # per row, the positions whose logits predict its tokens in turn
+    else:  # only virtual tokens are shared: each row is a block of its own (its first token has no target)
+        tokens, positions, mask, _ = packed_rows([(row, []) for row in rows], held)
+        starts = [sum(len(r) for r in rows[:i]) for i in range(len(rows))]
+        predicts = [[-1, *range(s, s + len(row) - 1)] for s, row in zip(starts, rows)]
+    keep, targets = [], []
+    for r, at in enumerate(predicts):
+        for t, i in enumerate(at):
+            label = int(labels[r, prefix + t])
+            if label != IGNORE_INDEX:
+                keep.append(i)
+                targets.append(label)
     device, dtype = ids.device, next(model.parameters()).dtype
-    out = head.model(
+    out = (head.model if head else model)(
         input_ids=torch.tensor([tokens], device=device),
         attention_mask=additive_mask(mask, dtype)[None, None].to(device),
-        position_ids=positions.to(device),
-        cache=head.cache(1),
-        logits_to_keep=keep,
+        position_ids=torch.tensor([positions], device=device),
+        cache=head.cache(1) if head else None,
+        use_cache=bool(head),
+        logits_to_keep=torch.tensor(keep, device=device, dtype=torch.long),
     )
-    return torch.nn.functional.cross_entropy(out.logits[0].float(), targets[keep], reduction="sum")
+    target = torch.tensor(targets, device=device, dtype=torch.long)
+    return torch.nn.functional.cross_entropy(out.logits[0].float(), target, reduction="sum")
 
 
 def packs(model, attention_mask: torch.Tensor, prefix: int) -> bool:
@@ -388,7 +401,7 @@ def _summed_loss(
     every prompt token would be thrown away, and for a small model it is a fifth of the work.
 
     Where a prefix runs once on CPU, the rows behind it run as one packed row without padding
-    (``packed_shared_loss``) when that costs clearly fewer FLOPs (``packs``: the packed row's
+    (``packed_shared_loss``) when that costs no more FLOPs (``packs``: the packed row's
     attention spans every row's tokens); ``pack`` True or False decides instead.
     """
     labels = batch["labels"]

@@ -189,12 +189,13 @@ def test_chunk_train_flops_shares_the_prefix_as_training_does():
     prefix = list(range(20))
     chunk = [_example(prefix, 5, 3), _example(prefix, 9, 2, start=2000)]  # 28 and 31 tokens
     # logits from the batch's first target position (25) to the widest row's end (31): 7 per row
-    assert not packing_pays(shape, [8, 11], held=20)  # too little padding to save (PACKING_MARGIN)
+    assert not packing_pays(shape, [8, 11], held=20)  # packed, as many FLOPs or more (PACKING_MARGIN)
     assert chunk_train_flops(shape, chunk) == pass_train_flops(shape, [28, 31], [7, 7], prefix=20)
-    # rows of 8 and 17 tokens behind the prefix run packed: logits at the targets only
+    # rows of 8 and 17 tokens behind the prefix run packed: each row's last token left out,
+    # logits at the targets only
     spread = [_example(prefix, 5, 3), _example(prefix, 15, 2, start=2000)]
     assert packing_pays(shape, [8, 17], held=20)
-    assert chunk_train_flops(shape, spread) == pass_train_flops(shape, [28, 37], [3, 2], prefix=20)
+    assert chunk_train_flops(shape, spread) == pass_train_flops(shape, [27, 36], [3, 2], prefix=20)
     assert chunk_train_flops(shape, chunk, shared_prefix=False) == pass_train_flops(shape, [28, 31], [7, 7])
     # a prefix shorter than the least worth sharing runs in every row
     assert chunk_train_flops(shape, chunk, min_prefix=21) == pass_train_flops(shape, [28, 31], [7, 7])

@@ -91,8 +91,8 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, to
 
 def test_packed_rows_compute_no_padding(tiny_model, tokenizer, make_args):
     """The examples differ in length: the padded pass computes their padding, the packed none.
-    The model sees the prefix (1 row) and then every row's own tokens in one row, or the rows
-    padded to the longest."""
+    The model sees the prefix (1 row) and then the rows padded to the longest, or one pass of the
+    prefix followed by every row's own tokens but its last (which predicts nothing)."""
     examples = shared_examples(tokenizer)
     batch = collate(examples, tokenizer.pad_token_id)
     common = common_prefix_length([e.input_ids for e in examples])
@@ -106,7 +106,7 @@ def test_packed_rows_compute_no_padding(tiny_model, tokenizer, make_args):
     assert shapes == [(1, common), (len(examples), max(own))]
     shapes.clear()
     assert _summed_loss(model, batch, common, pack=True)[2] == 0
-    assert shapes == [(1, common), (1, sum(own))]
+    assert shapes == [(1, common + sum(n - 1 for n in own))]
     assert _summed_loss(model, batch, None)[2] == pads  # the plain forward pads
 
 
@@ -130,7 +130,7 @@ def test_packing_is_decided_on_cpu_for_models_whose_shape_is_known(tiny_model, t
     from oppu.cost import packing_pays
     from oppu.training import packs
 
-    examples = [shared_examples(tokenizer)[i] for i in (1, 2, 3)]  # rows of 18, 24 and 15 tokens
+    examples = [shared_examples(tokenizer)[i] for i in (0, 2, 3)]  # rows of 15, 24 and 15 tokens
     batch = collate(examples, tokenizer.pad_token_id)
     common = common_prefix_length([e.input_ids for e in examples])
     model = lora_model(tiny_model, make_args)
@@ -151,7 +151,7 @@ def test_packing_pays_where_padding_costs_more_than_the_longer_attention():
     shape = Shape(hidden=576, layers=30, intermediate=1536, kv=192, vocab=49152, parameters=1.35e8)
     assert packing_pays(shape, [25, 29, 25, 19, 21, 38, 29, 31], held=90)
     assert not packing_pays(shape, [30] * 8, held=90)
-    assert not packing_pays(shape, [42, 47, 46, 45], held=92)  # 0.3 % fewer FLOPs: not worth it
+    assert not packing_pays(shape, [42, 47, 46, 45], held=92)  # no fewer FLOPs packed
     assert not packing_pays(shape, [700, 800] * 8, held=90)
 
 
