@@ -102,9 +102,10 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
 
 # Packing pays where it computes no more than the padded batch, as packing_pays counts the
 # FLOPs (its one pass runs larger products in fewer calls than the prefix and the padded rows).
-# Measured (benchmarks/README.md, "Packed rows"): HuffPost headline batches at 0.95 and 0.98 of
-# the padded FLOPs trained 1.1 times as fast packed, two of the demo's batches at 1.00 and 1.01
-# about 1.08 times, two at 1.04 as fast either way; news batches at 0.74 to 0.89 1.1 to 1.6 times.
+# Measured (benchmarks/README.md, "Packed rows"; packed and padded alternated): the bench's news
+# epoch (batches at 0.84 and 0.89 of the padded FLOPs) 1.16 to 1.30 times as fast packed, its
+# headline epoch (0.95, 0.98) 1.05 to 1.19, two of the demo's batches (1.00, 1.01) 1.07 and 1.09,
+# two others (1.04) a tie.
 PACKING_MARGIN = 1.0
 
 
