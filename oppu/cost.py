@@ -109,19 +109,22 @@ def pass_train_flops(shape: Shape, lengths: Sequence[int], logit_positions: Sequ
 PACKING_MARGIN = 1.0
 
 
-def packing_pays(shape: Shape, rows: Sequence[int], held: int) -> bool:
+def packing_pays(shape: Shape, rows: Sequence[int], held: int, cached: int = 0) -> bool:
     """Whether a training pass's rows (``rows``: each one's own tokens, behind ``held`` shared
-    positions) cost no more FLOPs packed into one sequence after the shared positions than as a
-    right-padded batch behind them (``PACKING_MARGIN`` of them at most): the projections of
-    every position computed, and attention over every (query, key) pair the kernel computes,
-    masked or not. Padded: each row's width of queries over held + width keys. Packed (each
-    row's last token left out, ``oppu.training.packed_shared_loss``): its tokens over held +
-    all of them, and the shared positions' queries over them too. The shared positions' own
-    work is the same both ways and not counted, nor are the logits packing saves."""
+    tokens and ``cached`` positions every token sees but none computes, a prompt-tuning
+    adapter's virtual tokens) cost no more FLOPs packed into one sequence after the shared
+    tokens than as a right-padded batch behind them (``PACKING_MARGIN`` of them at most): the
+    projections of every position computed, and attention over every (query, key) pair the
+    kernel computes, masked or not. Padded: each row's width of queries over cached + held +
+    width keys. Packed (each row's last token left out, ``oppu.training.packed_shared_loss``):
+    its tokens over cached + held + all of them, and the shared tokens' queries over them too.
+    The shared tokens' own work is the same both ways and not counted, nor are the logits
+    packing saves."""
     width, total = max(rows), sum(rows) - len(rows)
     pair = shape.layers * shape.hidden * 2  # attention_flops per (query, key) pair
-    padded = linear_flops(shape, len(rows) * width) + pair * len(rows) * width * (held + width)
-    packed = linear_flops(shape, total) + pair * total * (2 * held + total)
+    seen = cached + held
+    padded = linear_flops(shape, len(rows) * width) + pair * len(rows) * width * (seen + width)
+    packed = linear_flops(shape, total) + pair * total * (seen + total + held)
     return packed <= PACKING_MARGIN * padded
 
 
@@ -153,7 +156,8 @@ def chunk_train_flops(
     first, width = first_target(chunk), max(len(e.input_ids) for e in chunk)
     prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix else 0
     lengths = [len(e.input_ids) for e in chunk]
-    if prefix and packing_pays(shape, [n - prefix for n in lengths], prefix):  # every row's last token left out
+    # packed: every row's last token left out
+    if prefix and packing_pays(shape, [n - prefix for n in lengths], prefix):
         targets = [sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in chunk]
         return pass_train_flops(shape, [n - 1 for n in lengths], targets, prefix)
     return pass_train_flops(shape, lengths, [width - first + 1] * len(chunk), prefix)

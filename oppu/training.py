@@ -332,7 +332,8 @@ def packed_shared_loss(model, batch: dict[str, torch.Tensor], prefix: int) -> to
     draws its masks over other shapes, so a run with dropout differs from the padded pass's as
     two seeds do."""
     ids, labels = batch["input_ids"], batch["labels"]
-    if (labels[:, : prefix + 1] != IGNORE_INDEX).any():  # the prefix's own logits are not computed
+    # no logits predict the prefix's tokens, nor the first token behind it: a target there is lost
+    if (labels[:, : prefix + 1] != IGNORE_INDEX).any():
         raise ValueError(
             f"a target token lies within the first {prefix + 1} tokens: the shared prefix must end before it"
         )
@@ -343,17 +344,18 @@ def packed_shared_loss(model, batch: dict[str, torch.Tensor], prefix: int) -> to
     if prefix:
         tokens, positions, mask, where = packed_rows([(ids[0, :prefix].tolist(), rows)], held)
         predicts = where[0]  # per row, the positions whose logits predict its tokens in turn
-    else:  # only virtual tokens are shared: each row is a block of its own (its first token has no target)
-        tokens, positions, mask, _ = packed_rows([(row, []) for row in rows], held)
-        starts = [sum(len(r) for r in rows[:i]) for i in range(len(rows))]
+    else:  # only virtual tokens are shared: each row, less its last token, is a block of its own
+        own = [row[:-1] or row for row in rows]
+        tokens, positions, mask, _ = packed_rows([(row, []) for row in own], held)
+        starts = [sum(len(r) for r in own[:i]) for i in range(len(own))]
+        # a row's first token has no target (checked above): nothing predicts it (-1, never kept)
         predicts = [[-1, *range(s, s + len(row) - 1)] for s, row in zip(starts, rows)]
     keep, targets = [], []
-    for r, at in enumerate(predicts):
+    for row_labels, at in zip(labels.tolist(), predicts):
         for t, i in enumerate(at):
-            label = int(labels[r, prefix + t])
-            if label != IGNORE_INDEX:
+            if row_labels[prefix + t] != IGNORE_INDEX:
                 keep.append(i)
-                targets.append(label)
+                targets.append(row_labels[prefix + t])
     device, dtype = ids.device, next(model.parameters()).dtype
     out = (head.model if head else model)(
         input_ids=torch.tensor([tokens], device=device),
@@ -368,10 +370,11 @@ def packed_shared_loss(model, batch: dict[str, torch.Tensor], prefix: int) -> to
 
 
 def packs(model, attention_mask: torch.Tensor, prefix: int) -> bool:
-    """Whether ``_summed_loss`` runs the rows behind a shared ``prefix`` as one packed row: on CPU
-    (only CPU was measured), where ``oppu.cost.packing_pays`` finds it saves enough, for models
-    whose config gives the cost model its shape (Llama-like: else the padded pass). A
-    prompt-tuning adapter's virtual tokens count among the positions every row sees."""
+    """Whether ``_summed_loss`` runs a shared ``prefix`` and the rows behind it packed into one
+    pass (``packed_shared_loss``): on CPU (only CPU was measured), where ``oppu.cost.packing_pays``
+    finds it costs no more FLOPs than the padded rows, for models whose config gives the cost
+    model its shape (Llama-like: else the padded pass). A prompt-tuning adapter's virtual tokens
+    are positions every token sees and none computes."""
     from oppu.cost import Shape, packing_pays
 
     if attention_mask.device.type != "cpu":
@@ -381,7 +384,7 @@ def packs(model, attention_mask: torch.Tensor, prefix: int) -> bool:
     except AttributeError:  # e.g. a config without intermediate_size or num_key_value_heads
         return False
     virtual = model.active_peft_config.num_virtual_tokens if prompt_tuned(model) else 0
-    return packing_pays(shape, [n - prefix for n in attention_mask.sum(dim=1).tolist()], prefix + virtual)
+    return packing_pays(shape, [n - prefix for n in attention_mask.sum(dim=1).tolist()], prefix, cached=virtual)
 
 
 def _summed_loss(
@@ -400,9 +403,9 @@ def _summed_loss(
     Logits are computed only from the first target position on: the vocabulary projection of
     every prompt token would be thrown away, and for a small model it is a fifth of the work.
 
-    Where a prefix runs once on CPU, the rows behind it run as one packed row without padding
-    (``packed_shared_loss``) when that costs no more FLOPs (``packs``: the packed row's
-    attention spans every row's tokens); ``pack`` True or False decides instead.
+    Where a prefix runs once on CPU, it and the rows behind it run packed into one pass without
+    padding (``packed_shared_loss``) when that costs no more FLOPs (``packs``: the packed
+    sequence's attention spans every row's tokens); ``pack`` True or False decides instead.
     """
     labels = batch["labels"]
     has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()

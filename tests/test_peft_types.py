@@ -237,6 +237,32 @@ def trained_prompt(tiny_model, tokenizer, make_args):
     return model
 
 
+def test_a_packed_pass_under_prompt_tuning_runs_the_virtual_tokens_then_one_sequence(tiny_model, tokenizer, make_args):
+    """The virtual tokens run first (no text), then one pass: the shared text and every row less
+    its last token, or, with no text shared, every row less its last token. The packing rule sees
+    the virtual tokens as positions every token attends to and none computes."""
+    from oppu.cost import Shape, packing_pays
+    from oppu.training import _summed_loss, common_prefix_length, packs
+
+    examples = [tokenize_and_mask(tokenizer, f"{SHARED}{t}\nAnswer:", y, 256) for t, y in TOY]
+    common = common_prefix_length([e.input_ids for e in examples])
+    model = trained_prompt(tiny_model, tokenizer, make_args).train()
+    batch = collate(examples, tokenizer.pad_token_id)
+    own = [len(e.input_ids) - common for e in examples]
+    shapes = []
+    model.get_base_model().get_input_embeddings().register_forward_hook(
+        lambda m, args, out: shapes.append(tuple(args[0].shape))
+    )
+    _summed_loss(model, batch, common, pack=True)
+    assert shapes == [(1, 0), (1, common + sum(n - 1 for n in own))]
+    shapes.clear()
+    _summed_loss(model, batch, 0, pack=True)
+    assert shapes == [(1, 0), (1, sum(len(e.input_ids) - 1 for e in examples))]
+    virtual = model.active_peft_config.num_virtual_tokens
+    shape = Shape.from_config(model.config)
+    assert packs(model, batch["attention_mask"], common) == packing_pays(shape, own, common, cached=virtual)
+
+
 def test_virtual_tokens_in_the_shared_prefix_give_peft_s_loss_and_gradient(tiny_model, tokenizer, make_args):
     from oppu.training import MIN_SHARED_PREFIX, _summed_loss, common_prefix_length
 
