@@ -70,7 +70,7 @@ CPU_DECODE_EFFICIENCY = 0.40
 # The pipeline's two configurations (benchmarks/README.md): ours = the defaults, paper = the release's.
 # Padding: the bench's planned padding when results.json has it, else these (measured earlier).
 # Ours' planned padding counts every pass padded; passes that run packed (oppu.training) compute
-# none, so for ours it overstates the work by at most that share (2.2 % in run 17).
+# none, so for ours it overstates the work by at most that share (2.2 % in run 20).
 # "answers": the key of the configuration's new tokens per answer in query_stats (ours stops at
 # the task's cap, the paper's samples up to 200)
 OURS = {

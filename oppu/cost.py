@@ -151,12 +151,12 @@ def chunk_train_flops(
     projections and attention of every row's own tokens (padding not counted), and the logits
     training computes: at its targets only where the rows behind a shared prefix run packed
     (``packing_pays``; there each row's last token, which predicts nothing, is not run), else at
-    every row's positions from the batch's first target on, padded ones included. Recomputation by checkpointing and the packed row's masked attention are not
-    counted. A LoRA's or IA3's passes: no virtual tokens."""
+    every row's positions from the batch's first target on, padded ones included. Recomputation
+    by checkpointing and the packed sequence's masked attention are not counted. A LoRA's or
+    IA3's passes: no virtual tokens."""
     first, width = first_target(chunk), max(len(e.input_ids) for e in chunk)
     prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix else 0
     lengths = [len(e.input_ids) for e in chunk]
-    # packed: every row's last token left out
     if prefix and packing_pays(shape, [n - prefix for n in lengths], prefix):
         targets = [sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in chunk]
         return pass_train_flops(shape, [n - 1 for n in lengths], targets, prefix)
