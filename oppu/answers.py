@@ -15,12 +15,15 @@ from oppu.training import (
     MIN_SHARED_PREFIX,
     Prefix,
     additive_mask,
+    attention_window,
     common_prefix_length,
     encode_prompts,
     packed_rows,
     prompt_tuned,
     run_prefix,
+    shares_prefix,
     tokenize_and_mask,
+    virtual_tokens,
 )
 from prompts import format_target, is_valid_prediction
 
@@ -139,6 +142,12 @@ def packed_passes(
     behind = probes(tails)
     budget = DecodeConfig(cut_off=cut_off).prompt_budget(max(len(t) for t in tails))
     rows = [(ids, behind) for ids in encode_prompts(tokenizer, prompts, budget)]
+    longest = max(len(ids) for ids, _ in rows) + max(len(t) for t in tails) + virtual_tokens(model)
+    if not shares_prefix(model, longest):  # packed passes mask rows apart, not a sliding window
+        raise ValueError(
+            f"scoring packs answers behind their prompt, which a sliding attention window of "
+            f"{attention_window(model)} tokens does not allow for sequences of {longest}: answer by generation"
+        )
     shared = common_prefix_length([ids for ids, _ in rows]) if shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     device = next(model.parameters()).device

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from oppu.training import MIN_SHARED_PREFIX, Prefix, common_prefix_length, encode_prompts, prompt_tuned, run_prefix
+from oppu.training import (
+    MIN_SHARED_PREFIX,
+    Prefix,
+    common_prefix_length,
+    encode_prompts,
+    prompt_tuned,
+    run_prefix,
+    shares_prefix,
+    virtual_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,13 @@ def generate(
     encoded = prompt_ids(tokenizer, prompts, cfg)
     # by length in tokens; equal lengths keep the prompts' order (oppu.serving.RowAdapters relies on it)
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    shared = common_prefix_length(encoded) if cfg.shared_prefix else 0
+    # a shared prefix is a cache: without one (use_cache False) every prompt runs whole
+    longest = max(len(e) for e in encoded) + cfg.max_new_tokens + virtual_tokens(model)
+    sharing = cfg.shared_prefix and cfg.use_cache and shares_prefix(model, longest)
+    shared = common_prefix_length(encoded) if sharing else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.
-    cached = bool(shared) or (cfg.shared_prefix and cfg.use_cache and prompt_tuned(model))
+    cached = bool(shared) or (sharing and prompt_tuned(model))
     device = next(model.parameters()).device
     prefix = run_prefix(model, torch.tensor([encoded[0][:shared]], device=device, dtype=torch.long)) if cached else None
     decoder = prefix.model if prefix else model

@@ -178,6 +178,10 @@ class RowAdapters:
     def parameters(self):
         return self.peft_model.parameters()
 
+    @property
+    def config(self):
+        return self.peft_model.config
+
     def run_prefix(self, prefix_ids: torch.Tensor) -> RowPrefix:
         """Called by generate() for the prompts' shared prefix (see oppu.training.run_prefix)."""
         self.prefix_ids = prefix_ids

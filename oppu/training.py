@@ -212,6 +212,33 @@ def prompt_tuned(model) -> bool:
     return config is not None and config.peft_type == "PROMPT_TUNING"
 
 
+def virtual_tokens(model) -> int:
+    """How many virtual tokens a prompt-tuning adapter puts before every input (0: none)."""
+    return model.active_peft_config.num_virtual_tokens if prompt_tuned(model) else 0
+
+
+def attention_window(model) -> int | None:
+    """The sliding attention window of the model's windowed layers (Mistral, Gemma, Qwen2 with
+    ``use_sliding_window``); None where every layer attends to every earlier token."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def shares_prefix(model, length: int) -> bool:
+    """Whether sequences of up to ``length`` positions may run a shared prefix once. The prefix's
+    keys and values are handed on as a full-attention cache and packed passes mask only what a
+    token may not see in its own row, so a sliding window shorter than the sequence would be lost:
+    such models run every row whole."""
+    window = attention_window(model)
+    return window is None or length < window
+
+
 def virtual_prompt(model) -> torch.Tensor | None:
     """The (1, V, d) virtual tokens of a prompt-tuning adapter; None for every other model."""
     return model.get_prompt(batch_size=1) if prompt_tuned(model) else None
@@ -383,7 +410,7 @@ def packs(model, attention_mask: torch.Tensor, prefix: int) -> bool:
         shape = Shape.from_config(model.config)
     except AttributeError:  # e.g. a config without intermediate_size or num_key_value_heads
         return False
-    virtual = model.active_peft_config.num_virtual_tokens if prompt_tuned(model) else 0
+    virtual = virtual_tokens(model)
     return packing_pays(shape, [n - prefix for n in attention_mask.sum(dim=1).tolist()], prefix, cached=virtual)
 
 
@@ -416,7 +443,10 @@ def _summed_loss(
     least = min_shared_prefix(labels.device) if min_prefix is None else min_prefix
     prefix = prefix if prefix >= least else 0
     padding = batch["attention_mask"].numel() - int(batch["attention_mask"].sum())
-    if shared and (prefix or prompt_tuned(model)):
+    virtual = virtual_tokens(model)
+    windowed = not shares_prefix(model, labels.size(1) + virtual)  # every row whole
+    prefix = 0 if windowed else prefix
+    if shared and not windowed and (prefix or virtual):
         if pack is None:
             pack = packs(model, batch["attention_mask"], prefix)
         if pack:

@@ -759,3 +759,72 @@ def test_the_table_shows_the_new_floors():
     assert "| 4.00 / 2.00 / 1.50 / 1.00 |" in text  # user after user, mixed, its prompt pass, its floor
     assert "ours' floor per user (its training and answers at the limit), s | | | 2.00 |" in text
     assert "- e2e_ceiling_vs_paper: 8.000" in text
+
+
+# --- where no prefix may be shared -------------------------------------------------------------
+
+
+def test_decoding_without_a_cache_runs_every_prompt_whole(tiny_model, tokenizer, make_args, monkeypatch):
+    """use_cache False asks for no cache at all, so the shared prefix (a cache) is not run apart."""
+    import oppu.generation
+
+    model = lora_model(tiny_model, make_args).eval()
+    prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES]
+    plain = generate(model, tokenizer, prompts, DecodeConfig(max_new_tokens=4, shared_prefix=False), show=False)
+
+    def no_prefix(*_):
+        raise AssertionError("a prefix ran apart without a cache")
+
+    monkeypatch.setattr(oppu.generation, "run_prefix", no_prefix)
+    uncached = generate(model, tokenizer, prompts, DecodeConfig(max_new_tokens=4, use_cache=False), show=False)
+    assert uncached == plain
+
+
+def tiny_mistral(tokenizer, window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from oppu.modeling import prepare_model
+
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=window,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).float()
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    prepare_model(model)
+    return model.eval()
+
+
+def test_a_sliding_window_shorter_than_the_rows_keeps_every_row_whole(tokenizer):
+    """A prefix shared as a full-attention cache, or rows packed under a mask of their own, would
+    let a token see past a sliding window: such a model trains and decodes every row whole, and
+    scoring (always packed) says it cannot run."""
+    from oppu.answers import score_answers
+    from oppu.training import attention_window, shares_prefix
+
+    model = tiny_mistral(tokenizer, window=24)
+    assert attention_window(model) == 24 and not shares_prefix(model, 40) and shares_prefix(model, 20)
+    examples = shared_examples(tokenizer)[:4]
+    assert common_prefix_length([e.input_ids for e in examples]) > 24
+    batch = collate(examples, tokenizer.pad_token_id)
+    model.train()
+    loss, used, _ = _summed_loss(model, batch, prefix=common_prefix_length([e.input_ids for e in examples]))
+    plain, _, _ = _summed_loss(model, batch, prefix=None)
+    assert used == 0 and torch.allclose(loss, plain)
+    model.eval()
+    prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES]
+    shared = generate(model, tokenizer, prompts, DecodeConfig(max_new_tokens=4, batch_size=3), show=False)
+    plain_cfg = DecodeConfig(max_new_tokens=4, batch_size=3, shared_prefix=False)
+    assert shared == generate(model, tokenizer, prompts, plain_cfg, show=False)
+    with pytest.raises(ValueError, match="sliding attention window of 24"):
+        score_answers(model, tokenizer, prompts, ["crime", "sports"], show=False)
+    assert attention_window(tiny_mistral(tokenizer, window=None)) is None
