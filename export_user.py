@@ -40,17 +40,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def merged_base_kept(run_dir: Path, out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` already holds the run's base with its task adapter merged in (kept as it
+    is); raises, before anything is loaded or written, where another folder is in the way."""
+    task_lora = Path(read_json(run_dir / CONFIG_FILE)["task_lora"])
+    record = out / ownership.MERGED_FILE
+    if (
+        record.is_file()
+        and not overwrite
+        and read_json(record)["task_adapter_sha256"] == ownership.task_adapter_sha(task_lora)
+    ):
+        return True
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists and holds another base or task adapter; use --overwrite to replace it")
+    return False
+
+
 def write_merged_base(run_dir: Path, out: Path, args: argparse.Namespace) -> Path:
     """The run's base with its task adapter merged in, written once (kept when it already holds
     the same base and task adapter)."""
+    if merged_base_kept(run_dir, out, args.overwrite):
+        print(f"{out} already holds this base and task adapter; kept")
+        return out
     config = read_json(run_dir / CONFIG_FILE)
     task_lora = Path(config["task_lora"])
-    record = out / ownership.MERGED_FILE
-    if record.is_file() and not args.overwrite:
-        held = read_json(record)
-        if held["task_adapter_sha256"] == ownership.task_adapter_sha(task_lora):
-            print(f"{out} already holds this base and task adapter; kept")
-            return out
     spec = ModelSpec(
         config["model_name"], args.dtype, access_token=args.access_token, trust_remote_code=config["trust_remote_code"]
     )
@@ -65,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     out = Path(args.output_dir or Path("exports") / safe_dirname(args.user_id))
     if args.merged_base and Path(args.merged_base).resolve() == out.resolve():
         raise UserError("--merged_base and --output_dir must be different folders")
+    if args.merged_base:  # a folder in its way is an error before the PEFT is written
+        merged_base_kept(run_dir, Path(args.merged_base), args.overwrite)
     peft = ownership.export_from_run(run_dir, args.user_id, out, args.overwrite, args.data_dir, args.access_token)
     print(f"wrote the PEFT of user {args.user_id} to {peft}")
     outputs = {"peft": peft}

@@ -52,11 +52,17 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def complete(folder: Path) -> bool:
+    """Whether a converted checkpoint folder holds the weights and the tokenizer (it appears
+    whole, by one rename, so both files mean the conversion finished)."""
+    return (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
 def embedded_checkpoint() -> Path:
     """A safetensors checkpoint of the embedded model, converted from its GGUF file once."""
     gguf = embedded_gguf_path()
     folder = cache_dir() / f"{EMBEDDED_MODEL}-from-gguf"
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+    if complete(folder):
         return folder
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,7 +77,10 @@ def embedded_checkpoint() -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if folder.exists():  # a conversion killed half-way, or one finished by another process
+    if complete(folder):  # another process (accelerate's ranks all convert) finished first: keep its
+        shutil.rmtree(tmp, ignore_errors=True)  # copy, which a rank may already be loading
+        return folder
+    if folder.exists():  # a conversion killed half-way
         shutil.rmtree(folder, ignore_errors=True)
     try:
         tmp.replace(folder)

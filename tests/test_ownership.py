@@ -204,6 +204,14 @@ def test_user_file_training_equals_full_run(run, tmp_path):
 
 def test_merged_base_reloads_with_equal_greedy_outputs(run, exported, tmp_path, tokenizer):
     merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()  # a folder in the way: refused before any model loads or the PEFT is written
+    (merged_dir / "notes.txt").write_text("mine")
+    argv = ["--oppu_dir", str(run["run_dir"]), "--user_id", USER, "--output_dir", str(tmp_path / "p")]
+    with pytest.raises(UserError, match="holds another base or task adapter"):
+        export_user.main([*argv, "--merged_base", str(merged_dir)])
+    assert not (tmp_path / "p").exists() and (merged_dir / "notes.txt").read_text() == "mine"
+    (merged_dir / "notes.txt").unlink()
+    merged_dir.rmdir()
     export_user.main(
         [
             "--oppu_dir",
