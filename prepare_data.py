@@ -76,8 +76,10 @@ def _summary(task: Task, folder: Path, test: list[User], others: list[User]) -> 
 
 
 def write_split(task: Task, output_dir: str, users: list[User], num_test_users: int) -> Path:
-    """Validate, pick the test users, and write the task's folder."""
-    test, others = split_test_users(validate_users(task, users, "prepared data"), num_test_users)
+    """Validate, pick the test users, and write the task's folder. Only test users need a history
+    (a personal PEFT trains on it); the others give the task adapter their queries."""
+    test, others = split_test_users(validate_users(task, users, "prepared data", need_history=False), num_test_users)
+    validate_users(task, test, "prepared data (test users)")
     folder = write_user_split(task, output_dir, test, others)
     print(_summary(task, folder, test, others))
     return folder

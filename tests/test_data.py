@@ -389,6 +389,24 @@ def test_from_records_product_rating_csv_rounds_ratings(tmp_path, capsys):
     assert "1 (label outside the task)" in capsys.readouterr().out
 
 
+def test_from_records_min_history_0_keeps_other_users_without_a_history(tmp_path):
+    """Only test users train a personal PEFT on a history; another user with none still gives the
+    task adapter its queries. A test user without one is refused, naming the user."""
+    rows = [("ann", f"review {i}", "4", f"2024-01-0{i + 1}") for i in range(3)] + [("cy", "once", "2", "2024-02-01")]
+    path = tmp_path / "reviews.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("user", "review", "rating", "when"), *rows])
+    argv = ["from-records", "--input", str(path), "--task_name", "LaMP_3", "--user_field", "user"]
+    argv += ["--input_field", "review", "--output_field", "rating", "--time_field", "when"]
+    argv += ["--queries_per_user", "1", "--min_history", "0"]
+    (folder,) = prepare_data.main([*argv, "--num_test_users", "1", "--output_dir", str(tmp_path / "d")])
+    (cy,) = read(folder / OTHER_USERS_FILE)
+    assert cy["user_id"] == "cy" and cy["profile"] == [] and len(cy["query"]) == 1
+    assert [u["user_id"] for u in read(folder / TEST_USERS_FILE)] == ["ann"]
+    with pytest.raises(UserError, match="test users.*'profile' is empty"):
+        prepare_data.main([*argv, "--num_test_users", "2", "--output_dir", str(tmp_path / "e")])
+
+
 def test_from_records_missing_field_names_file_record_and_field(tmp_path):
     path = tmp_path / "records.jsonl"
     lines = [{"who": "a", "text": "t", "label": "sports"}, {"who": "a", "label": "sports"}]
