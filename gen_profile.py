@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     model, tokenizer = load_model(spec)
     set_seed(args.seed)
     decode = DecodeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.decode_batch_size)
+    if args.overwrite:  # the old profiles go before the config names the new run as their maker:
+        for _, out in FILES:  # a run killed half-way must not leave them under the new config
+            (folder / out).unlink(missing_ok=True)
     write_json(folder / CONFIG_FILE, config)
 
     def make(batch):

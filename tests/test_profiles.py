@@ -12,7 +12,7 @@ from oppu.data import load_profiles
 from oppu.generation import DecodeConfig
 from oppu.tasks import get_task
 from prompts import profile_prompt
-from utils import UserError
+from utils import UserError, read_json
 
 TASK = get_task("news_categorize")
 
@@ -242,3 +242,25 @@ def test_no_users_asked_for_writes_nothing_and_loads_no_model(tmp_path):
     )
     assert [c.kept + c.written for c in counts.values()] == [0, 0]
     assert not list(folder.glob("profile_user_*.json"))
+
+
+def test_overwrite_drops_the_old_profiles_before_its_config_is_written(tmp_path, monkeypatch):
+    """A --overwrite run killed half-way leaves no profile of the old run under the new config,
+    which a resume would otherwise keep as its own."""
+    folder = tmp_path / TASK.name
+    folder.mkdir()
+    (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 2)]))
+    (folder / "user_others.json").write_text(json.dumps([user("o", 1)]))
+    for name, who in (("profile_user_100.json", "a"), ("profile_user_others.json", "o")):
+        (folder / name).write_text(json.dumps([{"user_id": who, "output": "an old model's profile"}]))
+    monkeypatch.setattr(gen_profile, "load_model", lambda spec: (None, None))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen_profile, "generate_profiles", killed)
+    argv = ["--task_name", TASK.name, "--data_dir", str(tmp_path), "--overwrite", "--num_history", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        gen_profile.main(argv)
+    assert not list(folder.glob("profile_user_*.json"))
+    assert read_json(folder / gen_profile.CONFIG_FILE)["num_history"] == 2
