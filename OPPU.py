@@ -4,7 +4,7 @@ personal LoRA on that user's history alone, save it, and answer the user's queri
 Usage:
     python OPPU.py --task_name news_categorize --k 0 --task_lora ckpt/news_categorize/k0-news_categorize-SmolLM2-135M-Instruct-task_LoRA_ckpt
     accelerate launch --num_processes 2 OPPU.py --task_name news_categorize --task_lora PATH   # users split over GPUs
-    python OPPU.py --task_name news_categorize --task_lora PATH --peft_type ia3 --ckpt_dir ckpt_ia3   # or prompt_tuning
+    python OPPU.py --task_name news_categorize --task_lora PATH --peft_type ia3 --ckpt_dir ckpt_ia3 --output_dir output_ia3   # or prompt_tuning
 
 A killed run resumes: rerun the same command and finished users are skipped.
 """
@@ -45,6 +45,7 @@ from oppu.runs import (
     PERSONAL_ANSWER_ONLY,
     RunLock,
     check_or_save_config,
+    check_predictions,
     clean_stale_staging,
     commit_user_result,
     config_fingerprint,
@@ -311,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     if args.history_inputs == "rewriter":
         config["rewriter_sha256"] = ownership.sha256_file(check_rewriter(args.task_lora) / ADAPTER_WEIGHTS)
     fingerprint = config_fingerprint(config)
+    check_predictions(pred_file, config, args.overwrite)
     source = reused_source(args, config, run_dir)
 
     from accelerate import Accelerator

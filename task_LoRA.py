@@ -25,6 +25,7 @@ from oppu.rewriter import REWRITER_DIR, needs_rewriter, rewriter_config, rewrite
 from oppu.runs import (
     CONFIG_FILE,
     PERSONAL_ONLY,
+    check_predictions,
     config_differences,
     file_fingerprint,
     public_config,
@@ -178,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     adapter_dir = task_lora_dir(args.ckpt_dir, task, args.k, args.model_name, args.add_profile)
     check_adapter_folder(adapter_dir, config, args.overwrite)
     pred_file = cli.prediction_file(args, task, "task_LoRA")
+    if not args.no_answer:
+        check_predictions(pred_file, config, args.overwrite)
+    if args.predict_base:
+        check_predictions(cli.prediction_file(args, task, "base"), config, args.overwrite)
     decode = cli.decode_config(args, task)
 
     from accelerate import Accelerator

@@ -146,6 +146,27 @@ def check_or_save_config(folder: Path, config: dict[str, Any], overwrite: bool) 
     write_json(path, new)
 
 
+PREDICTION_STATS = ("predictions", "invalid_fraction")  # what a stage adds to the config it saves beside them
+
+
+def check_predictions(pred_file: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Refuse, before any work, to replace predictions that a run under other settings wrote.
+    Their file is named by task, k, model and profile only (``predictions_path``), so a run with
+    another PEFT type, answer mode or retrieval into the same --output_dir would take its place;
+    the config saved beside it (``<file>.config.json``) tells. --overwrite replaces them."""
+    path = pred_file.with_suffix(".config.json")
+    if overwrite or not path.is_file():
+        return
+    old = {k: v for k, v in read_json(path).items() if k not in PREDICTION_STATS}
+    diff = config_differences(old, public_config(config))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4])
+        raise UserError(
+            f"{pred_file}: holds the predictions of a run with another config ({shown}); "
+            "give this run its own --output_dir, or use --overwrite"
+        )
+
+
 class RunLock:
     """An exclusive lock file in the run folder: a second run into the same folder stops
     with a clear error. A lock left by a killed run (its process is gone) is taken over.

@@ -13,6 +13,7 @@ import pytest
 from oppu.runs import (
     RunLock,
     check_or_save_config,
+    check_predictions,
     clean_stale_staging,
     commit_user_result,
     config_differences,
@@ -94,6 +95,19 @@ def test_config_is_saved_without_the_token_and_a_different_one_is_refused(tmp_pa
         check_or_save_config(tmp_path, config | {"learning_rate": 1e-3}, overwrite=False)
     check_or_save_config(tmp_path, config | {"learning_rate": 1e-3}, overwrite=True)
     assert json.loads((tmp_path / "run_config.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_predictions_of_a_run_under_other_settings_are_not_replaced(tmp_path):
+    """Prediction files are named by task, k, model and profile only: a run answering another
+    way (or with another PEFT type) into the same --output_dir stops before any work."""
+    pred = tmp_path / "k0-movie_tagging-m-OPPU.json"
+    config = {"task_name": "movie_tagging", "answer_mode": "generate", "ckpt_dir": "ckpt", "max_users": 3}
+    check_predictions(pred, config, overwrite=False)  # nothing there yet
+    pred.with_suffix(".config.json").write_text(json.dumps(config | {"predictions": 9, "invalid_fraction": 0.1}))
+    check_predictions(pred, config | {"ckpt_dir": "ckpt2", "max_users": 10}, overwrite=False)  # the same run
+    with pytest.raises(UserError, match=r"another config \(answer_mode: 'generate' -> 'score'\).*own --output_dir"):
+        check_predictions(pred, config | {"answer_mode": "score"}, overwrite=False)
+    check_predictions(pred, config | {"answer_mode": "score"}, overwrite=True)
 
 
 def test_batch_sizes_change_results_so_a_folder_holds_one_of_each(tmp_path):
