@@ -240,7 +240,7 @@ def read_user_result(run_dir: Path, user_id: str, query_ids: list[str], fingerpr
     folder = user_result_dir(run_dir, user_id)
     try:
         result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-        if not (folder / "adapter" / ADAPTER_WEIGHTS).is_file():
+        if not all((folder / "adapter" / name).is_file() for name in (ADAPTER_WEIGHTS, "adapter_config.json")):
             return None
     except (OSError, ValueError):
         return None
@@ -285,12 +285,18 @@ def wait_for_users(
 
 def commit_user_result(run_dir: Path, user_id: str, staging: Path, result: dict) -> None:
     """Move a user's finished folder (adapter already saved in ``staging/adapter``) into place
-    in one rename, so that a kill leaves either no result or a complete one."""
+    by renames only, so that a kill leaves either no result or a complete one (an old result of
+    the user, under --overwrite, is moved aside before and removed after)."""
     write_json(staging / "result.json", result)
     final = user_result_dir(run_dir, user_id)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    if final.exists():  # the old result moves aside whole first (as a stale staging folder, which
+        old = run_dir / "users" / f".staging-old-{final.name}-{_staging_tag()}"  # a later run removes)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -56,6 +56,7 @@ def finished_user(run_dir, user_id="u1", qids=("q1", "q2")):
     staging = staging_dir(run_dir, user_id)
     (staging / "adapter").mkdir()
     (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (staging / "adapter" / "adapter_config.json").write_text("{}")
     result = {"user_id": user_id, "predictions": {q: "comedy" for q in qids}}
     commit_user_result(run_dir, user_id, staging, result)
     return result
@@ -69,6 +70,11 @@ def test_complete_result_is_read_back_and_partial_ones_are_not(tmp_path):
     folder = user_result_dir(tmp_path, "u1")
     (folder / "adapter" / "adapter_model.safetensors").unlink()
     assert read_user_result(tmp_path, "u1", ["q1", "q2"]) is None  # adapter missing
+    finished_user(tmp_path)
+    (folder / "adapter" / "adapter_config.json").unlink()
+    assert read_user_result(tmp_path, "u1", ["q1", "q2"]) is None  # its config missing
+    assert finished_user(tmp_path, qids=("q3",)) == read_user_result(tmp_path, "u1", ["q3"])  # replaced whole
+    assert read_user_result(tmp_path, "u1", ["q1", "q2"]) is None
     finished_user(tmp_path)
     (folder / "result.json").write_text('{"user_id": "u1", "predictions": {"q1"')  # cut short
     assert read_user_result(tmp_path, "u1", ["q1", "q2"]) is None
@@ -153,6 +159,7 @@ def test_results_made_under_other_settings_are_not_reused(tmp_path):
     staging = staging_dir(tmp_path, "u1")
     (staging / "adapter").mkdir()
     (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (staging / "adapter" / "adapter_config.json").write_text("{}")
     old = config_fingerprint({"learning_rate": 1e-4, "max_users": 1})
     commit_user_result(tmp_path, "u1", staging, {"user_id": "u1", "predictions": {"q": "x"}, "config": old})
     assert config_fingerprint({"learning_rate": 1e-4, "max_users": 5, "ckpt_dir": "b"}) == old  # neutral keys
@@ -175,6 +182,7 @@ def test_processes_wait_for_every_users_result_on_disk_not_in_a_collective(tmp_p
         staging = staging_dir(tmp_path, user_id)
         (staging / "adapter").mkdir()
         (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
+        (staging / "adapter" / "adapter_config.json").write_text("{}")
         commit_user_result(
             tmp_path, user_id, staging, {"user_id": user_id, "predictions": {f"{user_id}q": "x"}, "config": config}
         )
