@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -137,6 +138,7 @@ def train_user(
     run_dir: Path,
     fingerprint: str = "",
     inputs: list[str] | None = None,
+    launch: str | None = None,
 ) -> tuple[object, dict]:
     """One user: a fresh personal adapter (--peft_type) on the clean merged model, trained on this user's history only,
     saved, and used to answer the user's queries. ``inputs``: the rewriter's input for each history
@@ -171,6 +173,7 @@ def train_user(
         "train_seconds": round(trained - start, 2),  # a fresh adapter, the user's examples and training
         "answer_seconds": round(answered - trained, 2),
         "config": fingerprint,
+        **({"launch": launch} if launch else {}),
         **answers,
     }
     commit_user_result(run_dir, user["user_id"], staging, result)
@@ -210,6 +213,7 @@ def answer_with_saved(
     fingerprint: str,
     source: Path,
     trained: dict,
+    launch: str | None = None,
 ) -> tuple[object, dict]:
     """One user whose PEFT another run trained under the same settings (``trained``: its result):
     load it, answer this run's way, and record its training figures with the new answers."""
@@ -230,6 +234,7 @@ def answer_with_saved(
         "answer_seconds": round(time.time() - loaded, 2),  # this run's answering (train_seconds: the source's)
         "adapter_from": str(source),
         "config": fingerprint,
+        **({"launch": launch} if launch else {}),
         **answers,
     }
     commit_user_result(run_dir, user["user_id"], staging, result)
@@ -247,11 +252,12 @@ def merge_outputs(
         raise RuntimeError(f"{run_dir}: {len(missing)} users have no result (first: {missing[:3]})")
     preds = {qid: out for r in results for qid, out in r["predictions"].items()}
     write_json(pred_file, predictions_json(task, preds, f"{model_name} + task adapter + OPPU"))
-    # users of other calls into this run folder (another --user_stride, say) keep their lines
+    # users of other calls into this run folder (another --user_stride, say) keep their lines, if
+    # made under this run's settings (not an earlier config's, replaced by --overwrite)
     path = run_dir / "manifest.jsonl"
     mine = {u["user_id"] for u in users}
-    manifest = [m for uid, m in read_manifest(path).items() if uid not in mine]
-    manifest += [{k: v for k, v in r.items() if k not in ("predictions", "raw_generations")} for r in results]
+    manifest = [m for uid, m in read_manifest(path).items() if uid not in mine and m.get("config") == fingerprint]
+    manifest += [{k: v for k, v in r.items() if k not in ("predictions", "raw_generations", "launch")} for r in results]
     atomic_write_text(path, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest))
     return preds
 
@@ -319,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
 
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
+    launch = None  # under --overwrite, results an earlier launch left must not count as done
+    if args.overwrite and world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        launch = broadcast_object_list([uuid.uuid4().hex])[0]  # the main process's, for every rank
     with RunLock(run_dir, rank):
         check_or_save_config(run_dir, config, args.overwrite)
         clean_stale_staging(run_dir)
@@ -339,19 +350,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
             trained = read_user_result(source[0], user["user_id"], qids, source[1]) if source else None
             if trained is not None:
                 model, result = answer_with_saved(
-                    model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint, source[0], trained
+                    model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint, source[0], trained, launch
                 )
                 reused += 1
             else:
+                inputs = rewrites.get(user["user_id"])
                 model, result = train_user(
-                    model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint, rewrites.get(user["user_id"])
+                    model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint, inputs, launch
                 )
                 done += 1
             bar.set_postfix(user=user["user_id"], loss=f"{result['final_loss']:.3f}")
         reuse_note = f", answered {reused} with the PEFTs of {source[0]}" if source else ""
         print(f"process {rank}: trained {done} users{reuse_note}, skipped {len(mine) - done - reused} finished ones")
         if world > 1:
-            wait_for_users(run_dir, users, fingerprint)  # not a barrier: the split can be unbalanced
+            wait_for_users(run_dir, users, fingerprint, launch=launch)  # not a barrier: the split can be unbalanced
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             preds = merge_outputs(run_dir, task, users, pred_file, args.model_name, fingerprint)

@@ -266,18 +266,25 @@ def split_users(costs: Sequence[float], world: int) -> list[list[int]]:
 
 
 def wait_for_users(
-    run_dir: Path, users: Sequence[dict], fingerprint: str, poll_seconds: float = 2.0, sleep=time.sleep
+    run_dir: Path,
+    users: Sequence[dict],
+    fingerprint: str,
+    poll_seconds: float = 2.0,
+    sleep=time.sleep,
+    launch: str | None = None,
 ) -> None:
-    """Block until every user's result is on disk (made with ``fingerprint``): processes that
-    split the users wait for each other this way before the merge (utils.wait_until says why)."""
+    """Block until every user's result is on disk (made with ``fingerprint``; with ``launch``, by
+    this launch: under --overwrite an earlier launch's results have the same fingerprint):
+    processes that split the users wait for each other this way before the merge
+    (utils.wait_until says why)."""
     missing = list(users)
 
+    def waiting(user: dict) -> bool:
+        result = read_user_result(run_dir, user["user_id"], [q["id"] for q in user["query"]], fingerprint)
+        return result is None or (launch is not None and result.get("launch") != launch)
+
     def done() -> bool:
-        missing[:] = [
-            u
-            for u in missing
-            if read_user_result(run_dir, u["user_id"], [q["id"] for q in u["query"]], fingerprint) is None
-        ]
+        missing[:] = [u for u in missing if waiting(u)]
         return not missing
 
     wait_until(done, poll_seconds, sleep)

@@ -178,14 +178,13 @@ def test_file_fingerprint_follows_content(tmp_path):
 def test_processes_wait_for_every_users_result_on_disk_not_in_a_collective(tmp_path):
     users = [{"user_id": u, "query": [{"id": f"{u}q"}]} for u in ("u1", "u2", "u3")]
 
-    def finish(user_id, config="fp"):
+    def finish(user_id, config="fp", launch=None):
         staging = staging_dir(tmp_path, user_id)
         (staging / "adapter").mkdir()
         (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
         (staging / "adapter" / "adapter_config.json").write_text("{}")
-        commit_user_result(
-            tmp_path, user_id, staging, {"user_id": user_id, "predictions": {f"{user_id}q": "x"}, "config": config}
-        )
+        result = {"user_id": user_id, "predictions": {f"{user_id}q": "x"}, "config": config}
+        commit_user_result(tmp_path, user_id, staging, result | ({"launch": launch} if launch else {}))
 
     finish("u1")
     finish("u2", config="another run's settings")  # does not count
@@ -199,6 +198,12 @@ def test_processes_wait_for_every_users_result_on_disk_not_in_a_collective(tmp_p
     wait_for_users(tmp_path, users, "fp", poll_seconds=7, sleep=sleep)
     assert sleeps == [7, 7]
     wait_for_users(tmp_path, users, "fp", sleep=lambda _: pytest.fail("all users are done: no wait"))
+    # under --overwrite, results of an earlier launch (same settings) are not this launch's
+    finish("u1", launch="this")
+    later = iter([lambda: finish("u2", launch="this"), lambda: finish("u3", launch="this")])
+    sleeps.clear()
+    wait_for_users(tmp_path, users, "fp", poll_seconds=1, sleep=sleep, launch="this")
+    assert sleeps == [1, 1]
 
 
 def test_users_split_over_processes_balance_their_cost():
@@ -222,3 +227,25 @@ def test_a_setting_added_later_at_its_old_value_keeps_finished_runs():
     assert config_differences(old, old | {"history_inputs": "item"}) == []
     assert config_differences(old, old | {"history_inputs": "task_model"}) == ["history_inputs"]
     assert reuse_mismatch(old, old | {"history_inputs": "item"}) is None
+
+
+def test_the_manifest_keeps_other_calls_users_of_this_config_only(tmp_path):
+    """merge_outputs keeps the manifest lines of users another call answered (another
+    --user_stride) when they were made under this run's settings, not an earlier config's."""
+    import OPPU
+
+    task = get_task("LaMP_2M")
+    staging = staging_dir(tmp_path, "u1")
+    (staging / "adapter").mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (staging / "adapter" / name).write_text("{}")
+    commit_user_result(tmp_path, "u1", staging, {"user_id": "u1", "predictions": {"q1": "comedy"}, "config": "new"})
+    lines = [{"user_id": "u2", "config": "new"}, {"user_id": "u3", "config": "old"}, {"user_id": "u1", "config": "old"}]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    users = [{"user_id": "u1", "query": [{"id": "q1"}]}]
+    preds = OPPU.merge_outputs(tmp_path, task, users, tmp_path / "preds.json", "m", "new")
+    kept = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert preds == {"q1": "comedy"} and kept == [
+        {"user_id": "u2", "config": "new"},
+        {"user_id": "u1", "config": "new"},
+    ]

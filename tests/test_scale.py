@@ -161,6 +161,12 @@ def test_two_accelerate_processes_match_one(setup, single):
     assert predictions(setup, "double") == single
     manifest = (setup["root"] / "double" / "ckpt" / TASK).glob("*-OPPU/manifest.jsonl")
     assert len(next(manifest).read_text().splitlines()) == 3
+    # --overwrite: the processes wait for this launch's results, not the finished ones of the last
+    run(oppu_cmd(setup, "double", LAUNCH) + ["--overwrite"])
+    assert predictions(setup, "double") == single
+    results = (setup["root"] / "double" / "ckpt" / TASK).glob("*-OPPU/users/*/result.json")
+    launches = {json.loads(path.read_text()).get("launch") for path in results}
+    assert len(launches) == 1 and None not in launches  # one launch id, the main process's, on every user
 
 
 def test_sigkill_then_rerun_matches_uninterrupted_run(setup, single):
