@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oppu import cli
-from oppu.data import OTHER_PROFILES_FILE, OTHER_USERS_FILE, TEST_PROFILES_FILE, TEST_USERS_FILE, load_users
+from oppu.data import (
+    OTHER_PROFILES_FILE,
+    OTHER_USERS_FILE,
+    PROFILE_CONFIG_FILE,
+    PROFILE_USERS_KEY,
+    TEST_PROFILES_FILE,
+    TEST_USERS_FILE,
+    load_users,
+)
 from oppu.generation import DecodeConfig
 from oppu.modeling import EMBEDDED_MODEL, check_spec, load_model
 from oppu.profiles import ProfileCounts, generate_profiles, label_mentions, profile_file, read_aligned
@@ -26,8 +34,8 @@ from oppu.runs import config_differences, file_fingerprint, public_config
 from oppu.tasks import Task, get_task
 from utils import UserError, ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
-CONFIG_FILE = "profile_config.json"
-USERS_KEY = "users_sha256"
+CONFIG_FILE = PROFILE_CONFIG_FILE
+USERS_KEY = PROFILE_USERS_KEY
 FILES = ((TEST_USERS_FILE, TEST_PROFILES_FILE), (OTHER_USERS_FILE, OTHER_PROFILES_FILE))
 
 

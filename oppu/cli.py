@@ -12,6 +12,8 @@ from oppu.answers import ANSWER_MODES
 from oppu.data import (
     OTHER_PROFILES_FILE,
     OTHER_USERS_FILE,
+    PROFILE_CONFIG_FILE,
+    PROFILE_USERS_KEY,
     TEST_PROFILES_FILE,
     TEST_USERS_FILE,
     User,
@@ -22,11 +24,11 @@ from oppu.defaults import model_parameters, resolve_training_defaults
 from oppu.generation import DecodeConfig
 from oppu.modeling import EMBEDDED_MODEL, ModelSpec, check_spec
 from oppu.retrieval import RETRIEVAL_MODES
-from oppu.runs import predictions_path
+from oppu.runs import file_fingerprint, predictions_path
 from oppu.tasks import Task, get_task
 from oppu.training import TrainConfig
 from prompts import HISTORY_FORMATS
-from utils import UserError
+from utils import UserError, read_json
 
 
 def add_loading_args(group: argparse._ArgumentGroup) -> None:
@@ -348,11 +350,29 @@ def select_users(items: Sequence, args: argparse.Namespace) -> list:
     return kept if args.max_users < 0 else kept[: args.max_users]
 
 
+def load_user_profiles(folder: Path, users_file: str, profiles_file: str, users: Sequence[User]) -> list[str]:
+    """The profiles of ``users`` (``load_profiles``), refused where gen_profile.py recorded that it
+    made them from another version of the users' file (prepare_data has rewritten it since)."""
+    record = folder / PROFILE_CONFIG_FILE
+    if record.is_file():
+        made_from = read_json(record).get(PROFILE_USERS_KEY, {}).get(users_file)
+        if made_from is not None and made_from != file_fingerprint(folder / users_file):
+            raise UserError(
+                f"{folder / profiles_file}: made from an earlier {users_file} (rewritten since); "
+                "run gen_profile.py again with --overwrite"
+            )
+    return load_profiles(folder / profiles_file, users)
+
+
 def load_test_users(args: argparse.Namespace, task: Task) -> tuple[list[User], list[str | None]]:
     """The test users (see ``select_users``) and their profiles (None without --add_profile)."""
     folder = Path(args.data_dir) / task.name
     users = load_users(task, folder / TEST_USERS_FILE)
-    profiles = load_profiles(folder / TEST_PROFILES_FILE, users) if args.add_profile else [None] * len(users)
+    profiles = (
+        load_user_profiles(folder, TEST_USERS_FILE, TEST_PROFILES_FILE, users)
+        if args.add_profile
+        else [None] * len(users)
+    )
     return select_users(users, args), select_users(profiles, args)
 
 
@@ -360,5 +380,9 @@ def load_other_users(args: argparse.Namespace, task: Task) -> tuple[list[User], 
     """The task adapter's users (their histories may be empty: only their queries train)."""
     folder = Path(args.data_dir) / task.name
     users = load_users(task, folder / OTHER_USERS_FILE, need_history=False)
-    profiles = load_profiles(folder / OTHER_PROFILES_FILE, users) if args.add_profile else [None] * len(users)
+    profiles = (
+        load_user_profiles(folder, OTHER_USERS_FILE, OTHER_PROFILES_FILE, users)
+        if args.add_profile
+        else [None] * len(users)
+    )
     return users, profiles

@@ -23,6 +23,8 @@ TEST_USERS_FILE = "user_top_100_history.json"
 OTHER_USERS_FILE = "user_others.json"
 TEST_PROFILES_FILE = "profile_user_100.json"
 OTHER_PROFILES_FILE = "profile_user_others.json"
+PROFILE_CONFIG_FILE = "profile_config.json"  # gen_profile.py's settings, beside the profiles
+PROFILE_USERS_KEY = "users_sha256"  # in it: each user file's fingerprint when its profiles were made
 GOLDS_FILE = "test_golds.json"
 
 User = dict[str, Any]

@@ -264,3 +264,27 @@ def test_overwrite_drops_the_old_profiles_before_its_config_is_written(tmp_path,
         gen_profile.main(argv)
     assert not list(folder.glob("profile_user_*.json"))
     assert read_json(folder / gen_profile.CONFIG_FILE)["num_history"] == 2
+
+
+def test_the_stages_refuse_profiles_made_from_an_earlier_user_file(tmp_path):
+    """prepare_data rewrites user files and leaves the profiles: a stage with --add_profile stops
+    where gen_profile.py recorded other user files than the ones there now."""
+    import argparse
+
+    from oppu import cli
+
+    folder = tmp_path / TASK.name
+    folder.mkdir()
+    (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 2)]))
+    (folder / "user_others.json").write_text(json.dumps([user("o", 1)]))
+    (folder / "profile_user_100.json").write_text(json.dumps([{"user_id": "a", "output": "writes"}]))
+    (folder / "profile_user_others.json").write_text(json.dumps([{"user_id": "o", "output": "writes"}]))
+    argv = ["--task_name", TASK.name, "--data_dir", str(tmp_path)]
+    config = gen_profile.profile_config(gen_profile.parse_args(argv), TASK, folder)
+    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
+    args = argparse.Namespace(data_dir=str(tmp_path), add_profile=True, user_stride=1, max_users=-1)
+    assert cli.load_test_users(args, TASK)[1] == ["writes"] and cli.load_other_users(args, TASK)[1] == ["writes"]
+    (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 3)]))
+    with pytest.raises(UserError, match="profile_user_100.json: made from an earlier user_top_100_history.json"):
+        cli.load_test_users(args, TASK)
+    assert cli.load_other_users(args, TASK)[1] == ["writes"]  # its own file did not change
