@@ -285,6 +285,14 @@ def train_own(args: argparse.Namespace, task: Task, spec) -> dict[str, Path]:
     return {"peft_dir": job.peft_dir, "result": result}
 
 
+def reusable(source: tuple[Path, str] | None, user: User) -> dict | None:
+    """The result of the --reuse_adapters run (``source``: its folder and fingerprint) for this
+    user when its PEFT can answer here; else None (the user trains)."""
+    if source is None:
+        return None
+    return read_user_result(source[0], user["user_id"], [q["id"] for q in user["query"]], source[1])
+
+
 def finished(run_dir: Path, user: User, fingerprint: str) -> bool:
     """Whether the user already has a result under these settings."""
     return read_user_result(run_dir, user["user_id"], [q["id"] for q in user["query"]], fingerprint) is not None
@@ -337,17 +345,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         mine = split_users([user_cost(u, args) for u in users], world)[rank]
         rewrites: dict[str, list[str]] = {}
         if args.history_inputs == "rewriter":  # on the clean base, before the task adapter is merged
-            todo = [u for u in (users[i] for i in mine) if args.overwrite or not finished(run_dir, u, fingerprint)]
+            todo = [
+                u
+                for u in (users[i] for i in mine)
+                if (args.overwrite or not finished(run_dir, u, fingerprint)) and not reusable(source, u)
+            ]  # the users this call trains: a reused PEFT only answers
             model, rewrites = rewrite_histories(model, tokenizer, task, todo, args.task_lora)
         model = merge_adapter(model, Path(args.task_lora))
         done = reused = 0
         bar = tqdm(mine, desc=f"OPPU users (process {rank})", position=rank)
         for i in bar:
             user = users[i]
-            qids = [q["id"] for q in user["query"]]
             if not args.overwrite and finished(run_dir, user, fingerprint):
                 continue
-            trained = read_user_result(source[0], user["user_id"], qids, source[1]) if source else None
+            trained = reusable(source, user)
             if trained is not None:
                 model, result = answer_with_saved(
                     model, tokenizer, task, user, profiles[i], args, run_dir, fingerprint, source[0], trained, launch

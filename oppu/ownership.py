@@ -227,10 +227,20 @@ def model_card(identity: dict, folder_name: str) -> str:
     """A short README for the folder: what it is, how it was trained, how to use it."""
     t, a = identity["training"], identity["task_adapter"]
     s = identity["settings"]
+    kind = {"lora": "A LoRA", "ia3": "An IA3 adapter", "prompt_tuning": "A prompt-tuning adapter"}
+    peft_type = prompt_setting(identity, "peft_type")
+    if peft_type == "lora":
+        shape = f"LoRA r={s.get('lora_r')}, alpha={s.get('lora_alpha')}, dropout {s.get('lora_dropout')} on "
+        shape += f"{s.get('target_modules')}"
+    elif peft_type == "ia3":
+        shape = f"IA3 on {s.get('target_modules')}"
+    else:
+        shape = f"prompt tuning, {s.get('num_virtual_tokens')} virtual tokens"
     lines = [
         f"# Personal PEFT of user `{identity['user_id']}` ({identity['task_name']})",
         "",
-        "A LoRA trained by OPPU (One PEFT Per User) on this user's history alone. It stacks on a shared",
+        f"{kind.get(peft_type, f'A {peft_type} adapter')} trained by OPPU (One PEFT Per User) on this user's history alone. "
+        "It stacks on a shared",
         "base: the base model with the task adapter merged in. Keep `history.json` to yourself: a server",
         "needs only `adapter_model.safetensors` and `adapter_config.json`.",
         "",
@@ -243,8 +253,7 @@ def model_card(identity: dict, folder_name: str) -> str:
         "## How it was trained",
         f"- {t.get('history_items')} history items, {t.get('train_examples')} examples, "
         f"{t.get('steps')} steps, final loss {t.get('final_loss')}, {t.get('seconds')} s",
-        f"- LoRA r={s.get('lora_r')}, alpha={s.get('lora_alpha')}, dropout {s.get('lora_dropout')} on "
-        f"{s.get('target_modules')}; lr {s.get('learning_rate')}, batch {s.get('batch_size')}, "
+        f"- {shape}; lr {s.get('learning_rate')}, batch {s.get('batch_size')}, "
         f"{t.get('epochs', s.get('max_epoch'))} epochs, seed {s.get('seed')}",
     ]
     for i, u in enumerate(identity["updates"], 1):

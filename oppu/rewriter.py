@@ -14,6 +14,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from oppu.adapters import ADAPTER_WEIGHTS
 from oppu.data import User
 from oppu.examples import rewrite_pairs, rewrite_prompts
@@ -94,8 +96,8 @@ def rewrite_histories(
     max_new_tokens: int = REWRITE_TOKENS,
 ):
     """Every history item's input written by the rewriter in ``task_lora`` loaded on ``model``
-    (the clean base: call it before the task adapter is merged), greedy, all users' items in one
-    batched pass, each prompt cut as the rewriter's training examples were (``rewrite_decoding``).
+    (the clean base: call it before the task adapter is merged), greedy, each user's items in
+    batched passes of their own, each prompt cut as the rewriter's training examples were (``rewrite_decoding``).
     Returns (the clean model, {user id: one input per item}); an empty rewrite keeps the item's
     own text."""
     from peft import PeftModel
@@ -111,7 +113,14 @@ def rewrite_histories(
     # its own decoding, not the queries': an answer's --max_new_tokens or batch would change the
     # personal training data
     decode = rewrite_decoding(read_json(folder / "run_config.json").get("cut_off"), max_new_tokens)
-    raw = generate(peft_model, tokenizer, [prompts[u["user_id"]][i] for u, i in jobs], decode, desc="rewrite history")
+    # user by user: a user's rewrites (their PEFT's training data) must not depend on which other
+    # users share the call (length batches, the shared prefix), so that 1 or N processes and a
+    # resumed run give the same
+    raw = [
+        text
+        for u in tqdm(users, desc="rewrite history", leave=False)
+        for text in generate(peft_model, tokenizer, prompts[u["user_id"]], decode, show=False)
+    ]
     empty = 0
     for (user, i), text in zip(jobs, raw):
         rewrite = parse_prediction(task, text)

@@ -12,6 +12,7 @@ from typing import Any
 
 from oppu import grid as G
 from oppu.runs import oppu_dir
+from oppu.tasks import Task
 from utils import UserError, write_json
 
 
@@ -106,11 +107,17 @@ def activity_bins(
     return [ActivityBin(lengths[g[0]], lengths[g[-1]], tuple(g)) for g in merged]
 
 
-def users_scorer(per_user: Mapping[str, Mapping[str, float]], users: Sequence[str]) -> Callable[[Sequence[int]], dict]:
+Pooled = Callable[[Sequence[str]], dict]  # users (a user drawn twice counts twice) -> pooled metrics
+
+
+def users_scorer(
+    per_user: Mapping[str, Mapping[str, float]], users: Sequence[str], pooled: Pooled | None = None
+) -> Callable[[Sequence[int]], dict]:
     """A statistic over indices into ``users``: each metric averaged over those users weighted by
     their queries ("n"). That is the pooled value for accuracy, MAE and ROUGE, and for RMSE when
-    combined through its square; for F1 it is the users' macro-F1 averaged weighted by their
-    queries, not a pooled F1."""
+    combined through its square; not for macro-F1, which ``pooled`` (the row's metrics on the
+    given users' pooled queries, as the grid scores a row) gives where it is passed: without it,
+    F1 is the users' own macro-F1 averaged weighted by their queries."""
     names = [m for m in per_user[users[0]] if m != "n"]
 
     def statistic(idx: Sequence[int]) -> dict[str, float]:
@@ -122,21 +129,41 @@ def users_scorer(per_user: Mapping[str, Mapping[str, float]], users: Sequence[st
                 out[m] = math.sqrt(sum(r["n"] * r[m] ** 2 for r in rows) / total)
             else:
                 out[m] = sum(r["n"] * r[m] for r in rows) / total
+        if pooled is not None:
+            out |= pooled([users[i] for i in idx])
         return out
 
     return statistic
 
 
+def pooled_f1(task: Task, ex: G.Examples) -> Pooled:
+    """A row's macro-F1 on the pooled queries of any users (``ex``: the row's queries, from
+    ``G.row_examples``), as LaMP and the grid compute it; nothing for tasks without F1."""
+    statistic = G.pooled_scorer(task, ex.golds, ex.preds)
+    queries = dict(zip(ex.users, ex.groups))
+
+    def pooled(users: Sequence[str]) -> dict[str, float]:
+        scores = statistic([i for u in users for i in queries[u]])
+        return {m: scores[m] for m in G.BIASED_METRICS if m in scores}
+
+    return pooled
+
+
 def bin_scores(
-    per_user: Mapping[str, Mapping[str, float]], bins: Sequence[ActivityBin], resamples: int = 1000, seed: int = 0
+    per_user: Mapping[str, Mapping[str, float]],
+    bins: Sequence[ActivityBin],
+    resamples: int = 1000,
+    seed: int = 0,
+    pooled: Pooled | None = None,
 ) -> list[dict[str, Any]]:
-    """Each bin's metrics with a 95% bootstrap interval over its users (the grid's bootstrap)."""
+    """Each bin's metrics with a 95% bootstrap interval over its users (the grid's bootstrap;
+    with ``pooled``, F1 pooled over the bin's queries, with the grid's BCa interval)."""
     out = []
     for b in bins:
-        statistic = users_scorer(per_user, b.users)
+        statistic = users_scorer(per_user, b.users, pooled)
         groups = [[i] for i in range(len(b.users))]
         values = statistic(range(len(b.users)))
-        intervals = G.bootstrap_ci(groups, statistic, resamples, seed)
+        intervals = G.bootstrap_ci(groups, statistic, resamples, seed, corrected=G.BIASED_METRICS if pooled else ())
         out.append(
             {
                 "bin": b.label,
@@ -155,20 +182,24 @@ def bin_differences(
     bins: Sequence[ActivityBin],
     resamples: int = 1000,
     seed: int = 0,
+    pooled_a: Pooled | None = None,
+    pooled_b: Pooled | None = None,
 ) -> list[dict[str, Any]]:
     """Row a minus row b within each bin, on the bin's users: each metric's difference (the
     bins' statistic), its 95% bootstrap interval (the same resampled users for both rows), and
     the users gained, lost and tied. Overlapping per-row intervals say nothing about a paired
     difference; this does."""
     out = []
+    pooled = pooled_a is not None and pooled_b is not None
     for b in bins:
-        stat_a, stat_b = users_scorer(per_user_a, b.users), users_scorer(per_user_b, b.users)
+        stat_a, stat_b = users_scorer(per_user_a, b.users, pooled_a), users_scorer(per_user_b, b.users, pooled_b)
 
         def diff(idx: Sequence[int], stat_a=stat_a, stat_b=stat_b) -> dict[str, float]:
             sa, sb = stat_a(idx), stat_b(idx)
             return {m: sa[m] - sb[m] for m in sa}
 
-        intervals = G.bootstrap_ci([[i] for i in range(len(b.users))], diff, resamples, seed)
+        groups = [[i] for i in range(len(b.users))]
+        intervals = G.bootstrap_ci(groups, diff, resamples, seed, corrected=G.BIASED_METRICS if pooled else ())
         metrics = {
             m: {"difference": value, "ci95": intervals[m]} | G.user_wins(m, per_user_a, per_user_b, b.users)
             for m, value in diff(range(len(b.users))).items()
@@ -185,17 +216,27 @@ def activity_table(
     resamples: int = 1000,
     seed: int = 0,
     pairs: Sequence[tuple[str, str]] = G.PAIRS,
+    pooled_by_row: Mapping[str, Pooled] | None = None,
 ) -> dict[str, Any]:
     """table.json's content: the bins (with their users), every row's scores per bin, and per bin
-    the paired differences of ``pairs`` (row, baseline) whose rows are both there."""
+    the paired differences of ``pairs`` (row, baseline) whose rows are both there. With
+    ``pooled_by_row`` (``pooled_f1`` per row), F1 is pooled over each bin's queries."""
     bins = activity_bins(lengths, n_bins, min_users)
     rows = per_user_by_row  # name -> user -> scores
+    pooled = pooled_by_row or {}
     return {
         "bins": [{"label": b.label, "low": b.low, "high": b.high, "users": list(b.users)} for b in bins],
         "binning": {"n_bins": n_bins, "min_users": min_users, "by": "history items, equal-count bins"},
-        "rows": {name: bin_scores(per_user, bins, resamples, seed) for name, per_user in rows.items()},
+        "f1": "pooled over the bin's queries (BCa intervals)" if pooled else "users' own macro-F1, averaged",
+        "rows": {
+            name: bin_scores(per_user, bins, resamples, seed, pooled.get(name)) for name, per_user in rows.items()
+        },
         "paired": [
-            {"row": a, "baseline": b, "bins": bin_differences(rows[a], rows[b], bins, resamples, seed)}
+            {
+                "row": a,
+                "baseline": b,
+                "bins": bin_differences(rows[a], rows[b], bins, resamples, seed, pooled.get(a), pooled.get(b)),
+            }
             for a, b in pairs
             if a in rows and b in rows
         ],
@@ -215,8 +256,15 @@ def activity_markdown(table: Mapping[str, Any]) -> str:
         for s in scores:
             cells = [f"{s['metrics'][m]:.3f} [{s['ci95'][m][0]:.3f}, {s['ci95'][m][1]:.3f}]" for m in names]
             lines.append(f"| {row} | {s['bin']} | {s['n_users']} | {s['n_queries']} | " + " | ".join(cells) + " |")
+    pooled = table.get("f1", "").startswith("pooled")
     note = "Per bin: users' scores averaged weighted by their queries" + (
-        " (for F1: the users' macro-F1 averaged weighted by their queries, not a pooled F1)." if "f1" in names else "."
+        (
+            "; F1 is LaMP's macro-F1 on the bin's pooled queries (BCa intervals)."
+            if pooled
+            else " (for F1: the users' macro-F1 averaged weighted by their queries, not a pooled F1)."
+        )
+        if "f1" in names
+        else "."
     )
     text = "\n".join(lines) + f"\n\n{note}\n"
     if table.get("paired"):
@@ -377,7 +425,14 @@ def activity_section(
     """The activity study's table (scores per history-length bin) and its markdown; draws the plot."""
     lengths = {u["user_id"]: len(u["profile"]) for u in G.test_users(grid)}
     per_user = {row: table["rows"][row]["per_user"] for row in study.rows}
-    activity = activity_table(per_user, lengths, n_bins, min_users, grid.resamples, grid.bootstrap_seed)
+    users = G.test_users(grid)
+    pooled = {
+        row: pooled_f1(grid.task, G.row_examples(grid.task, users, Path(table["rows"][row]["predictions"])))
+        for row in study.rows
+    }
+    activity = activity_table(
+        per_user, lengths, n_bins, min_users, grid.resamples, grid.bootstrap_seed, pooled_by_row=pooled
+    )
     plot_activity(activity, out_dir / PLOT_FILE, f"{grid.task.name}: score by user activity")
     text = f"\n## By activity level\n\n{activity_markdown(activity)}\n![score by activity level]({PLOT_FILE})\n"
     return activity, text

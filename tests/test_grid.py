@@ -200,6 +200,40 @@ def test_bootstrap_matches_numpy_by_hand():
     assert one_user["accuracy"] == [1.0, 1.0]  # a single user: every resample is that user
 
 
+def test_bca_is_the_percentile_interval_without_bias_or_skew():
+    draws = np.linspace(-1, 1, 1001)
+    assert grid.bca_interval(draws, 0.0, [-1.0, 0.0, 1.0]) == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
+    # every resample below the sample's value: the interval moves to the top of the draws
+    low, high = grid.bca_interval(draws, 2.0, [0.0, 1.0])
+    assert low > 0.9 and high == pytest.approx(1.0, abs=1e-3)
+
+
+def test_macro_f1_intervals_are_corrected_for_the_resamples_bias():
+    """Resampled users drop rare labels, which score 0 in macro F1: the percentile interval sits
+    below the sample's F1 (its top near it); the BCa interval the grid gives F1 is centred
+    better. Accuracy, a plain mean, keeps its percentile interval."""
+    from oppu.tasks import NEWS_CATEGORIES
+
+    rng = np.random.default_rng(3)
+    labels = list(NEWS_CATEGORIES)
+    weights = np.array([0.5**i for i in range(len(labels))])
+    golds, preds, groups = [], [], []
+    for _ in range(40):
+        groups.append(list(range(len(golds), len(golds) + 8)))
+        for _ in range(8):
+            g = labels[rng.choice(len(labels), p=weights / weights.sum())]
+            golds.append(g)
+            preds.append(g if rng.random() < 0.85 else labels[rng.integers(len(labels))])
+    statistic = grid.pooled_scorer(NEWS, golds, preds)
+    point = statistic(range(len(golds)))["f1"]
+    percentile = grid.bootstrap_ci(groups, statistic, resamples=300, seed=0, corrected=())
+    bca = grid.bootstrap_ci(groups, statistic, resamples=300, seed=0)
+    assert bca["accuracy"] == percentile["accuracy"]
+    assert percentile["f1"][1] - point < point - percentile["f1"][0]  # lopsided: the point near its top
+    assert bca["f1"][0] > percentile["f1"][0] and bca["f1"][1] > percentile["f1"][1]
+    assert bca["f1"][0] < point < bca["f1"][1]
+
+
 def test_rouge_bootstrap_averages_per_example_scores():
     task = get_task("news_headline")
     statistic = grid.pooled_scorer(task, ["a b", "c d"], ["a b", "x y"])

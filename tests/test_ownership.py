@@ -425,3 +425,25 @@ def test_generate_serves_several_users_in_one_batch_as_their_run_did(run, export
     for bound in ("2", "1"):  # both users in mixed batches; one user at a time
         out = generate.main(["--inputs", str(requests), "--max_loaded_adapters", bound, "--decode_batch_size", "4"])
         assert out["predictions"] == run_preds and out["peak_loaded"] == int(bound) and out["loads"] == 2
+
+
+def test_the_model_card_names_the_peft_type():
+    from oppu.ownership import model_card
+
+    identity = {
+        "user_id": "u",
+        "task_name": "news_categorize",
+        "base_model": "m",
+        "k": 0,
+        "add_profile": False,
+        "training": {"steps": 2},
+        "task_adapter": {"path": "t", "sha256": "0"},
+        "updates": [],
+    }
+    lora = {"peft_type": "lora", "lora_r": 8, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": "q_proj,v_proj"}
+    assert "A LoRA trained by OPPU" in model_card(identity | {"settings": lora}, "p")
+    assert "LoRA r=8, alpha=8" in model_card(identity | {"settings": lora}, "p")
+    ia3 = model_card(identity | {"settings": {"peft_type": "ia3", "target_modules": "k_proj,v_proj,down_proj"}}, "p")
+    assert "An IA3 adapter trained by OPPU" in ia3 and "LoRA" not in ia3
+    tuned = model_card(identity | {"settings": {"peft_type": "prompt_tuning", "num_virtual_tokens": 20}}, "p")
+    assert "prompt tuning, 20 virtual tokens" in tuned and "LoRA" not in tuned

@@ -93,6 +93,10 @@ def test_rewrites_leave_the_base_as_it_was_and_are_the_rewriters_greedy_answers(
             assert greedy != generate(peft, tokenizer, prompts, uncut, show=False)  # the cut changes the answers
         own = [item["text"] for item in user["profile"]]
         assert inputs[user["user_id"]] == [parse_prediction(TWEETS, g) or t for g, t in zip(greedy, own)]
+    model = peft.unload()
+    for user in users:  # a user's rewrites do not depend on the other users of the call
+        model, alone = rewrite_histories(model, tokenizer, TWEETS, [user], task_lora, max_new_tokens=6)
+        assert alone == {user["user_id"]: inputs[user["user_id"]]}
 
 
 def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):

@@ -126,6 +126,32 @@ def test_paired_differences_within_each_bin():
     assert activity_table(PER_USER, SIX, n_bins=3, min_users=1, resamples=10, pairs=[("OPPU", "RAG")])["paired"] == []
 
 
+def test_activity_f1_is_pooled_over_each_bins_queries():
+    """With each row's queries (as the study passes them), a bin's F1 is LaMP's macro-F1 on the
+    bin's pooled queries, not the mean of its users' own (which, with a label or two per user,
+    stays near 1/15 however good the row is)."""
+    from eval import metrics
+    from oppu import grid as G
+    from oppu.studies import pooled_f1
+    from oppu.tasks import get_task
+
+    news = get_task("news_categorize")
+    golds = ["sports", "crime", "crime", "travel", "sports", "sports", "crime", "travel", "travel", "sports"]
+    preds = ["sports", "crime", "sports", "travel", "sports", "crime", "crime", "travel", "sports", "sports"]
+    users = list("abcdef")
+    groups = [[0, 1], [2, 3], [4, 5, 6], [7], [8], [9]]
+    ex = G.Examples(users, groups, golds, preds)
+    per_user = {u: {"accuracy": 0.5, "f1": 0.1, "n": len(g)} for u, g in zip(users, groups)}
+    table = activity_table(
+        {"OPPU": per_user}, SIX, n_bins=3, min_users=1, resamples=50, pooled_by_row={"OPPU": pooled_f1(news, ex)}
+    )
+    first = [i for g in groups[:2] for i in g]  # bin "3 items": users a and b
+    expected = metrics.score_lists(news, [golds[i] for i in first], [preds[i] for i in first])["f1"]
+    assert table["rows"]["OPPU"][0]["metrics"]["f1"] == pytest.approx(expected) != 0.1  # not the users' 0.1
+    assert table["rows"]["OPPU"][0]["metrics"]["accuracy"] == 0.5  # the other metrics as before
+    assert "F1 is LaMP's macro-F1 on the bin's pooled queries" in activity_markdown(table)
+
+
 def test_side_by_side_puts_each_setting_in_its_own_column():
     def row(v):
         return {"metrics": {"accuracy": v}, "ci95": {"accuracy": [v - 0.1, v + 0.1]}}
