@@ -118,10 +118,11 @@ def test_oppu_trains_each_user_on_the_rewrites(stage1, monkeypatch):
     # the rewrites are decoded on their own budget, not with the queries' --max_new_tokens 6, and
     # their prompts cut at the rewriter's --cut_off, as its training examples were
     trained = json.loads((stage1["adapter"] / REWRITER_DIR / "run_config.json").read_text())["cut_off"]
+    users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
+    # one call per user: a user's rewrites do not depend on who else is rewritten in the run
     assert [(c.max_new_tokens, c.batch_size, c.do_sample, c.cut_off) for c in budgets] == [
         (rewriter.REWRITE_TOKENS, 8, False, trained)
-    ]
-    users = load_users(TWEETS, stage1["root"] / "data" / TWEETS.name / TEST_USERS_FILE)
+    ] * len(users)
     expected = []
     for user in users:
         result = json.loads((user_result_dir(out["run_dir"], user["user_id"]) / "result.json").read_text())
@@ -160,6 +161,7 @@ def test_a_task_adapter_without_rewriter_is_refused_unless_items_are_asked_as_th
     bare = tmp_path / "bare-task-adapter"
     shutil.copytree(stage1["adapter"], bare, ignore=shutil.ignore_patterns(REWRITER_DIR))
     flags = stage1["flags"] + ["--task_lora", str(bare), "--ckpt_dir", str(tmp_path / "ckpt")]
+    flags += ["--output_dir", str(tmp_path / "output")]  # predictions of other settings: a folder of their own
     with pytest.raises(UserError, match="no rewriter here"):
         OPPU.main(flags)
     out = OPPU.main(flags + ["--history_inputs", "item"])
