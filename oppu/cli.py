@@ -252,14 +252,24 @@ def check_args(args: argparse.Namespace) -> None:
             ("max_step", args.max_step < 1 and args.max_step != -1, "-1 (no cap) or >= 1"),
             ("max_users", args.max_users < -1, "-1 (all) or >= 0"),
             ("user_stride", args.user_stride < 1, ">= 1"),
+        )
+        if bad
+    ] + decoding_problems(args)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def decoding_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the decoding flags (the stages' and generate.py's)."""
+    return [
+        f"--{name} must be {rule}"
+        for name, bad, rule in (
             ("max_new_tokens", args.max_new_tokens is not None and args.max_new_tokens < 1, ">= 1"),
             ("temperature", args.do_sample and args.temperature <= 0, "> 0 with --do_sample"),
             ("top_p", args.do_sample and not 0 < args.top_p <= 1, "in (0, 1] with --do_sample"),
         )
         if bad
     ]
-    if problems:
-        raise UserError("; ".join(problems))
 
 
 # peft merges a LoRA into 4-bit weights by dequantizing, adding and quantizing again: the weights

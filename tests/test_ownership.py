@@ -425,6 +425,12 @@ def test_generate_serves_several_users_in_one_batch_as_their_run_did(run, export
     for bound in ("2", "1"):  # both users in mixed batches; one user at a time
         out = generate.main(["--inputs", str(requests), "--max_loaded_adapters", bound, "--decode_batch_size", "4"])
         assert out["predictions"] == run_preds and out["peak_loaded"] == int(bound) and out["loads"] == 2
+    for bad, says in (
+        (["--max_new_tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--do_sample", "--temperature", "0"], "temperature must be > 0"),
+    ):
+        with pytest.raises(UserError, match=says):  # before any model loads
+            generate.main(["--inputs", str(requests), *bad])
 
 
 def test_the_model_card_names_the_peft_type():
