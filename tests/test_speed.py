@@ -828,3 +828,19 @@ def test_a_sliding_window_shorter_than_the_rows_keeps_every_row_whole(tokenizer)
     with pytest.raises(ValueError, match="sliding attention window of 24"):
         score_answers(model, tokenizer, prompts, ["crime", "sports"], show=False)
     assert attention_window(tiny_mistral(tokenizer, window=None)) is None
+
+
+def test_the_three_loss_paths_agree_in_bf16(tiny_model, tokenizer, make_args):
+    """--dtype bfloat16: the packed pass builds its additive mask in the model's dtype; the plain
+    forward, the shared prefix over padded rows and the packed pass agree to bf16's rounding."""
+    model = lora_model(tiny_model, make_args).to(torch.bfloat16)
+    examples = shared_examples(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    prefix = common_prefix_length([e.input_ids for e in examples])
+    plain, _, _ = _summed_loss(model, batch, None)
+    padded, used, _ = _summed_loss(model, batch, prefix, pack=False)
+    packed, used_packed, computed_padding = _summed_loss(model, batch, prefix, pack=True)
+    assert used == used_packed == prefix and computed_padding == 0
+    assert plain.dtype == torch.float32 and torch.isfinite(plain)  # the loss is taken in fp32
+    for loss in (padded, packed):
+        assert abs(loss.item() - plain.item()) <= 2e-2 * abs(plain.item())
