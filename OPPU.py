@@ -342,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         check_or_save_config(run_dir, config, args.overwrite)
         clean_stale_staging(run_dir)
         model, tokenizer = load_model(spec, accelerator.device)
+        cli.check_answer_window(model, args)
         mine = split_users([user_cost(u, args) for u in users], world)[rank]
         rewrites: dict[str, list[str]] = {}
         if args.history_inputs == "rewriter":  # on the clean base, before the task adapter is merged

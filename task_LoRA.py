@@ -191,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     accelerator = Accelerator()
     set_seed(args.seed)
     model, tokenizer = load_model(spec, accelerator.device)
+    cli.check_answer_window(model, args)
     outputs = {"adapter": adapter_dir, "predictions": pred_file}
     if args.predict_base:
         base_file = cli.prediction_file(args, task, "base")

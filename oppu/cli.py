@@ -26,7 +26,7 @@ from oppu.modeling import EMBEDDED_MODEL, ModelSpec, check_spec
 from oppu.retrieval import RETRIEVAL_MODES
 from oppu.runs import file_fingerprint, predictions_path
 from oppu.tasks import Task, get_task
-from oppu.training import TrainConfig
+from oppu.training import TrainConfig, attention_window
 from prompts import HISTORY_FORMATS
 from utils import UserError, read_json
 
@@ -257,6 +257,18 @@ def check_args(args: argparse.Namespace) -> None:
     ] + decoding_problems(args)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def check_answer_window(model, args: argparse.Namespace) -> None:
+    """Scoring and constrained decoding pack answers behind their prompts under a mask of their
+    own, which a sliding attention window shorter than a prompt would not hold: refused as soon
+    as the model is loaded, before any training."""
+    window = attention_window(model)
+    if args.answer_mode != "generate" and window is not None and window <= args.cut_off:
+        raise UserError(
+            f"--answer_mode {args.answer_mode}: this model attends through a sliding window of {window} tokens, "
+            f"shorter than prompts of up to --cut_off {args.cut_off}; use --answer_mode generate or a --cut_off under {window}"
+        )
 
 
 def decoding_problems(args: argparse.Namespace) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -89,6 +89,8 @@ def generate(
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     # A prompt-tuning adapter's virtual tokens always run once, ahead of whatever text is shared.
     cached = bool(shared) or (sharing and prompt_tuned(model))
+    if prompt_tuned(model) and not cached:  # peft's own path: no cache, one prompt at a time (cli.personal_configs)
+        cfg = replace(cfg, use_cache=False, batch_size=1)
     device = next(model.parameters()).device
     prefix = run_prefix(model, torch.tensor([encoded[0][:shared]], device=device, dtype=torch.long)) if cached else None
     decoder = prefix.model if prefix else model

@@ -77,16 +77,37 @@ def embedded_checkpoint() -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if complete(folder):  # another process (accelerate's ranks all convert) finished first: keep its
-        shutil.rmtree(tmp, ignore_errors=True)  # copy, which a rank may already be loading
-        return folder
-    if folder.exists():  # a conversion killed half-way
-        shutil.rmtree(folder, ignore_errors=True)
-    try:
-        tmp.replace(folder)
-    except OSError:  # another process renamed its copy first
-        shutil.rmtree(tmp, ignore_errors=True)
+    install_folder(tmp, folder)
     return folder
+
+
+def install_folder(tmp: Path, folder: Path) -> None:
+    """Rename a finished ``tmp`` folder to ``folder``. Another process (accelerate's ranks all
+    convert) may have put a complete one there first: that one stays, as a rank may be loading
+    it, and ``tmp`` goes. A partial one (a conversion killed half-way) is moved aside and
+    replaced; one that turns out complete once moved (finished meanwhile) is put back."""
+    for _ in range(3):
+        try:
+            tmp.replace(folder)  # over a missing or empty folder only
+            return
+        except OSError:
+            if complete(folder):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            stale = folder.with_name(folder.name + f".stale{os.getpid()}")
+            try:
+                folder.replace(stale)
+            except OSError:  # gone meanwhile: try again
+                continue
+            if complete(stale):
+                try:
+                    stale.replace(folder)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+                except OSError:
+                    pass
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp.replace(folder)
 
 
 def check_local_model(name: str) -> None:

@@ -11,6 +11,7 @@ import OPPU
 import prepare_data
 import task_LoRA
 from eval import eval_task
+from utils import UserError
 
 TASK = "news_categorize"
 # Tiny but real: the embedded SmolLM2 on 2 test users and 4 other users.
@@ -115,3 +116,20 @@ def test_rerun_resumes_and_reproduces(pipeline, capsys):
     fresh = pipeline["root"] / "fresh"
     again = OPPU.main(args + ["--ckpt_dir", str(fresh / "ckpt"), "--output_dir", str(fresh / "output")])
     assert read_preds(again["predictions"]) == before
+
+
+def test_a_run_answering_another_way_does_not_replace_the_predictions(pipeline):
+    """Prediction files are named by task, k, model and profile: a stage answering another way
+    into the same --output_dir stops before any work, its files untouched (both stages, and the
+    base model's predictions of --predict_base)."""
+    root, data = pipeline["root"], pipeline["data"]
+    files = sorted((root / "output").rglob("*.json"))
+    before = {p: p.read_bytes() for p in files}
+    other = stage_args(root, data) + ["--answer_mode", "score"]
+    with pytest.raises(UserError, match="task_LoRA.json: holds the predictions of a run with another config"):
+        task_LoRA.main(other)
+    with pytest.raises(UserError, match="base.json: holds the predictions of a run with another config"):
+        task_LoRA.main(other + ["--no_answer", "--predict_base"])
+    with pytest.raises(UserError, match="OPPU.json: holds the predictions .*answer_mode: 'generate' -> 'score'"):
+        OPPU.main(other + ["--task_lora", str(pipeline["adapter"])])
+    assert sorted((root / "output").rglob("*.json")) == files and all(p.read_bytes() == b for p, b in before.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -828,6 +829,32 @@ def test_a_sliding_window_shorter_than_the_rows_keeps_every_row_whole(tokenizer)
     with pytest.raises(ValueError, match="sliding attention window of 24"):
         score_answers(model, tokenizer, prompts, ["crime", "sports"], show=False)
     assert attention_window(tiny_mistral(tokenizer, window=None)) is None
+    # the stages refuse those answer modes once the model is loaded, before training anyone
+    import argparse
+
+    from oppu.cli import check_answer_window
+    from utils import UserError
+
+    check_answer_window(model, argparse.Namespace(answer_mode="generate", cut_off=2048))
+    check_answer_window(model, argparse.Namespace(answer_mode="score", cut_off=16))
+    with pytest.raises(UserError, match="--answer_mode constrained: .* sliding window of 24 tokens"):
+        check_answer_window(model, argparse.Namespace(answer_mode="constrained", cut_off=2048))
+
+
+def test_a_prompt_tuned_windowed_model_decodes_through_peft_without_a_cache(tokenizer, make_args):
+    """Virtual tokens that cannot run once as a cache (a sliding window shorter than the prompts)
+    go through peft's own path, which takes no cache and one prompt at a time."""
+    from oppu import cli
+    from oppu.adapters import add_user_adapter
+
+    args = make_args("--peft_type", "prompt_tuning", "--num_virtual_tokens", "5")
+    torch.manual_seed(0)
+    model = add_user_adapter(tiny_mistral(tokenizer, window=24), tokenizer, args, cli.target_modules(args)).eval()
+    prompts = [INSTRUCTION + a + "\nAnswer:" for a, _ in ARTICLES[:3]]
+    alone = generate(
+        model, tokenizer, prompts, DecodeConfig(max_new_tokens=6, batch_size=1, use_cache=False), show=False
+    )
+    assert generate(model, tokenizer, prompts, DecodeConfig(max_new_tokens=6, batch_size=3), show=False) == alone
 
 
 def test_the_three_loss_paths_agree_in_bf16(tiny_model, tokenizer, make_args):
@@ -844,3 +871,26 @@ def test_the_three_loss_paths_agree_in_bf16(tiny_model, tokenizer, make_args):
     assert plain.dtype == torch.float32 and torch.isfinite(plain)  # the loss is taken in fp32
     for loss in (padded, packed):
         assert abs(loss.item() - plain.item()) <= 2e-2 * abs(plain.item())
+
+
+def test_a_converted_checkpoint_is_installed_without_deleting_a_complete_one(tmp_path):
+    """accelerate's ranks all convert the embedded model: a complete folder another one put there
+    first stays (a rank may be loading it); a partial one is replaced."""
+    from oppu.modeling import install_folder
+
+    def made(name: str, weights: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(weights)
+        (folder / "tokenizer.json").write_text("{}")
+        return folder
+
+    target = tmp_path / "model"
+    install_folder(made("mine", "mine"), target)
+    assert (target / "model.safetensors").read_text() == "mine"
+    install_folder(made("late", "late"), target)  # another process's copy was there first
+    assert (target / "model.safetensors").read_text() == "mine" and not (tmp_path / "late").exists()
+    (target / "tokenizer.json").unlink()  # a conversion killed half-way
+    install_folder(made("again", "again"), target)
+    assert (target / "model.safetensors").read_text() == "again" and (target / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -132,6 +132,7 @@ def test_activity_f1_is_pooled_over_each_bins_queries():
     stays near 1/15 however good the row is)."""
     from eval import metrics
     from oppu import grid as G
+    from oppu import studies as S
     from oppu.studies import pooled_f1
     from oppu.tasks import get_task
 
@@ -141,14 +142,24 @@ def test_activity_f1_is_pooled_over_each_bins_queries():
     users = list("abcdef")
     groups = [[0, 1], [2, 3], [4, 5, 6], [7], [8], [9]]
     ex = G.Examples(users, groups, golds, preds)
+    base_preds = ["sports"] * len(golds)  # the baseline answers one label
+    base = G.Examples(users, groups, golds, base_preds)
     per_user = {u: {"accuracy": 0.5, "f1": 0.1, "n": len(g)} for u, g in zip(users, groups)}
-    table = activity_table(
-        {"OPPU": per_user}, SIX, n_bins=3, min_users=1, resamples=50, pooled_by_row={"OPPU": pooled_f1(news, ex)}
-    )
+    rows = {"OPPU": per_user, "non_personalized": per_user}
+    pooled = {"OPPU": pooled_f1(news, ex), "non_personalized": pooled_f1(news, base)}
+    table = activity_table(rows, SIX, n_bins=3, min_users=1, resamples=50, pooled_by_row=pooled)
     first = [i for g in groups[:2] for i in g]  # bin "3 items": users a and b
-    expected = metrics.score_lists(news, [golds[i] for i in first], [preds[i] for i in first])["f1"]
-    assert table["rows"]["OPPU"][0]["metrics"]["f1"] == pytest.approx(expected) != 0.1  # not the users' 0.1
+
+    def f1(answers):
+        return metrics.score_lists(news, [golds[i] for i in first], [answers[i] for i in first])["f1"]
+
+    assert table["rows"]["OPPU"][0]["metrics"]["f1"] == pytest.approx(f1(preds)) != 0.1  # not the users' 0.1
     assert table["rows"]["OPPU"][0]["metrics"]["accuracy"] == 0.5  # the other metrics as before
+    (paired,) = table["paired"]  # OPPU − non_personalized, per bin, on the pooled F1s
+    assert paired["bins"][0]["metrics"]["f1"]["difference"] == pytest.approx(f1(preds) - f1(base_preds))
+    # F1's interval is the grid's BCa one over the bin's users: the same as bootstrap_ci gives
+    statistic = S.users_scorer(per_user, ["a", "b"], pooled["OPPU"])
+    assert table["rows"]["OPPU"][0]["ci95"]["f1"] == G.bootstrap_ci([[0], [1]], statistic, 50, 0)["f1"]
     assert "F1 is LaMP's macro-F1 on the bin's pooled queries" in activity_markdown(table)
 
 
