@@ -107,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError(cli.NO_4BIT_MERGE)
     if args.max_loaded_adapters < 1 or (args.decode_batch_size or 1) < 1:
         raise UserError("--max_loaded_adapters and --decode_batch_size must be >= 1")
-    if cli.decoding_problems(args):
-        raise UserError("; ".join(cli.decoding_problems(args)))
+    problems = cli.decoding_problems(args)
+    if problems:
+        raise UserError("; ".join(problems))
     if args.output_file and args.inputs is None:
         raise UserError("--output_file needs --inputs")
     requests = read_requests(args)

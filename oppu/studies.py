@@ -423,9 +423,9 @@ def activity_section(
     grid: G.Grid, table: Mapping[str, Any], study: Study, out_dir: Path, n_bins: int, min_users: int
 ) -> tuple[dict[str, Any], str]:
     """The activity study's table (scores per history-length bin) and its markdown; draws the plot."""
-    lengths = {u["user_id"]: len(u["profile"]) for u in G.test_users(grid)}
-    per_user = {row: table["rows"][row]["per_user"] for row in study.rows}
     users = G.test_users(grid)
+    lengths = {u["user_id"]: len(u["profile"]) for u in users}
+    per_user = {row: table["rows"][row]["per_user"] for row in study.rows}
     pooled = {
         row: pooled_f1(grid.task, G.row_examples(grid.task, users, Path(table["rows"][row]["predictions"])))
         for row in study.rows

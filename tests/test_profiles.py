@@ -197,7 +197,9 @@ def test_gen_profile_reports_label_mentions_of_finished_files(tmp_path, capsys):
     assert "profile_user_others.json: of 1 profiles, 1 name a label of the task and 0 the user's most frequent" in out
 
 
-def test_profiles_of_rewritten_user_files_are_rejected_and_an_old_config_is_kept(tmp_path):
+def profiled_folder(tmp_path):
+    """A task folder with one test and one other user, their profiles and gen_profile.py's config
+    for them: (the folder, gen_profile's argv, the config)."""
     folder = tmp_path / TASK.name
     folder.mkdir()
     (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 2)]))
@@ -207,6 +209,11 @@ def test_profiles_of_rewritten_user_files_are_rejected_and_an_old_config_is_kept
     argv = ["--task_name", TASK.name, "--data_dir", str(tmp_path)]
     config = gen_profile.profile_config(gen_profile.parse_args(argv), TASK, folder)
     (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
+    return folder, argv, config
+
+
+def test_profiles_of_rewritten_user_files_are_rejected_and_an_old_config_is_kept(tmp_path):
+    folder, argv, config = profiled_folder(tmp_path)
     gen_profile.main(argv)  # the same user files: the profiles are kept
     (folder / gen_profile.CONFIG_FILE).write_text(json.dumps({k: v for k, v in config.items() if k != "users_sha256"}))
     (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 3)]))
@@ -273,15 +280,7 @@ def test_the_stages_refuse_profiles_made_from_an_earlier_user_file(tmp_path):
 
     from oppu import cli
 
-    folder = tmp_path / TASK.name
-    folder.mkdir()
-    (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 2)]))
-    (folder / "user_others.json").write_text(json.dumps([user("o", 1)]))
-    (folder / "profile_user_100.json").write_text(json.dumps([{"user_id": "a", "output": "writes"}]))
-    (folder / "profile_user_others.json").write_text(json.dumps([{"user_id": "o", "output": "writes"}]))
-    argv = ["--task_name", TASK.name, "--data_dir", str(tmp_path)]
-    config = gen_profile.profile_config(gen_profile.parse_args(argv), TASK, folder)
-    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
+    folder, argv, config = profiled_folder(tmp_path)
     args = argparse.Namespace(data_dir=str(tmp_path), add_profile=True, user_stride=1, max_users=-1)
     assert cli.load_test_users(args, TASK)[1] == ["writes"] and cli.load_other_users(args, TASK)[1] == ["writes"]
     (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 3)]))
