@@ -120,7 +120,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
         "--no_group_by_length",
         dest="group_by_length",
         action="store_false",
-        help="the paper's plain shuffle instead of batches of similar length (more padding)",
+        help="a plain shuffle instead of batches of similar length (more padding; the paper's release "
+        "grouped by length too, with transformers' group_by_length)",
     )
     g.add_argument(
         "--no_shared_prefix",
@@ -128,6 +129,12 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
         action="store_false",
         help="recompute the prompt prefix every example shares (chat template, instruction, labels) for "
         "each example, in training and decoding, as the paper's code does",
+    )
+    g.add_argument(
+        "--all_logits",
+        action="store_true",
+        help="project every position onto the vocabulary in training, as the paper's release did "
+        "(transformers' loss over -100 labels): the same loss, more work; for speed comparisons",
     )
     g.add_argument("--seed", type=int, default=42)
 
@@ -343,6 +350,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         gradient_checkpointing=args.gradient_checkpointing,
         group_by_length=args.group_by_length,
         shared_prefix=args.shared_prefix,
+        all_logits=args.all_logits,
     )
 
 

@@ -128,8 +128,11 @@ def packing_pays(shape: Shape, rows: Sequence[int], held: int, cached: int = 0) 
     return packed <= PACKING_MARGIN * padded
 
 
-def first_target(chunk: Sequence[Encoded]) -> int:
-    """The batch's first target position, as ``oppu.training._summed_loss`` finds it (at least 1)."""
+def first_target(chunk: Sequence[Encoded], all_logits: bool = False) -> int:
+    """The batch's first target position, as ``oppu.training._summed_loss`` finds it (at least 1;
+    1 with ``all_logits``, where training projects every position onto the vocabulary)."""
+    if all_logits:
+        return 1
     width = max(len(e.input_ids) for e in chunk)
     firsts = [next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), width - 1) for e in chunk]
     return max(min(firsts), 1)
@@ -144,7 +147,11 @@ def chunk_shared_prefix(chunk: Sequence[Encoded], min_prefix: int | None = None)
 
 
 def chunk_train_flops(
-    shape: Shape, chunk: Sequence[Encoded], shared_prefix: bool = True, min_prefix: int | None = None
+    shape: Shape,
+    chunk: Sequence[Encoded],
+    shared_prefix: bool = True,
+    min_prefix: int | None = None,
+    all_logits: bool = False,
 ) -> float:
     """Model FLOPs of one training pass over ``chunk`` as ``oppu.training`` runs it on CPU:
     (``shared_prefix``) the tokens every row starts with once (``chunk_shared_prefix``), the
@@ -153,9 +160,10 @@ def chunk_train_flops(
     (``packing_pays``; there each row's last token, which predicts nothing, is not run), else at
     every row's positions from the batch's first target on, padded ones included. Recomputation
     by checkpointing and the packed sequence's masked attention are not counted. A LoRA's or
-    IA3's passes: no virtual tokens."""
-    first, width = first_target(chunk), max(len(e.input_ids) for e in chunk)
-    prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix else 0
+    IA3's passes: no virtual tokens. ``all_logits`` (TrainConfig's): logits at every position
+    and no shared prefix."""
+    first, width = first_target(chunk, all_logits), max(len(e.input_ids) for e in chunk)
+    prefix = chunk_shared_prefix(chunk, min_prefix) if shared_prefix and not all_logits else 0
     lengths = [len(e.input_ids) for e in chunk]
     if prefix and packing_pays(shape, [n - prefix for n in lengths], prefix):
         targets = [sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in chunk]
@@ -168,13 +176,14 @@ def plan_train_flops(shape: Shape, examples: Sequence[Encoded], cfg: TrainConfig
     in one process on CPU: its batch plan, each micro-batch one pass (``chunk_train_flops``). On
     an accelerator training shares only longer prefixes (``oppu.training.min_shared_prefix``), and
     several processes share none: there this counts less than they compute."""
-    shared = cfg.shared_prefix and not cfg.gradient_checkpointing
+    shared = cfg.shared_prefix and not cfg.gradient_checkpointing and not cfg.all_logits
     steps = batch_plan(len(examples), cfg, [len(e.input_ids) for e in examples])
     total = 0.0
     for step in steps:
         chunk = [examples[i] for i in step]
         for i in range(0, len(chunk), cfg.micro_batch_size):
-            total += chunk_train_flops(shape, chunk[i : i + cfg.micro_batch_size], shared, cfg.min_shared_prefix)
+            micro = chunk[i : i + cfg.micro_batch_size]
+            total += chunk_train_flops(shape, micro, shared, cfg.min_shared_prefix, cfg.all_logits)
     return total, len(steps)
 
 

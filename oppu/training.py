@@ -54,6 +54,10 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar lengths: almost no padding
     shared_prefix: bool = True  # run the tokens every example of a micro-batch starts with once
     min_shared_prefix: int | None = None  # fewest tokens worth sharing; None: min_shared_prefix(device)
+    # The paper's release (transformers' causal-LM loss over -100 labels) projects every position
+    # onto the vocabulary and throws the prompt's logits away: the same loss at a higher cost.
+    # Only for measuring that configuration (benchmarks/bench.py); it runs no shared prefix.
+    all_logits: bool = False
 
 
 @dataclass
@@ -420,6 +424,7 @@ def _summed_loss(
     prefix: int | None = 0,
     min_prefix: int | None = None,
     pack: bool | None = None,
+    all_logits: bool = False,
 ) -> tuple[torch.Tensor, int, int]:
     """Sum of token losses (so micro-batches add up to the same gradient as one big batch), how
     many of the ``prefix`` tokens all rows share were run once (0: none), and how many padding
@@ -429,6 +434,7 @@ def _summed_loss(
 
     Logits are computed only from the first target position on: the vocabulary projection of
     every prompt token would be thrown away, and for a small model it is a fifth of the work.
+    ``all_logits`` computes them at every position (and shares no prefix), as the paper's release did.
 
     Where a prefix runs once on CPU, it and the rows behind it run packed into one pass without
     padding (``packed_shared_loss``) when that costs no more FLOPs (``packs``: the packed
@@ -436,7 +442,7 @@ def _summed_loss(
     """
     labels = batch["labels"]
     has_target = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    first = max(int(has_target[0]) if len(has_target) else labels.size(1) - 1, 1)
+    first = 1 if all_logits else max(int(has_target[0]) if len(has_target) else labels.size(1) - 1, 1)
     keep = labels.size(1) - first + 1  # logits at positions first-1 .. end predict tokens first .. end
     shared = prefix is not None
     prefix = min(prefix or 0, first - 1)  # the logits at first - 1 are needed: the suffix must hold it
@@ -497,7 +503,7 @@ def train(
     device = next(model.parameters()).device
     # A cache passed through checkpointed layers would be appended to again on recomputation, and
     # DDP allows one forward call per backward: the prefix is run once only without either.
-    share_prefix = cfg.shared_prefix and not cfg.gradient_checkpointing and world == 1
+    share_prefix = cfg.shared_prefix and not cfg.gradient_checkpointing and world == 1 and not cfg.all_logits
     model.train()
     result = TrainResult(steps=len(plan))
     bar = tqdm(plan, desc=desc, leave=False, disable=rank != 0)
@@ -519,7 +525,9 @@ def train(
             sync = nullcontext() if not accelerator or m == len(micro) - 1 else accelerator.no_sync(model)
             with sync:
                 common = common_prefix_length([e.input_ids for e in chunk]) if share_prefix else None
-                summed, prefix, padding = _summed_loss(model, batch, common, cfg.min_shared_prefix)
+                summed, prefix, padding = _summed_loss(
+                    model, batch, common, cfg.min_shared_prefix, all_logits=cfg.all_logits
+                )
                 loss = weight * summed / denominator
                 accelerator.backward(loss) if accelerator else loss.backward()
             total += weight * summed.item() / max(n_tokens, 1)  # shown and recorded: this process's mean

@@ -204,6 +204,8 @@ def test_chunk_train_flops_shares_the_prefix_as_training_does():
     same = [_example(prefix, 5, 3), _example(prefix, 5, 3)]
     assert not packing_pays(shape, [4, 4], held=24)
     assert chunk_train_flops(shape, same) == pass_train_flops(shape, [28, 28], [4, 4], prefix=24)
+    # the paper release's loss (--all_logits): logits at every position of the padded batch, no prefix
+    assert chunk_train_flops(shape, chunk, all_logits=True) == pass_train_flops(shape, [28, 31], [31, 31])
 
 
 def test_plan_train_flops_follows_the_batch_plan():
@@ -232,3 +234,10 @@ def test_plan_train_flops_follows_the_batch_plan():
             for j in range(0, len(step), 2)
         )
         assert plain == pytest.approx(unshared) and plain > flops
+    every, _ = plan_train_flops(shape, examples, TrainConfig(**(vars(cfg) | {"all_logits": True})))
+    want = sum(
+        chunk_train_flops(shape, [examples[i] for i in step[j : j + 2]], shared_prefix=False, all_logits=True)
+        for step in plan
+        for j in range(0, len(step), 2)
+    )
+    assert every == pytest.approx(want) and every > plain

@@ -190,6 +190,41 @@ def test_training_with_and_without_the_shared_prefix_takes_the_same_steps(tiny_m
     assert all(torch.allclose(shared_w[n], plain_w[n], atol=1e-6) for n in plain_w)
 
 
+def test_all_logits_projects_every_position_and_leaves_the_loss_as_it_is(tiny_model, tokenizer, make_args):
+    """The paper release's loss (--all_logits): the vocabulary projection at every position of the
+    batch, where the default starts at the first target; the same loss and gradients, and no
+    shared prefix."""
+    examples = shared_examples(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    model = lora_model(tiny_model, make_args)
+    rows: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
+    try:
+        results = []
+        for every in (False, True):
+            model.zero_grad(set_to_none=True)
+            loss, used, _ = _summed_loss(model, batch, None, all_logits=every)
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert (
+            _summed_loss(model, batch, common_prefix_length([e.input_ids for e in examples]), all_logits=True)[1] == 0
+        )
+    finally:
+        hook.remove()
+    first_target = min(e.labels.index(next(x for x in e.labels if x != -100)) for e in examples)
+    width = batch["input_ids"].size(1)
+    assert rows[:2] == [len(examples) * (width - first_target + 1), len(examples) * width]
+    (loss, grads), (every_loss, every_grads) = results
+    assert every_loss == pytest.approx(loss, rel=1e-5)
+    for name in grads:
+        assert (every_grads[name] - grads[name]).norm() <= 1e-5 * grads[name].norm(), name
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=6, micro_batch_size=6, max_epoch=1, all_logits=True)
+    assert train(lora_model(tiny_model, make_args), tokenizer, examples, cfg).shared_prefix_tokens == 0
+    from oppu.cli import train_config
+
+    assert train_config(make_args("--all_logits")).all_logits and not train_config(make_args()).all_logits
+
+
 def test_the_flop_plan_shares_the_prefix_training_shares(tiny_model, tokenizer, make_args):
     """oppu.cost's plan of a training run (benchmarks: the floors) against train() itself: the
     same steps, and the same prefix tokens run once (TrainResult counts them per micro-batch)."""
@@ -413,6 +448,21 @@ def test_planned_padding_on_a_hand_made_case():
     assert planned_padding([[3, 5]], settings, epochs=2) == pytest.approx(2 / 10)
     # micro-batches of one pad nothing
     assert planned_padding([[3, 5]], settings | {"micro_batch_size": 1}) == 0.0
+
+
+def test_the_release_configuration_groups_by_length_and_projects_every_position(make_args):
+    """benchmarks/release_config.py: the bench's paper configuration as the issue described it, and
+    the release's own settings (transformers' group_by_length, its loss over every position)."""
+    from benchmarks.release_config import CONFIGURATIONS
+    from oppu.cli import train_config
+
+    cfg = {name: train_config(make_args(*flags)) for name, flags in CONFIGURATIONS.items()}
+    for name in ("paper", "paper_all_logits", "release"):
+        assert cfg[name].gradient_checkpointing and not cfg[name].shared_prefix, name
+    assert not cfg["paper"].group_by_length and not cfg["paper"].all_logits
+    assert not cfg["paper_all_logits"].group_by_length and cfg["paper_all_logits"].all_logits
+    assert cfg["release"].group_by_length and cfg["release"].all_logits
+    assert cfg["ours"].shared_prefix and cfg["ours"].group_by_length and not cfg["ours"].all_logits
 
 
 def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
