@@ -24,6 +24,7 @@ from oppu import cli, ownership, serving
 from oppu.answers import ANSWER_MODES
 from oppu.data import predictions_json
 from oppu.modeling import ModelSpec, check_spec
+from oppu.runs import ADDED_SETTINGS
 from oppu.tasks import get_task
 from prompts import parse_prediction
 from utils import UserError, read_jsonl, run_cli, set_seed, write_json
@@ -93,7 +94,8 @@ def decode_settings(args: argparse.Namespace, stack: dict):
     """Decoding as the PEFT's run decoded (its length, batch and --cut_off, the rules of its kind of PEFT),
     with this command's sampling flags."""
     task = get_task(stack["task_name"])
-    run = {"max_new_tokens": None, "decode_batch_size": 8, "cut_off": None} | stack["settings"]
+    # a PEFT exported before a setting existed ran at the value that setting adds (runs.ADDED_SETTINGS)
+    run = {"max_new_tokens": None, "decode_batch_size": 8, "cut_off": None} | ADDED_SETTINGS | stack["settings"]
     given = {k: getattr(args, k) for k in ("max_new_tokens", "decode_batch_size") if getattr(args, k) is not None}
     flags = {k: getattr(args, k) for k in ("shared_prefix", "do_sample", "temperature", "top_k", "top_p")}
     merged = argparse.Namespace(**(run | given | flags))

@@ -56,7 +56,7 @@ class TrainConfig:
     min_shared_prefix: int | None = None  # fewest tokens worth sharing; None: min_shared_prefix(device)
     # The paper's release (transformers' causal-LM loss over -100 labels) projects every position
     # onto the vocabulary and throws the prompt's logits away: the same loss at a higher cost.
-    # Only for measuring that configuration (benchmarks/bench.py); it runs no shared prefix.
+    # Only for measuring that configuration (benchmarks/release_config.py); it runs no shared prefix.
     all_logits: bool = False
 
 

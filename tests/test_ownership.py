@@ -25,7 +25,7 @@ from oppu.generation import DecodeConfig
 from oppu.generation import generate as decode
 from oppu.modeling import ModelSpec, load_model
 from oppu.ownership import IDENTITY_FILE, MERGED_FILE, load_user_file, update_plan
-from oppu.runs import CONFIG_FILE, user_result_dir
+from oppu.runs import ADDED_SETTINGS, CONFIG_FILE, user_result_dir
 from oppu.tasks import get_task
 from prompts import render_query_input
 from utils import UserError, read_json, write_json
@@ -138,6 +138,21 @@ def test_export_refuses_a_result_made_under_other_settings(run, tmp_path):
     with pytest.raises(UserError, match=f"user '{USER}' has no finished result in this run under its settings"):
         export_user.main(["--oppu_dir", str(stale), "--user_id", USER, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_serves_a_peft_exported_before_the_latest_settings(run, exported, tmp_path):
+    """An export's settings lack the flags added after it was made (runs.ADDED_SETTINGS): it is
+    served as the run that made it ran."""
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    identity = read_json(old / IDENTITY_FILE)
+    assert set(ADDED_SETTINGS) <= set(identity["settings"])
+    for key in ADDED_SETTINGS:
+        del identity["settings"][key]
+    write_json(old / IDENTITY_FILE, identity)
+    query = run["users"][USER]["query"][0]
+    want = generate.main(["--peft", str(exported), "--input", query["input"]])["predictions"]
+    assert generate.main(["--peft", str(old), "--input", query["input"]])["predictions"] == want
 
 
 def test_export_default_folder_is_sanitised(run, monkeypatch, tmp_path):

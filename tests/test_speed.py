@@ -218,8 +218,16 @@ def test_all_logits_projects_every_position_and_leaves_the_loss_as_it_is(tiny_mo
     assert every_loss == pytest.approx(loss, rel=1e-5)
     for name in grads:
         assert (every_grads[name] - grads[name]).norm() <= 1e-5 * grads[name].norm(), name
+    # train() passes it on: one pass of the 6 examples, every position projected, no prefix shared
     cfg = TrainConfig(learning_rate=1e-2, batch_size=6, micro_batch_size=6, max_epoch=1, all_logits=True)
-    assert train(lora_model(tiny_model, make_args), tokenizer, examples, cfg).shared_prefix_tokens == 0
+    model = lora_model(tiny_model, make_args)
+    rows.clear()
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
+    try:
+        fit = train(model, tokenizer, examples, cfg)
+    finally:
+        hook.remove()
+    assert fit.shared_prefix_tokens == 0 and rows == [len(examples) * width]
     from oppu.cli import train_config
 
     assert train_config(make_args("--all_logits")).all_logits and not train_config(make_args()).all_logits
