@@ -117,6 +117,12 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, target_modules:
     g.add_argument("--target_modules", default=",".join(target_modules), help="comma-separated module names to adapt")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument(
+        "--reentrant_checkpointing",
+        action="store_true",
+        help="with --gradient_checkpointing: torch's reentrant checkpoint, which recomputes each layer's "
+        "whole forward, as the paper's release did; for speed comparisons",
+    )
+    g.add_argument(
         "--no_group_by_length",
         dest="group_by_length",
         action="store_false",
@@ -262,6 +268,8 @@ def check_args(args: argparse.Namespace) -> None:
         )
         if bad
     ] + decoding_problems(args)
+    if args.reentrant_checkpointing and not args.gradient_checkpointing:
+        problems.append("--reentrant_checkpointing needs --gradient_checkpointing")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -351,6 +359,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         group_by_length=args.group_by_length,
         shared_prefix=args.shared_prefix,
         all_logits=args.all_logits,
+        reentrant_checkpointing=args.reentrant_checkpointing,
     )
 
 

@@ -60,7 +60,7 @@ FINGERPRINT_NEUTRAL = RESUME_NEUTRAL | {"micro_batch_size", "decode_batch_size"}
 # Settings added after runs were made, at the value that reproduces what runs did before them: a
 # config holding that value is the same run as one without the key (fingerprints and comparisons
 # leave it out), so adding a flag does not invalidate every finished run.
-ADDED_SETTINGS = {"history_inputs": "item", "all_logits": False}
+ADDED_SETTINGS = {"history_inputs": "item", "all_logits": False, "reentrant_checkpointing": False}
 
 
 def _settled(config: dict[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,8 @@ class TrainConfig:
     # onto the vocabulary and throws the prompt's logits away: the same loss at a higher cost.
     # Only for measuring that configuration (benchmarks/release_config.py); it runs no shared prefix.
     all_logits: bool = False
+    # With gradient_checkpointing: torch's reentrant checkpoint, as the release had (checkpointing()).
+    reentrant_checkpointing: bool = False
 
 
 @dataclass
@@ -466,11 +468,18 @@ def _summed_loss(
     return loss, prefix, padding
 
 
-def checkpointing(model, on: bool) -> None:
+def checkpointing(model, on: bool, reentrant: bool = False) -> None:
     """transformers' activation (gradient) checkpointing on or off, under its current name where
-    the installed release has it: the old name warns at every call from transformers 5.x on."""
+    the installed release has it: the old name warns at every call from transformers 5.x on.
+    ``reentrant``: torch's reentrant checkpoint, which runs a layer's whole forward again in the
+    backward pass, where the non-reentrant one (transformers 5's default) stops at the last tensor
+    the backward needs; the paper's release (transformers and torch 2.0.1 of early 2024) had it."""
     prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    getattr(model, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
+    if on:
+        kwargs = {f"{prefix}_checkpointing_kwargs": {"use_reentrant": reentrant}}
+        getattr(model, f"{prefix}_checkpointing_enable")(**kwargs)
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
 
 
 def loss_denominator(step_tokens: int, processes: int) -> float:
@@ -497,7 +506,7 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * len(plan)), max(len(plan), 1))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if cfg.gradient_checkpointing:  # before prepare: the DDP wrapper does not have the method
-        checkpointing(model, True)
+        checkpointing(model, True, cfg.reentrant_checkpointing)
     if accelerator:
         model, optimizer = accelerator.prepare(model, optimizer)
     device = next(model.parameters()).device

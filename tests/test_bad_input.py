@@ -188,6 +188,8 @@ def test_bad_numbers_are_reported_together(env, stage, capsys):
     )
     argv = stage_args(env, *stage[1], "--do_sample", "--temperature", "0", "--max_new_tokens", "0")
     fails(stage[0], argv, capsys, env, "--temperature must be > 0", "--max_new_tokens must be >= 1")
+    argv = stage_args(env, *stage[1], "--reentrant_checkpointing")
+    fails(stage[0], argv, capsys, env, "--reentrant_checkpointing needs --gradient_checkpointing")
     argv = stage_args(env, *stage[1], "--cut_off", "8")  # news categorization answers in up to 8 new tokens
     fails(stage[0], argv, capsys, env, "--cut_off 8 leaves no room for a prompt before an answer of 8 tokens")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,41 @@ def test_all_logits_projects_every_position_and_leaves_the_loss_as_it_is(tiny_mo
     from oppu.cli import train_config
 
     assert train_config(make_args("--all_logits")).all_logits and not train_config(make_args()).all_logits
+
+
+@pytest.mark.parametrize("dropout", ["0", "0.05"])
+def test_reentrant_checkpointing_trains_as_the_other_paths(tiny_model, tokenizer, make_args, monkeypatch, dropout):
+    """--reentrant_checkpointing (the paper release's checkpoint): torch's reentrant checkpoint runs,
+    and the losses and weights are those of training without checkpointing (dropout's masks too:
+    the checkpoint replays the random state)."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    original = modeling_utils.checkpoint  # what transformers' layers are checkpointed with
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", spy)
+    examples = shared_examples(tokenizer)
+    runs = {}
+    for way, flags in {"none": {}, "plain": {"gradient_checkpointing": True}, "reentrant": {"gradient_checkpointing": True, "reentrant_checkpointing": True}}.items():  # fmt: skip
+        calls.clear()
+        torch.manual_seed(0)
+        model = add_adapter(tiny_model(), lora_config(make_args("--lora_dropout", dropout), USER_TARGETS))
+        cfg = TrainConfig(learning_rate=1e-2, batch_size=3, micro_batch_size=3, max_epoch=1, shared_prefix=False)
+        torch.manual_seed(1)
+        fit = train(model, tokenizer, examples, replace(cfg, **flags))
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs[way] = (fit.losses, weights, set(calls))
+        assert not model.base_model.model.is_activation_checkpointing  # off again after training
+    assert runs["none"][2] == set() and runs["plain"][2] == {False} and runs["reentrant"][2] == {True}
+    for way in ("plain", "reentrant"):
+        assert runs[way][0] == pytest.approx(runs["none"][0], rel=1e-5), way
+        for name, w in runs["none"][1].items():
+            assert torch.allclose(runs[way][1][name], w, atol=1e-6), (way, name)
+    assert make_args("--gradient_checkpointing", "--reentrant_checkpointing").reentrant_checkpointing
 
 
 def test_the_flop_plan_shares_the_prefix_training_shares(tiny_model, tokenizer, make_args):
@@ -469,7 +505,8 @@ def test_the_release_configuration_groups_by_length_and_projects_every_position(
         assert cfg[name].gradient_checkpointing and not cfg[name].shared_prefix, name
     assert not cfg["paper"].group_by_length and not cfg["paper"].all_logits
     assert not cfg["paper_all_logits"].group_by_length and cfg["paper_all_logits"].all_logits
-    assert cfg["release"].group_by_length and cfg["release"].all_logits
+    assert cfg["release"].group_by_length and cfg["release"].all_logits and cfg["release"].reentrant_checkpointing
+    assert not cfg["paper"].reentrant_checkpointing and not cfg["ours"].gradient_checkpointing
     assert cfg["ours"].shared_prefix and cfg["ours"].group_by_length and not cfg["ours"].all_logits
 
 
