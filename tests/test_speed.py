@@ -507,6 +507,12 @@ def test_the_release_configuration_groups_by_length_and_projects_every_position(
     assert not cfg["paper_all_logits"].group_by_length and cfg["paper_all_logits"].all_logits
     assert cfg["release"].group_by_length and cfg["release"].all_logits and cfg["release"].reentrant_checkpointing
     assert not cfg["paper"].reentrant_checkpointing and not cfg["ours"].gradient_checkpointing
+    from benchmarks import release_config
+    from utils import UserError
+
+    for bad in ("paper", "paper,bogus,ours"):  # no base for the ratios, or a name it does not know
+        with pytest.raises(UserError, match="--configurations"):
+            release_config.main(["--configurations", bad])
     assert cfg["ours"].shared_prefix and cfg["ours"].group_by_length and not cfg["ours"].all_logits
 
 
