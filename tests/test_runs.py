@@ -227,6 +227,10 @@ def test_a_setting_added_later_at_its_old_value_keeps_finished_runs():
     assert config_differences(old, old | {"history_inputs": "item"}) == []
     assert config_differences(old, old | {"history_inputs": "task_model"}) == ["history_inputs"]
     assert reuse_mismatch(old, old | {"history_inputs": "item"}) is None
+    # the speed-comparison flags of the paper's release, added later, off in every earlier run
+    for flag in ("all_logits", "reentrant_checkpointing"):
+        assert config_fingerprint(old | {flag: False}) == config_fingerprint(old)
+        assert config_differences(old, old | {flag: True}) == [flag]
 
 
 def test_the_manifest_keeps_other_calls_users_of_this_config_only(tmp_path):
