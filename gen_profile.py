@@ -34,8 +34,6 @@ from oppu.runs import config_differences, file_fingerprint, public_config
 from oppu.tasks import Task, get_task
 from utils import UserError, ensure_writable_dir, read_json, run_cli, set_seed, write_json
 
-CONFIG_FILE = PROFILE_CONFIG_FILE
-USERS_KEY = PROFILE_USERS_KEY
 FILES = ((TEST_USERS_FILE, TEST_PROFILES_FILE), (OTHER_USERS_FILE, OTHER_PROFILES_FILE))
 
 
@@ -84,8 +82,8 @@ def check_config(path: Path, config: dict, resuming: bool) -> None:
         return
     old = read_json(path)
     # a config written before the user files' hashes were recorded cannot tell; it is kept
-    diff = [k for k in config_differences(old, config) if k in old or k != USERS_KEY]
-    if USERS_KEY in diff:
+    diff = [k for k in config_differences(old, config) if k in old or k != PROFILE_USERS_KEY]
+    if PROFILE_USERS_KEY in diff:
         raise UserError(f"{path}: the profiles here were made from other user files in this folder; use --overwrite")
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4])
@@ -97,7 +95,7 @@ def profile_config(args: argparse.Namespace, task: Task, folder: Path) -> dict:
     sits in the folder it describes) and the user files' hashes, so that profiles of histories
     that prepare_data has since rewritten are not kept."""
     config = {k: v for k, v in public_config(vars(args)).items() if k != "data_dir"} | {"task_name": task.name}
-    return config | {USERS_KEY: {name: file_fingerprint(folder / name) for name, _ in FILES}}
+    return config | {PROFILE_USERS_KEY: {name: file_fingerprint(folder / name) for name, _ in FILES}}
 
 
 def wanted(num_users: int, max_users: int) -> int:
@@ -127,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     ensure_writable_dir(folder)
     existing = {} if args.overwrite else {out: read_aligned(folder / out, users[name]) for name, out in FILES}
     config = profile_config(args, task, folder)
-    check_config(folder / CONFIG_FILE, config, any(existing.values()))
+    check_config(folder / PROFILE_CONFIG_FILE, config, any(existing.values()))
     if all(len(existing.get(out, [])) >= wanted(len(users[name]), args.max_users) for name, out in FILES):
         print(f"every profile is already in {folder} (--overwrite regenerates them)")
         report_labels(task, folder, users)
@@ -139,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, ProfileCounts]:
     if args.overwrite:  # the old profiles go before the config names the new run as their maker:
         for _, out in FILES:  # a run killed half-way must not leave them under the new config
             (folder / out).unlink(missing_ok=True)
-    write_json(folder / CONFIG_FILE, config)
+    write_json(folder / PROFILE_CONFIG_FILE, config)
 
     def make(batch):
         return generate_profiles(model, tokenizer, task, batch, args.num_history, args.seed, decode)
