@@ -8,7 +8,7 @@ import pytest
 
 import gen_profile
 from oppu import profiles
-from oppu.data import load_profiles
+from oppu.data import PROFILE_CONFIG_FILE, PROFILE_USERS_KEY, load_profiles
 from oppu.generation import DecodeConfig
 from oppu.tasks import get_task
 from prompts import profile_prompt
@@ -208,17 +208,17 @@ def profiled_folder(tmp_path):
     (folder / "profile_user_others.json").write_text(json.dumps([{"user_id": "o", "output": "writes"}]))
     argv = ["--task_name", TASK.name, "--data_dir", str(tmp_path)]
     config = gen_profile.profile_config(gen_profile.parse_args(argv), TASK, folder)
-    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
+    (folder / PROFILE_CONFIG_FILE).write_text(json.dumps(config))
     return folder, argv, config
 
 
 def test_profiles_of_rewritten_user_files_are_rejected_and_an_old_config_is_kept(tmp_path):
     folder, argv, config = profiled_folder(tmp_path)
     gen_profile.main(argv)  # the same user files: the profiles are kept
-    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps({k: v for k, v in config.items() if k != "users_sha256"}))
+    (folder / PROFILE_CONFIG_FILE).write_text(json.dumps({k: v for k, v in config.items() if k != PROFILE_USERS_KEY}))
     (folder / "user_top_100_history.json").write_text(json.dumps([user("a", 3)]))
     gen_profile.main(argv)  # a config from before the hashes were recorded cannot tell: kept
-    (folder / gen_profile.CONFIG_FILE).write_text(json.dumps(config))
+    (folder / PROFILE_CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(UserError, match="made from other user files in this folder; use --overwrite"):
         gen_profile.main(argv)
 
@@ -270,7 +270,7 @@ def test_overwrite_drops_the_old_profiles_before_its_config_is_written(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         gen_profile.main(argv)
     assert not list(folder.glob("profile_user_*.json"))
-    assert read_json(folder / gen_profile.CONFIG_FILE)["num_history"] == 2
+    assert read_json(folder / PROFILE_CONFIG_FILE)["num_history"] == 2
 
 
 def test_the_stages_refuse_profiles_made_from_an_earlier_user_file(tmp_path):
