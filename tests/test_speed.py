@@ -514,6 +514,10 @@ def test_the_release_configuration_groups_by_length_and_projects_every_position(
         with pytest.raises(UserError, match="--configurations"):
             release_config.main(["--configurations", bad])
     assert cfg["ours"].shared_prefix and cfg["ours"].group_by_length and not cfg["ours"].all_logits
+    # the paper's batch, at ours' learning rate: the rate changes what is learnt (how long the
+    # sampled answers run), not what a step costs
+    assert {c.learning_rate for c in cfg.values()} == {1e-3}
+    assert {cfg[name].batch_size for name in ("paper", "paper_all_logits", "release")} == {16}
 
 
 def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
