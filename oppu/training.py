@@ -102,6 +102,16 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], cut_off: int) -> l
     return [tokenize_and_mask(tokenizer, prompt, target, cut_off) for prompt, target in pairs]
 
 
+def marks_word_start(tokenizer) -> bool:
+    """Whether the tokenizer puts a word-start marker before text it is given on its own, as
+    SentencePiece does (Llama-2: "a" is "▁a", " a" is "▁" then "▁a"). A target tokenized alone
+    then needs no leading space: with it, every target would start with a lone "▁" that the
+    prompt and its answer tokenized together never have."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
+    return len(spaced) > len(bare) and spaced[-len(bare) :] == bare
+
+
 def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Encoded:
     """Prompt tokens labelled -100, then the target and EOS, which carry the loss.
 
@@ -111,8 +121,8 @@ def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Enco
     cut, keeping at least one prompt token. Either way ``truncated`` is set so callers can report it.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    if getattr(tokenizer, "chat_template", None):
-        target = target.lstrip()  # the assistant turn starts on a fresh line
+    if getattr(tokenizer, "chat_template", None) or marks_word_start(tokenizer):
+        target = target.lstrip()  # the assistant turn starts on a fresh line; or the tokenizer adds the space
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     overflow = len(prompt_ids) + len(target_ids) - cut_off
     truncated = overflow > 0

@@ -89,6 +89,29 @@ def test_prompt_is_masked_then_target_then_eos(tokenizer, templated):
         assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
 
 
+def sentencepiece_like_tokenizer():
+    """A tokenizer that marks word starts as Llama-2's does (its normalizer prepends "▁" and turns
+    spaces into "▁"; no chat template): " crime" alone is "▁" then "▁crime"."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "</s>", "<s>", "▁", "▁Answer:", "▁crime", "▁a", "a"]
+    model = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0, byte_fallback=False))
+    model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+
+
+def test_a_sentencepiece_target_starts_as_it_does_after_its_prompt():
+    """Without the fix every target started with a lone "▁" (Llama-2's 29871), which the prompt and
+    its answer tokenized together never have."""
+    tok = sentencepiece_like_tokenizer()
+    assert tok(" crime", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("▁"), 5]
+    enc = tokenize_and_mask(tok, "Answer:", " crime", cut_off=64)
+    together = tok("Answer: crime")["input_ids"]  # BOS, "▁Answer:", "▁crime"
+    assert enc.input_ids == together + [tok.eos_token_id]
+    assert [x for x in enc.labels if x != IGNORE_INDEX] == [tok.convert_tokens_to_ids("▁crime"), tok.eos_token_id]
+
+
 def test_exact_fit_is_not_truncated_and_one_token_less_is(tokenizer):
     full = len(encode_prompt(tokenizer, PROMPT)) + len(target_ids(tokenizer, " crime")) + 1
     assert tokenize_and_mask(tokenizer, PROMPT, " crime", full).truncated is False
