@@ -262,6 +262,7 @@ def check_args(args: argparse.Namespace) -> None:
             ("learning_rate", args.learning_rate <= 0, "> 0"),
             ("decode_batch_size", args.decode_batch_size < 1, ">= 1"),
             ("lora_r", args.lora_r < 1, ">= 1"),
+            ("lora_dropout", not 0 <= args.lora_dropout < 1, "in [0, 1)"),
             ("max_step", args.max_step < 1 and args.max_step != -1, "-1 (no cap) or >= 1"),
             ("max_users", args.max_users < -1, "-1 (all) or >= 0"),
             ("user_stride", args.user_stride < 1, ">= 1"),

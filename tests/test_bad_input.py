@@ -177,9 +177,10 @@ def test_bad_numbers_are_reported_together(env, stage, capsys):
     argv = stage_args(env, *stage[1], "--k", "-1", "--batch_size", "0", "--max_step", "-5", "--max_users", "-3")
     fails(
         stage[0],
-        [*argv, "--user_stride", "0"],
+        [*argv, "--user_stride", "0", "--lora_dropout", "1"],
         capsys,
         env,
+        "--lora_dropout must be in [0, 1)",
         "--k must be >= 0",
         "--batch_size must be >= 1",
         "--max_step must be",
