@@ -240,14 +240,19 @@ def train_seconds(flops: float, machine: Machine) -> float:
 def decode_seconds(
     shape: Shape, machine: Machine, *, queries: int, prompt_tokens: float, new_tokens: float, batch: int
 ) -> float:
-    """Greedy decoding of ``queries`` in batches of ``batch``: the prompt pass is compute-bound
-    (2 FLOPs per parameter and token at ``decode_efficiency`` of the peak); each new-token step
-    costs the largest of reading every weight once, its compute and ``machine.step_seconds``."""
+    """Greedy decoding of ``queries`` in batches of ``batch``, each answer ``new_tokens`` long.
+    The prompt pass is compute-bound: the projections of every prompt token and the vocabulary
+    projection at each prompt's last position, which gives the first new token (2 FLOPs per
+    multiply-add, at ``decode_efficiency`` of the peak). Each of the other new tokens takes a step
+    per batch, costing the largest of reading the products' weights once (the projections and
+    the LM head; an embedding lookup reads a row), their compute and ``machine.step_seconds``."""
     peak = machine.matmul_tflops * 1e12
-    prompt = 2 * shape.parameters * prompt_tokens * queries / (peak * machine.decode_efficiency)
-    weights = shape.parameters * machine.bytes_per_param / (machine.memory_gbs * 1e9)
-    steps = math.ceil(queries / batch) * new_tokens
-    step = max(weights, 2 * shape.parameters * batch / (peak * machine.decode_efficiency), machine.step_seconds)
+    head = shape.hidden * shape.vocab
+    prompt = 2 * (linear_flops(shape, 1) * prompt_tokens + head) * queries / (peak * machine.decode_efficiency)
+    step_weights = linear_flops(shape, 1) + head  # multiply-adds of one token = weights of the products
+    weights = step_weights * machine.bytes_per_param / (machine.memory_gbs * 1e9)
+    steps = math.ceil(queries / batch) * max(new_tokens - 1, 0)
+    step = max(weights, 2 * step_weights * batch / (peak * machine.decode_efficiency), machine.step_seconds)
     return prompt + steps * step
 
 

@@ -10,6 +10,7 @@ from oppu.cost import (
     Shape,
     batch_train_flops,
     decode_seconds,
+    linear_flops,
     lora_parameters,
     pass_train_flops,
     train_flops,
@@ -93,19 +94,26 @@ def test_seconds_from_peak_and_efficiency():
 
 def test_decoding_is_bound_by_reading_the_weights_or_by_compute():
     shape = Shape(hidden=4, layers=1, intermediate=8, kv=2, vocab=10, parameters=1e9)
-    slow_memory = Machine("m", 1000.0, 0.5, memory_gbs=1.0, bytes_per_param=2, decode_efficiency=0.5)
-    # prompt: 2 x 1e9 x 10 tokens x 4 queries / (1e15 x 0.5) = 1.6e-4 s; steps: 2 batches x 5 tokens,
-    # each reading 2 GB at 1 GB/s
+    # the products' weights: q, o 4 x 4, k, v 4 x 2, the MLP 3 x 4 x 8, the LM head 4 x 10
+    weights = 2 * 16 + 2 * 8 + 3 * 32 + 40
+    assert linear_flops(shape, 1) + shape.hidden * shape.vocab == weights
+    slow_memory = Machine("m", 1e-9, 0.5, memory_gbs=1e-9, bytes_per_param=2, decode_efficiency=0.5)
+    # prompt: every prompt token's projections, the LM head at each query's last token, at 1e3 x
+    # 0.5 FLOP/s; then 2 batches x 4 steps (the first of 5 new tokens comes from the prompt
+    # pass), each reading the weights (2 bytes each) at 1 byte/s
+    prompt = 2 * (144 * 10 + 40) * 4 / (1e3 * 0.5)
     seconds = decode_seconds(shape, slow_memory, queries=4, prompt_tokens=10, new_tokens=5, batch=2)
-    assert seconds == pytest.approx(1.6e-4 + 10 * 2.0)
-    slow_compute = Machine("m", 0.001, 0.5, memory_gbs=1e6, bytes_per_param=2, decode_efficiency=0.5)
-    step = 2 * 1e9 * 2 / (1e9 * 0.5)  # 8 s a step for a batch of 2
+    assert seconds == pytest.approx(prompt + 8 * weights * 2)
+    slow_compute = Machine("m", 1e-9, 0.5, memory_gbs=1e6, bytes_per_param=2, decode_efficiency=0.5)
+    step = 2 * weights * 2 / (1e3 * 0.5)  # a batch of 2 rows through the products
     seconds = decode_seconds(shape, slow_compute, queries=4, prompt_tokens=0, new_tokens=5, batch=2)
-    assert seconds == pytest.approx(10 * step)
+    assert seconds == pytest.approx(2 * 40 * 4 / (1e3 * 0.5) + 8 * step)  # the LM head at 4 last tokens
     # a GPU's eager decoding: each step takes at least its kernel launches' time
     launch_bound = Machine("m", 1000.0, 0.5, memory_gbs=1e6, bytes_per_param=2, step_seconds=0.04)
     seconds = decode_seconds(shape, launch_bound, queries=4, prompt_tokens=0, new_tokens=5, batch=2)
-    assert seconds == pytest.approx(10 * 0.04)
+    assert seconds == pytest.approx(8 * 0.04, rel=1e-6)
+    # an answer of one token is the prompt pass alone
+    assert decode_seconds(shape, launch_bound, queries=4, prompt_tokens=0, new_tokens=1, batch=2) < 1e-9
 
 
 def test_on_a_gpu_a_short_prefix_is_trained_per_example():
@@ -163,12 +171,14 @@ def test_each_configuration_decodes_answers_of_its_own_length():
     from benchmarks.cost_model import OURS, PAPER, user_figures
 
     shape = Shape(hidden=4, layers=1, intermediate=8, kv=2, vocab=10, parameters=1e9)
-    machine = Machine("m", 1000.0, 0.5, memory_gbs=1.0, bytes_per_param=2, decode_efficiency=0.5)
+    machine = Machine("m", 1000.0, 0.5, memory_gbs=1e-9, bytes_per_param=2, decode_efficiency=0.5)
     h = History(items=4, tokens=3, answer_tokens=1)
     q = {"prompt_tokens": 0.0, "prefix_tokens": 0.0, "new_tokens": 3.0, "new_tokens_paper": 11.0}
-    # each new-token step reads 2 GB at 1 GB/s: 4 queries one at a time x 11 tokens, or one batch of 8 x 3
-    assert user_figures(shape, machine, h, PAPER, 1, 4, q)["answer_seconds"] == pytest.approx(4 * 11 * 2.0)
-    assert user_figures(shape, machine, h, OURS, 1, 4, q)["answer_seconds"] == pytest.approx(3 * 2.0)
+    # each new-token step reads the products' 184 weights (2 bytes each) at 1 byte/s, after the
+    # first token of each answer: 4 queries one at a time x 10 steps, or one batch of 8 x 2
+    read = 184 * 2.0
+    assert user_figures(shape, machine, h, PAPER, 1, 4, q)["answer_seconds"] == pytest.approx(4 * 10 * read)
+    assert user_figures(shape, machine, h, OURS, 1, 4, q)["answer_seconds"] == pytest.approx(2 * read)
 
 
 # --- a training run's FLOPs as oppu.training computes them ------------------------------------
