@@ -130,7 +130,8 @@ def example_flops(config, encoded) -> float:
     total = 0.0
     for e in encoded:
         first = next((i for i, x in enumerate(e.labels) if x != IGNORE_INDEX), len(e.labels) - 1)
-        total += train_flops(config, len(e.input_ids), len(e.input_ids) - first + 1)
+        # the LM head where the loss is: the positions before each target (not the last token)
+        total += train_flops(config, len(e.input_ids), len(e.input_ids) - first)
     return total
 
 

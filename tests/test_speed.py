@@ -484,6 +484,18 @@ def lora_config_for_test():
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
 
+def test_the_bench_counts_the_lm_head_where_the_loss_is():
+    """train_mfu's FLOPs: an example of 3 prompt tokens and 2 target tokens has the LM head at the
+    2 positions that predict them (the last token predicts nothing)."""
+    from benchmarks.bench import example_flops
+    from oppu.cost import train_flops
+    from oppu.training import IGNORE_INDEX, Encoded
+
+    example = Encoded([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], False)
+    shape = Shape(hidden=4, layers=1, intermediate=8, kv=2, vocab=10, parameters=0)
+    assert example_flops(shape, [example]) == train_flops(shape, 5, 2) != train_flops(shape, 5, 3)
+
+
 def test_planned_padding_on_a_hand_made_case():
     from benchmarks.bench import planned_padding
 
