@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise UserError(f"{preds_source}: no gold file for {task.lamp_id} in {args.golds_zip}")
         golds_source, task_golds = golds[task]
         result[task.lamp_id] = evaluate(task, task_golds, task_preds, golds_source, preds_source)
+    unscored = sorted(task.lamp_id for task in golds if task not in preds)
+    if unscored:  # scored as the official script does, but a forgotten file should not pass unseen
+        print(f"note: {args.golds_zip}: no predictions for {', '.join(unscored)}; not scored", file=sys.stderr)
     write_json(args.output_file, result)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return result

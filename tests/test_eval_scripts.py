@@ -201,7 +201,7 @@ def make_zip(path: Path, members: dict[str, object]) -> Path:
     return path
 
 
-def test_eval_all_matches_files_by_task(tmp_path: Path):
+def test_eval_all_matches_files_by_task(tmp_path: Path, capsys):
     golds = make_zip(
         tmp_path / "golds.zip",
         {
@@ -231,6 +231,7 @@ def test_eval_all_matches_files_by_task(tmp_path: Path):
     ]
     result = eval_all.main(argv)
     assert list(result) == ["LaMP_2M", "LaMP_3"]
+    assert "no predictions for LaMP_4; not scored" in capsys.readouterr().err
     movies = {"task": "LaMP_2M", "n": 3, "accuracy": 2 / 3, "f1": 2 / 15}
     assert result["LaMP_2M"] == pytest.approx(movies)
     assert result["LaMP_3"] == pytest.approx({"task": "LaMP_3", "n": 2, "MAE": 2.0, "RMSE": 5**0.5})
