@@ -4,7 +4,7 @@ writes benchmarks/results.json (keys documented in benchmarks/README.md).
 
 Usage:
     python benchmarks/bench.py --quick          # under 5 minutes: 1 user, short histories
-    python benchmarks/bench.py                  # the full run: 2 users x 96 items (23 minutes here)
+    python benchmarks/bench.py                  # the full run: 2 users x 96 items (14 to 21 minutes here on 2026-12-01)
     python benchmarks/bench.py --sections train,decode --output /tmp/results.json
 
 Data: HuffPost authors (news categorization and headlines) made by prepare_data.py from
