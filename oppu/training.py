@@ -513,7 +513,10 @@ def train(
     plan = batch_plan(len(examples), cfg, [len(e.input_ids) for e in examples])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * len(plan)), max(len(plan), 1))
+    warmup = math.ceil(cfg.warmup_ratio * len(plan))
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max(len(plan), 1))
+    if len(plan) == 1 and warmup:  # as the HF Trainer's schedule: its one step runs at learning rate 0
+        print(f"note: {desc}: 1 optimiser step, all of it warm-up: the weights do not change", file=sys.stderr)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if cfg.gradient_checkpointing:  # before prepare: the DDP wrapper does not have the method
         checkpointing(model, True, cfg.reentrant_checkpointing)

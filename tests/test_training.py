@@ -212,6 +212,19 @@ def test_micro_batches_only_save_memory(tiny_model, tokenizer, make_args):
     assert all(torch.allclose(weights_a[n], weights_b[n], atol=1e-5) for n in weights_a)
 
 
+def test_a_plan_of_one_warm_up_step_says_that_it_trains_nothing(tiny_model, tokenizer, make_args, capsys):
+    """Warm-up is ceil(10 %) of the steps and the schedule starts at learning rate 0 (as the HF
+    Trainer's), so a plan of one step leaves the weights as they were: said, not silent."""
+    model = with_lora(tiny_model(), make_args(), USER_TARGETS)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    quick_train(model, tokenizer, batch_size=16, max_epoch=1)  # 8 toy examples: one step
+    assert "1 optimiser step, all of it warm-up" in capsys.readouterr().err
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    quick_train(model, tokenizer, batch_size=4, max_epoch=1)  # two steps: the second trains
+    assert "warm-up" not in capsys.readouterr().err
+    assert not all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_gradient_checkpointing_only_saves_memory_and_warns_nothing(tiny_model, tokenizer, make_args):
     """The paper's --gradient_checkpointing: the same losses and weights, switched off again after
     training, and through transformers' current name (the old one warns at every call)."""
