@@ -103,13 +103,16 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], cut_off: int) -> l
 
 
 def marks_word_start(tokenizer) -> bool:
-    """Whether the tokenizer puts a word-start marker before text it is given on its own, as
-    SentencePiece does (Llama-2: "a" is "▁a", " a" is "▁" then "▁a"). A target tokenized alone
-    then needs no leading space: with it, every target would start with a lone "▁" that the
-    prompt and its answer tokenized together never have."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
-    return len(spaced) > len(bare) and spaced[-len(bare) :] == bare
+    """Whether the tokenizer marks a word's start itself on text it is given alone, as
+    SentencePiece does (Llama-2: "a" is "▁a", and "b" then "a" tokenized apart are "b a"
+    tokenized whole). A target tokenized alone then needs no leading space: with it, every
+    target would start with a lone "▁" that the prompt and its answer tokenized together never
+    have. Byte-level BPE (GPT-2, SmolLM2) and character tokenizers keep the space as it is."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return ids("b") + ids("a") == ids("b a")
 
 
 def tokenize_and_mask(tokenizer, prompt: str, target: str, cut_off: int) -> Encoded:

@@ -92,13 +92,25 @@ def test_prompt_is_masked_then_target_then_eos(tokenizer, templated):
 def sentencepiece_like_tokenizer():
     """A tokenizer that marks word starts as Llama-2's does (its normalizer prepends "▁" and turns
     spaces into "▁"; no chat template): " crime" alone is "▁" then "▁crime"."""
-    from tokenizers import Tokenizer, models, normalizers
+    from tokenizers import Tokenizer, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    pieces = ["<unk>", "</s>", "<s>", "▁", "▁Answer:", "▁crime", "▁a", "a"]
+    pieces = ["<unk>", "</s>", "<s>", "▁", "▁Answer:", "▁crime", "▁a", "▁b", "a", "b", " "]
     model = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0, byte_fallback=False))
     model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    model.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+
+
+def character_tokenizer():
+    """One token per character, the space among them: " a" is " " then "a", which a target needs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "</s>", " ", "a", "b", "c", "e", "i", "m", "r", ":"]
+    model = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>")
 
 
 def test_a_sentencepiece_target_starts_as_it_does_after_its_prompt():
@@ -108,8 +120,16 @@ def test_a_sentencepiece_target_starts_as_it_does_after_its_prompt():
     assert tok(" crime", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("▁"), 5]
     enc = tokenize_and_mask(tok, "Answer:", " crime", cut_off=64)
     together = tok("Answer: crime")["input_ids"]  # BOS, "▁Answer:", "▁crime"
+    assert together[0] == tok.bos_token_id and len(together) == 3
     assert enc.input_ids == together + [tok.eos_token_id]
     assert [x for x in enc.labels if x != IGNORE_INDEX] == [tok.convert_tokens_to_ids("▁crime"), tok.eos_token_id]
+
+
+def test_a_character_tokenizer_keeps_the_targets_space():
+    tok = character_tokenizer()
+    assert tok(" a", add_special_tokens=False)["input_ids"] == [2, 3]
+    enc = tokenize_and_mask(tok, "crime:", " a", cut_off=64)
+    assert enc.input_ids == tok("crime: a")["input_ids"] + [tok.eos_token_id]
 
 
 def test_exact_fit_is_not_truncated_and_one_token_less_is(tokenizer):
