@@ -9,7 +9,6 @@ bandwidth.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -241,19 +240,21 @@ def decode_seconds(
     shape: Shape, machine: Machine, *, queries: int, prompt_tokens: float, new_tokens: float, batch: int
 ) -> float:
     """Greedy decoding of ``queries`` in batches of ``batch``, each answer ``new_tokens`` long.
-    The prompt pass is compute-bound: the projections of every prompt token and the vocabulary
+    Each batch's prompt pass computes the projections of every prompt token and the vocabulary
     projection at each prompt's last position, which gives the first new token (2 FLOPs per
     multiply-add, at ``decode_efficiency`` of the peak). Each of the other new tokens takes a step
-    per batch, costing the largest of reading the products' weights once (the projections and
-    the LM head; an embedding lookup reads a row), their compute and ``machine.step_seconds``."""
+    per batch. A prompt pass and a step each cost the largest of reading the products' weights
+    once (the projections and the LM head; an embedding lookup reads a row), their compute and
+    ``machine.step_seconds``."""
     peak = machine.matmul_tflops * 1e12
     head = shape.hidden * shape.vocab
-    prompt = 2 * (linear_flops(shape, 1) * prompt_tokens + head) * queries / (peak * machine.decode_efficiency)
     step_weights = linear_flops(shape, 1) + head  # multiply-adds of one token = weights of the products
-    weights = step_weights * machine.bytes_per_param / (machine.memory_gbs * 1e9)
-    steps = math.ceil(queries / batch) * max(new_tokens - 1, 0)
-    step = max(weights, 2 * step_weights * batch / (peak * machine.decode_efficiency), machine.step_seconds)
-    return prompt + steps * step
+    floor = max(step_weights * machine.bytes_per_param / (machine.memory_gbs * 1e9), machine.step_seconds)
+    row_prompt = 2 * (linear_flops(shape, 1) * prompt_tokens + head) / (peak * machine.decode_efficiency)
+    rows = [min(batch, queries - start) for start in range(0, queries, batch)]
+    prompt = sum(max(row_prompt * n, floor) for n in rows)
+    step = max(floor, 2 * step_weights * batch / (peak * machine.decode_efficiency))
+    return prompt + len(rows) * max(new_tokens - 1, 0) * step
 
 
 def lora_parameters(shape: Shape, rank: int, targets: Sequence[str]) -> int:

@@ -97,23 +97,29 @@ def test_decoding_is_bound_by_reading_the_weights_or_by_compute():
     # the products' weights: q, o 4 x 4, k, v 4 x 2, the MLP 3 x 4 x 8, the LM head 4 x 10
     weights = 2 * 16 + 2 * 8 + 3 * 32 + 40
     assert linear_flops(shape, 1) + shape.hidden * shape.vocab == weights
+    # every pass reads the weights (2 bytes each) at 1 byte/s: 2 batches' prompt passes (each
+    # computing the first of 5 new tokens), then 2 x 4 steps
     slow_memory = Machine("m", 1e-9, 0.5, memory_gbs=1e-9, bytes_per_param=2, decode_efficiency=0.5)
-    # prompt: every prompt token's projections, the LM head at each query's last token, at 1e3 x
-    # 0.5 FLOP/s; then 2 batches x 4 steps (the first of 5 new tokens comes from the prompt
-    # pass), each reading the weights (2 bytes each) at 1 byte/s
-    prompt = 2 * (144 * 10 + 40) * 4 / (1e3 * 0.5)
     seconds = decode_seconds(shape, slow_memory, queries=4, prompt_tokens=10, new_tokens=5, batch=2)
-    assert seconds == pytest.approx(prompt + 8 * weights * 2)
+    assert seconds == pytest.approx((2 + 8) * weights * 2)
+    # compute-bound at 1e3 x 0.5 FLOP/s: each prompt's projections (144 multiply-adds a token) and
+    # the LM head at its last token, then steps of 2 rows through the products
     slow_compute = Machine("m", 1e-9, 0.5, memory_gbs=1e6, bytes_per_param=2, decode_efficiency=0.5)
-    step = 2 * weights * 2 / (1e3 * 0.5)  # a batch of 2 rows through the products
-    seconds = decode_seconds(shape, slow_compute, queries=4, prompt_tokens=0, new_tokens=5, batch=2)
-    assert seconds == pytest.approx(2 * 40 * 4 / (1e3 * 0.5) + 8 * step)  # the LM head at 4 last tokens
-    # a GPU's eager decoding: each step takes at least its kernel launches' time
+    prompt = 2 * (144 * 10 + 40) * 4 / (1e3 * 0.5)
+    step = 2 * weights * 2 / (1e3 * 0.5)
+    seconds = decode_seconds(shape, slow_compute, queries=4, prompt_tokens=10, new_tokens=5, batch=2)
+    assert seconds == pytest.approx(prompt + 8 * step)
+    # a GPU's eager decoding: each pass, prompt or step, takes at least its kernel launches' time
     launch_bound = Machine("m", 1000.0, 0.5, memory_gbs=1e6, bytes_per_param=2, step_seconds=0.04)
-    seconds = decode_seconds(shape, launch_bound, queries=4, prompt_tokens=0, new_tokens=5, batch=2)
-    assert seconds == pytest.approx(8 * 0.04, rel=1e-6)
-    # an answer of one token is the prompt pass alone
-    assert decode_seconds(shape, launch_bound, queries=4, prompt_tokens=0, new_tokens=1, batch=2) < 1e-9
+    seconds = decode_seconds(shape, launch_bound, queries=4, prompt_tokens=10, new_tokens=5, batch=2)
+    assert seconds == pytest.approx((2 + 8) * 0.04, rel=1e-6)
+    # an answer of one token is the prompt passes alone; a last batch of 1 is a pass of its own
+    assert decode_seconds(shape, launch_bound, queries=4, prompt_tokens=10, new_tokens=1, batch=2) == pytest.approx(
+        0.08, rel=1e-6
+    )
+    assert decode_seconds(shape, launch_bound, queries=3, prompt_tokens=10, new_tokens=2, batch=2) == pytest.approx(
+        (2 + 2) * 0.04, rel=1e-6
+    )
 
 
 def test_on_a_gpu_a_short_prefix_is_trained_per_example():
@@ -174,11 +180,11 @@ def test_each_configuration_decodes_answers_of_its_own_length():
     machine = Machine("m", 1000.0, 0.5, memory_gbs=1e-9, bytes_per_param=2, decode_efficiency=0.5)
     h = History(items=4, tokens=3, answer_tokens=1)
     q = {"prompt_tokens": 0.0, "prefix_tokens": 0.0, "new_tokens": 3.0, "new_tokens_paper": 11.0}
-    # each new-token step reads the products' 184 weights (2 bytes each) at 1 byte/s, after the
-    # first token of each answer: 4 queries one at a time x 10 steps, or one batch of 8 x 2
+    # each pass reads the products' 184 weights (2 bytes each) at 1 byte/s: 4 queries one at a time
+    # (4 prompt passes, each giving a first token, then 10 steps each), or one batch of 8 (1 + 2)
     read = 184 * 2.0
-    assert user_figures(shape, machine, h, PAPER, 1, 4, q)["answer_seconds"] == pytest.approx(4 * 10 * read)
-    assert user_figures(shape, machine, h, OURS, 1, 4, q)["answer_seconds"] == pytest.approx(2 * read)
+    assert user_figures(shape, machine, h, PAPER, 1, 4, q)["answer_seconds"] == pytest.approx(4 * 11 * read)
+    assert user_figures(shape, machine, h, OURS, 1, 4, q)["answer_seconds"] == pytest.approx(3 * read)
 
 
 # --- a training run's FLOPs as oppu.training computes them ------------------------------------
