@@ -592,7 +592,7 @@ def bench_e2e(model, tokenizer, data: Path, work: Path, args) -> dict:
     constrained["seconds_per_user"] = out["ours"]["train_seconds_per_user"] + constrained["answer_seconds_per_user"]
     out["ours_constrained"] = constrained
     out["paper"] = run_oppu(work, short, work / "task_adapter", "paper", PAPER_OPPU)
-    caps = {"ours": get_task("news_categorize").max_new_tokens, "paper": int(PAPER_DECODE["max_new_tokens"])}
+    caps = {"ours": get_task("news_categorize").max_new_tokens, "paper": PAPER_DECODE["max_new_tokens"]}
     for name, cap in caps.items():  # the answers' lengths: the two configurations' answering differs by them too
         answers = out[name].pop("answers")
         out[name]["answer_tokens_per_query"] = new_tokens(tokenizer, answers, cap) / len(answers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -102,6 +103,7 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], cut_off: int) -> l
     return [tokenize_and_mask(tokenizer, prompt, target, cut_off) for prompt, target in pairs]
 
 
+@functools.lru_cache(maxsize=16)  # asked for every example; a tokenizer's answer does not change
 def marks_word_start(tokenizer) -> bool:
     """Whether the tokenizer marks a word's start itself on text it is given alone, as
     SentencePiece does (Llama-2: "a" is "▁a", and "b" then "a" tokenized apart are "b a"
